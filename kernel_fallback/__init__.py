@@ -1,0 +1,36 @@
+"""kernel_fallback: kernel calls that survive version skew, and say so.
+
+Decorate a kernel with :func:`tolerant_kwargs` to decide once, from its real
+signature or schema, which keywords it lacks and what to do when a caller passes
+one (``warn``, ``copy`` into the caller's buffer, or ``raise``). Every fallback is
+counted exactly (:func:`stats`) and logged once through structlog.
+"""
+
+from __future__ import annotations
+
+from kernel_fallback._config import reload_config
+from kernel_fallback._events import FallbackEvent, reset_stats, stats
+from kernel_fallback._signature import KwargSupport, kwarg_support
+from kernel_fallback._tolerant import TolerantKernel, kernels, tolerant_kwargs
+from kernel_fallback.exceptions import (
+    KernelFallbackError,
+    PolicyConfigError,
+    ProviderUnavailableError,
+    UnsupportedKwargError,
+)
+
+__all__ = [
+    "FallbackEvent",
+    "KernelFallbackError",
+    "KwargSupport",
+    "PolicyConfigError",
+    "ProviderUnavailableError",
+    "TolerantKernel",
+    "UnsupportedKwargError",
+    "kernels",
+    "kwarg_support",
+    "reload_config",
+    "reset_stats",
+    "stats",
+    "tolerant_kwargs",
+]

@@ -1,0 +1,178 @@
+"""Policies and flags from environment variables, validated strictly.
+
+The environment is read once, at first use, into a snapshot; ``reload_config()``
+takes a new snapshot and re-resolves every decorated kernel. A value that is not
+valid raises :class:`~kernel_fallback.PolicyConfigError` naming the variable, the
+value and what is allowed: a typo never becomes a default.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from typing import Final, final
+
+from kernel_fallback.exceptions import PolicyConfigError
+
+__all__ = [
+    "ENV_ON_DROP",
+    "ENV_ON_DROP_PREFIX",
+    "ENV_PREFIX",
+    "ENV_PROVIDER_PREFIX",
+    "ENV_STRICT",
+    "KNOWN_VARIABLES",
+    "POLICIES",
+    "Snapshot",
+    "env_suffix",
+    "parse_bool",
+    "parse_policy_spec",
+    "snapshot",
+]
+
+POLICIES: Final = ("warn", "copy", "raise")
+ENV_PREFIX: Final = "KERNEL_FALLBACK_"
+ENV_ON_DROP: Final = "KERNEL_FALLBACK_ON_DROP"
+ENV_STRICT: Final = "KERNEL_FALLBACK_STRICT"
+ENV_ON_DROP_PREFIX: Final = "KERNEL_FALLBACK_ON_DROP__"
+ENV_PROVIDER_PREFIX: Final = "KERNEL_FALLBACK_PROVIDER__"
+
+#: Every variable this library reads whose name is fixed, with what it does. Names
+#: under ``KERNEL_FALLBACK_`` that are neither here nor start with a per-kernel
+#: prefix are reported, with a "did you mean", by ``kernel-fallback config``.
+KNOWN_VARIABLES: Final[dict[str, str]] = {
+    ENV_ON_DROP: "default on_drop policy for decorators that set none: warn|copy|raise",
+    ENV_STRICT: "boolean: every non-neutral dropped keyword and provider fallback raises",
+    "KERNEL_FALLBACK_LOG_FORMAT": "json|console: output of configure_logging()",
+    "KERNEL_FALLBACK_LOG_FILE": "file for configure_logging(); {pid} is replaced by the process id",
+    "KERNEL_FALLBACK_ALLOW": "kernel:kwarg,... fallbacks accepted by the strict test helpers",
+}
+PER_KERNEL_PREFIXES: Final = (ENV_ON_DROP_PREFIX, ENV_PROVIDER_PREFIX)
+
+_TRUE: Final = frozenset({"1", "true", "yes", "on"})
+_FALSE: Final = frozenset({"0", "false", "no", "off", ""})
+BOOL_VALUES: Final = ("true", "false", "1", "0", "yes", "no", "on", "off")
+
+
+def env_suffix(name: str) -> str:
+    """A kernel name as it appears in variable names: upper case, non-alphanumerics as ``_``."""
+    return re.sub(r"[^A-Za-z0-9]", "_", name).upper()
+
+
+def did_you_mean(value: str, candidates: Iterable[str]) -> str:
+    """`` Did you mean 'x'?`` for the closest candidate, or an empty string."""
+    close = difflib.get_close_matches(value, list(candidates), n=1, cutoff=0.6)
+    return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def parse_bool(name: str, raw: str) -> bool:
+    """Parse a boolean variable: true/false/1/0/yes/no/on/off, any case; empty is false."""
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise PolicyConfigError(
+        f"{name}={raw!r} is not a boolean; use one of {', '.join(BOOL_VALUES)} (any case)."
+        + did_you_mean(value, BOOL_VALUES),
+        name=name,
+        value=raw,
+        allowed=BOOL_VALUES,
+    )
+
+
+def check_policy(name: str, value: object) -> str:
+    """Return ``value`` if it is a policy, else raise naming ``name``."""
+    if isinstance(value, str) and value in POLICIES:
+        return value
+    hint = did_you_mean(value, POLICIES) if isinstance(value, str) else ""
+    raise PolicyConfigError(
+        f"{name}={value!r} is not a policy; use one of {', '.join(POLICIES)}.{hint}",
+        name=name,
+        value=value,
+        allowed=POLICIES,
+    )
+
+
+def parse_policy_spec(name: str, raw: str, kwargs: Iterable[str]) -> str | dict[str, str]:
+    """Parse ``warn`` or ``out=copy,num_splits=warn`` (keywords from ``kwargs``)."""
+    value = raw.strip()
+    if "=" not in value:
+        return check_policy(name, value.lower())
+    allowed = tuple(kwargs)
+    result: dict[str, str] = {}
+    for item in value.split(","):
+        kwarg, sep, policy = item.partition("=")
+        kwarg = kwarg.strip()
+        if not sep or kwarg not in allowed:
+            raise PolicyConfigError(
+                f"{name}={raw!r}: {kwarg!r} is not a keyword this kernel may drop; "
+                f"use 'policy' or 'kwarg=policy,...' with kwarg one of {', '.join(allowed)}."
+                + did_you_mean(kwarg, allowed),
+                name=name,
+                value=raw,
+                allowed=allowed,
+            )
+        result[kwarg] = check_policy(f"{name} ({kwarg})", policy.strip().lower())
+    return result
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class Snapshot:
+    """The environment as read at one moment, and the global settings parsed from it."""
+
+    environ: Mapping[str, str]
+    default_policy: str | None
+    strict: bool
+    version: int
+
+    def get(self, name: str) -> str | None:
+        """The variable's value, or None when unset or empty."""
+        value = self.environ.get(name)
+        return value if value else None
+
+
+_current: Snapshot | None = None
+_version = 0
+#: Called with the new snapshot by reload(); they may raise to refuse it.
+_reloaders: list[Callable[[Snapshot], Callable[[], None]]] = []
+
+
+def _read(environ: Mapping[str, str]) -> Snapshot:
+    global _version
+    raw_default = environ.get(ENV_ON_DROP) or None
+    default = check_policy(ENV_ON_DROP, raw_default.strip().lower()) if raw_default else None
+    strict = parse_bool(ENV_STRICT, environ.get(ENV_STRICT, ""))
+    _version += 1
+    return Snapshot(dict(environ), default, strict, _version)
+
+
+def snapshot() -> Snapshot:
+    """The current snapshot, read from ``os.environ`` on first use."""
+    global _current
+    if _current is None:
+        _current = _read(os.environ)
+    return _current
+
+
+def on_reload(prepare: Callable[[Snapshot], Callable[[], None]]) -> None:
+    """Register a two-phase re-resolver: ``prepare`` validates and returns a commit."""
+    _reloaders.append(prepare)
+
+
+def reload_config() -> Snapshot:
+    """Re-read the environment and re-resolve every kernel's policy and provider.
+
+    All-or-nothing: when any value is invalid, :class:`PolicyConfigError` is raised
+    and the previous configuration stays in force everywhere.
+    """
+    global _current
+    new = _read(os.environ)
+    commits = [prepare(new) for prepare in list(_reloaders)]
+    _current = new
+    for commit in commits:
+        commit()
+    return new

@@ -1,0 +1,314 @@
+"""Fallback events: exact counters, first-occurrence logging through structlog.
+
+Every fallback the library takes is *recorded* here. Recording is cheap (one lock,
+one dict lookup, one increment); only the first occurrence of each
+(kind, kernel, subject, policy) key is *logged*, so a hot loop costs one warning and
+an exact count. ``reset_stats()`` clears the counts and re-arms logging.
+
+Where the events go:
+- if ``configure_logging()`` installed a logger, there;
+- else, if the host configured structlog (``structlog.is_configured()``), through
+  the host's structlog pipeline (so ``structlog.testing.capture_logs()`` sees them);
+- else through a structlog logger wrapped around the standard library logger
+  ``"kernel_fallback"``, so the host's ``logging`` set-up decides what is shown.
+Nothing is configured globally on import.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import datetime
+import logging
+import os
+import sys
+import threading
+import types
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final, final
+
+import structlog
+import torch
+
+__all__ = [
+    "FallbackEvent",
+    "add_listener",
+    "describe_key",
+    "emit",
+    "note_traced",
+    "record",
+    "remove_listener",
+    "reset_stats",
+    "set_logger",
+    "stats",
+]
+
+LOGGER_NAME: Final = "kernel_fallback"
+#: Distinct keys kept before new ones are folded into one overflow entry; a bound on
+#: memory for programs that make kernels (and so names) dynamically.
+MAX_ENTRIES: Final = 4096
+OVERFLOW_KERNEL: Final = "<overflow>"
+
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+# Frames of torch itself (Dynamo tracing, functools wrappers) are not the caller.
+_SKIP_DIRS = (_PACKAGE_DIR, os.path.dirname(os.path.abspath(torch.__file__)), os.path.dirname(functools.__file__))
+
+#: (kind, kernel, subject, policy): kind is "kwarg", "provider" or "dispatch";
+#: subject the keyword or the provider chosen.
+Key = tuple[str, str, str, str]
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class FallbackEvent:
+    """One recorded fallback, as passed to listeners (see :mod:`kernel_fallback.testing`)."""
+
+    kind: str
+    kernel: str
+    subject: str
+    policy: str
+    fields: Mapping[str, Any]
+    count: int
+    compiled: bool = False
+    captured: bool = False
+
+    @property
+    def kwarg(self) -> str | None:
+        """The dropped keyword, for ``kind == "kwarg"`` events."""
+        return self.subject if self.kind == "kwarg" else None
+
+
+@final
+@dataclass(slots=True)
+class _Entry:
+    kind: str
+    kernel: str
+    subject: str
+    policy: str
+    fields: Mapping[str, Any]
+    count: int = 0
+    compiled_traces: int = 0
+    graph_captures: int = 0
+    first_seen: str = ""
+    where: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+_lock = threading.Lock()
+_entries: dict[Key, _Entry] = {}
+_static_fields: dict[Key, Mapping[str, Any]] = {}
+_listeners: list[Callable[[FallbackEvent], None]] = []
+_logger_override: Any = None
+_log_errors = 0
+
+
+def _reinit_after_fork() -> None:
+    # A forked child starts with no counts of its own: re-reporting the parent's
+    # would double them when logs of many processes are merged.
+    global _lock, _log_errors
+    _lock = threading.Lock()
+    _entries.clear()
+    _log_errors = 0
+
+
+os.register_at_fork(after_in_child=_reinit_after_fork)
+
+
+def _caller_location() -> str:
+    """file:line of the first frame outside this package (the kernel's caller)."""
+    frame: types.FrameType | None = sys._getframe(1)
+    while frame is not None:
+        filename = frame.f_code.co_filename
+        if not filename.startswith(_SKIP_DIRS):
+            return f"{filename}:{frame.f_lineno}"
+        frame = frame.f_back
+    return "<unknown>"
+
+
+def describe_key(key: Key, fields: Mapping[str, Any]) -> None:
+    """Register the static fields logged with ``key`` (event name, source, reason...).
+
+    Done once when a kernel's policies are resolved, so that recording a repeat
+    costs no allocation.
+    """
+    _static_fields[key] = fields
+
+
+def record(key: Key, *, compiled: bool = False, captured: bool = False) -> None:
+    """Count one fallback; log it if it is the first of its key."""
+    with _lock:
+        entry = _entries.get(key)
+        if entry is None:
+            entry = _new_entry(key)
+        entry.count += 1
+        count = entry.count
+        if compiled:
+            entry.compiled_traces += 1
+        if captured:
+            entry.graph_captures += 1
+        if count == 1:
+            entry.first_seen = datetime.datetime.now(datetime.timezone.utc).isoformat()
+            entry.where = _caller_location()
+    if _listeners:
+        event = FallbackEvent(
+            entry.kind,
+            entry.kernel,
+            entry.subject,
+            entry.policy,
+            fields=entry.fields,
+            count=count,
+            compiled=compiled,
+            captured=captured,
+        )
+        for listener in tuple(_listeners):
+            listener(event)
+    if count == 1:
+        _log_first(entry, compiled=compiled, captured=captured)
+
+
+def _new_entry(key: Key) -> _Entry:
+    """Create the entry of a key not seen yet (the caller holds the lock)."""
+    fields = _static_fields.get(key) or dict(zip(("kind", "kernel", "subject", "policy"), key, strict=True))
+    if len(_entries) >= MAX_ENTRIES:
+        overflow: Key = ("overflow", OVERFLOW_KERNEL, "", "")
+        entry = _entries.get(overflow)
+        if entry is None:
+            entry = _entries[overflow] = _Entry(*overflow, fields={"first_dropped": dict(fields)})
+        return entry
+    entry = _entries[key] = _Entry(*key, fields=fields)
+    return entry
+
+
+def _log_first(entry: _Entry, *, compiled: bool, captured: bool) -> None:
+    if entry.kind == "overflow":
+        emit("kernel_fallback.stats_overflow", {"max_entries": MAX_ENTRIES, **entry.fields})
+        return
+    extra: dict[str, Any] = {"where": entry.where}
+    if compiled:
+        extra["compiled"] = True
+    if captured:
+        extra["cuda_graph_capture"] = True
+    emit(str(entry.fields.get("event", "kernel_fallback.fallback")), {**entry.fields, **extra})
+
+
+def note_traced(kind: str, kernel: str, subject: str, policy: str) -> bool:
+    """Record a fallback met while torch.compile traces a graph.
+
+    Called from inside a traced function: Dynamo runs it once at trace time
+    instead of putting it in the graph, so logging and counting cause no graph
+    break. Every later run of the compiled graph takes the same fallback without
+    passing through Python, so it is counted once per trace (``compiled_traces``).
+    """
+    record((kind, kernel, subject, policy), compiled=True)
+    return True
+
+
+# Same marker `torch._dynamo.assume_constant_result` sets; written here so that
+# importing kernel_fallback does not import torch._dynamo (about a second).
+note_traced._dynamo_marked_constant = True  # type: ignore[attr-defined]
+
+
+def emit(event: str, fields: Mapping[str, Any]) -> None:
+    """Log one event at warning level; a failing handler never reaches the caller."""
+    global _log_errors
+    try:
+        logger = _logger_override
+        if logger is None:
+            logger = structlog.get_logger(LOGGER_NAME) if structlog.is_configured() else _stdlib_logger()
+        logger.warning(event, **{k: v for k, v in fields.items() if k != "event"})
+    except Exception as exc:  # noqa: BLE001 - a log handler must not break a kernel call
+        _log_errors += 1
+        if _log_errors == 1:
+            # If stderr itself is gone there is nothing left to tell.
+            with contextlib.suppress(Exception):
+                sys.stderr.write(f"kernel_fallback: logging {event} failed: {exc!r}\n")
+
+
+def _render_for_stdlib(
+    _logger: Any, _method: str, event_dict: structlog.typing.EventDict
+) -> tuple[tuple[str], dict[str, Any]]:
+    rendered = _KV(_logger, _method, dict(event_dict))
+    return (str(rendered),), {"extra": {"kernel_fallback": dict(event_dict)}}
+
+
+_KV = structlog.processors.KeyValueRenderer(key_order=["event", "kernel", "kwarg", "policy"])
+_stdlib_bound: Any = None
+
+
+def _stdlib_logger() -> Any:
+    global _stdlib_bound
+    if _stdlib_bound is None:
+        _stdlib_bound = structlog.wrap_logger(
+            logging.getLogger(LOGGER_NAME),
+            processors=[
+                structlog.processors.TimeStamper(fmt="iso", utc=True),
+                _render_for_stdlib,
+            ],
+            wrapper_class=structlog.stdlib.BoundLogger,
+        )
+    return _stdlib_bound
+
+
+def set_logger(logger: Any) -> Any:
+    """Send events to ``logger`` (``None``: back to the default routing); returns the old one."""
+    global _logger_override
+    old, _logger_override = _logger_override, logger
+    return old
+
+
+def add_listener(listener: Callable[[FallbackEvent], None]) -> None:
+    """Call ``listener`` on every recorded fallback (not only the first of a key)."""
+    with _lock:
+        _listeners.append(listener)
+
+
+def remove_listener(listener: Callable[[FallbackEvent], None]) -> None:
+    """Stop calling ``listener``; a listener that is not registered is an error."""
+    with _lock:
+        _listeners.remove(listener)
+
+
+def stats() -> list[dict[str, Any]]:
+    """Counts of every fallback since start or the last :func:`reset_stats`.
+
+    One dict per (kind, kernel, keyword or provider, policy), sorted, with keys
+    ``kind``, ``kernel``, ``kwarg`` (None for provider events), ``provider``
+    (None for keyword events), ``policy``, ``source``, ``count`` (exact, also under
+    threads), ``compiled_traces`` and ``graph_captures`` (how many of the counted
+    occurrences were a torch.compile trace or a CUDA graph capture: each stands for
+    every later run of that graph), ``first_seen`` (ISO 8601, UTC) and ``where``
+    (file:line of the first caller).
+    """
+    with _lock:
+        rows = [
+            {
+                "kind": e.kind,
+                "kernel": e.kernel,
+                "kwarg": e.subject if e.kind == "kwarg" else None,
+                "provider": e.subject if e.kind != "kwarg" else None,
+                "policy": e.policy,
+                "source": e.fields.get("source"),
+                "count": e.count,
+                "compiled_traces": e.compiled_traces,
+                "graph_captures": e.graph_captures,
+                "first_seen": e.first_seen,
+                "where": e.where,
+            }
+            for e in _entries.values()
+        ]
+    rows.sort(key=lambda r: (r["kind"], r["kernel"], r["kwarg"] or r["provider"] or "", r["policy"]))
+    return rows
+
+
+def log_errors() -> int:
+    """How many event emissions failed in a log handler (they never reach the caller)."""
+    return _log_errors
+
+
+def reset_stats() -> None:
+    """Clear every count and re-arm first-occurrence logging."""
+    global _log_errors
+    with _lock:
+        _entries.clear()
+        _log_errors = 0

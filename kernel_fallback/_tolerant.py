@@ -1,0 +1,411 @@
+"""``tolerant_kwargs``: call a kernel that may lack some keywords, by policy.
+
+The decision is made once: when the decorator is applied, the kernel's real
+signature or schema says which of the listed keywords it lacks (``missing``).
+On a call that passes none of them the wrapper is one set test away from a direct
+call; on a call that passes one, the keyword's policy applies. No exception is
+raised or caught to find out, so a TypeError or RuntimeError raised inside the
+kernel always reaches the caller unchanged.
+"""
+
+from __future__ import annotations
+
+import functools
+import keyword
+import re
+import weakref
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any, Final, TypeVar, final
+
+import torch
+
+from kernel_fallback import _config, _events
+from kernel_fallback._signature import KwargSupport, kwarg_support
+from kernel_fallback.exceptions import PolicyConfigError, UnsupportedKwargError
+
+__all__ = ["TolerantKernel", "kernels", "tolerant_kwargs"]
+
+F = TypeVar("F", bound=Callable[..., Any])
+#: (policy, where it came from: "decorator", "default" or a variable's name)
+Resolved = tuple[str, str]
+
+EVENT: Final = "kernel_fallback.kwarg_dropped"
+_PLAIN = (type(None), bool, int, float, str)
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_registry: weakref.WeakSet[TolerantKernel] = weakref.WeakSet()
+
+
+def _is_plain(value: object) -> bool:
+    if isinstance(value, tuple):
+        return all(_is_plain(v) for v in value)
+    return isinstance(value, _PLAIN)
+
+
+def _is_neutral(value: object, neutral: object) -> bool:
+    """True when passing ``value`` means the same as not passing the keyword."""
+    if value is neutral:
+        return True
+    if isinstance(value, torch.Tensor):  # the common case, answered first
+        return False
+    # Only plain values compare safely: `tensor == x` is elementwise.
+    return _is_plain(value) and _is_plain(neutral) and bool(value == neutral)
+
+
+@final
+class TolerantKernel:
+    """The state of one decorated kernel, exposed as ``wrapper.tolerant``.
+
+    ``missing`` are the listed keywords the kernel lacks, ``support`` where that was
+    read, ``policies`` the resolved policy of each listed keyword with its source.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "env",
+        "kernel",
+        "missing",
+        "name",
+        "neutral",
+        "on_drop",
+        "policies",
+        "support",
+    )
+
+    def __init__(
+        self,
+        kernel: Callable[..., Any],
+        name: str,
+        neutral: Mapping[str, object],
+        on_drop: str | Mapping[str, str] | None,
+        env: str | None,
+    ) -> None:
+        self.kernel = kernel
+        self.name = name
+        self.neutral = dict(neutral)
+        self.on_drop = on_drop
+        self.env = env
+        self.support: KwargSupport = kwarg_support(kernel)
+        self.missing = tuple(k for k in self.neutral if not self.support.accepts(k))
+        self.policies: dict[str, Resolved] = {}
+        self._commit(self.resolve(_config.snapshot()))
+
+    @property
+    def env_vars(self) -> tuple[str, ...]:
+        """Variables that set this kernel's policy, strongest first."""
+        names = [_config.ENV_STRICT]
+        if self.env:
+            names.append(self.env)
+        names += [_config.ENV_ON_DROP_PREFIX + _config.env_suffix(self.name), _config.ENV_ON_DROP]
+        return tuple(names)
+
+    def resolve(self, snap: _config.Snapshot) -> dict[str, Resolved]:
+        """Each listed keyword's policy under ``snap``; raises on an invalid variable."""
+        layers: list[tuple[str, str | dict[str, str]]] = []
+        for var in self.env_vars[1:-1]:
+            raw = snap.get(var)
+            if raw is not None:
+                layers.append((var, _config.parse_policy_spec(var, raw, self.neutral)))
+        if self.on_drop is not None:
+            layers.append(
+                ("decorator", dict(self.on_drop) if isinstance(self.on_drop, Mapping) else self.on_drop)
+            )
+        if snap.default_policy is not None:
+            layers.append((_config.ENV_ON_DROP, snap.default_policy))
+        layers.append(("default", "warn"))
+        resolved: dict[str, Resolved] = {}
+        for kwarg in self.neutral:
+            if snap.strict:
+                resolved[kwarg] = ("raise", _config.ENV_STRICT)
+                continue
+            for source, spec in layers:
+                policy = spec if isinstance(spec, str) else spec.get(kwarg)
+                if policy is not None:
+                    resolved[kwarg] = (policy, source)
+                    break
+        return resolved
+
+    def _commit(self, resolved: dict[str, Resolved]) -> None:
+        for kwarg in self.missing:
+            policy, source = resolved[kwarg]
+            if policy == "raise":
+                continue
+            action = "copied into the caller's buffer" if policy == "copy" else "dropped"
+            _events.describe_key(
+                ("kwarg", self.name, kwarg, policy),
+                {
+                    "event": EVENT,
+                    "kernel": self.name,
+                    "kwarg": kwarg,
+                    "policy": policy,
+                    "source": source,
+                    "action": action,
+                    "reason": f"{self.name} does not accept {kwarg!r} ({self.support.source})",
+                },
+            )
+        self.policies = resolved
+
+    def call_dropping(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The slow path: ``kwargs`` holds at least one keyword the kernel lacks."""
+        copy_into: tuple[str, torch.Tensor] | None = None
+        dropped: list[tuple[str, str, object]] = []
+        for kwarg in self.missing:
+            if kwarg not in kwargs:
+                continue
+            value = kwargs.pop(kwarg)
+            if _is_neutral(value, self.neutral[kwarg]):
+                continue
+            policy, source = self.policies[kwarg]
+            if policy == "copy":
+                if not isinstance(value, torch.Tensor):
+                    raise self._unsupported(
+                        kwarg, value, "its policy is 'copy' but only a tensor buffer can be copied into"
+                    )
+                if copy_into is not None:
+                    raise self._unsupported(
+                        kwarg, value, f"'copy' already fills {copy_into[0]!r}: one result, one buffer"
+                    )
+                copy_into = (kwarg, value)
+            elif policy == "raise":
+                why = f"its policy is 'raise' (from {source})"
+                if torch.compiler.is_dynamo_compiling():
+                    _raise_at_trace(self.name, kwarg, why)
+                raise self._unsupported(kwarg, value, why)
+            dropped.append((kwarg, policy, value))
+        for kwarg, policy, value in dropped:
+            if torch.compiler.is_dynamo_compiling():
+                _events.note_traced("kwarg", self.name, kwarg, policy)
+            else:
+                _events.record(("kwarg", self.name, kwarg, policy))
+        result = self.kernel(*args, **kwargs)
+        if copy_into is None:
+            return result
+        return self._copy_back(copy_into[0], copy_into[1], result)
+
+    def _copy_back(self, kwarg: str, out: torch.Tensor, result: Any) -> Any:
+        first = result[0] if isinstance(result, (tuple, list)) and result else result
+        if not isinstance(first, torch.Tensor):
+            raise self._unsupported(
+                kwarg,
+                out,
+                f"its policy is 'copy' but the kernel returned {type(first).__name__}, not a tensor",
+            )
+        if first.shape != out.shape or first.dtype != out.dtype or first.device != out.device:
+            raise ValueError(
+                f"{self.name}: cannot copy the result into {kwarg}=: the result is "
+                f"{tuple(first.shape)} {first.dtype} on {first.device}, the buffer is "
+                f"{tuple(out.shape)} {out.dtype} on {out.device}; the buffer was left untouched."
+            )
+        out.copy_(first)
+        if first is result:
+            return out
+        if isinstance(result, list):
+            return [out, *result[1:]]
+        if hasattr(result, "_fields"):  # a named tuple keeps its type
+            return type(result)(out, *result[1:])
+        return (out, *result[1:])
+
+    def _unsupported(self, kwarg: str, value: object, why: str) -> UnsupportedKwargError:
+        shown = (
+            f"a tensor {tuple(value.shape)} {value.dtype}" if isinstance(value, torch.Tensor) else repr(value)
+        )
+        env_vars = self.env_vars
+        return UnsupportedKwargError(
+            f"{self.name} does not accept the keyword {kwarg!r} (read from {self.support.source}) "
+            f"and {kwarg}={shown} cannot be dropped: {why}. To change the policy set one of "
+            f"{', '.join(env_vars[1:])} to warn|copy|raise (or 'kwarg=policy,...'); "
+            f"{env_vars[0]} forces 'raise'.",
+            kernel=self.name,
+            kwarg=kwarg,
+            env_vars=env_vars,
+        )
+
+    def stats(self) -> list[dict[str, Any]]:
+        """This kernel's rows of :func:`kernel_fallback.stats`."""
+        return [row for row in _events.stats() if row["kernel"] == self.name]
+
+    def describe(self) -> dict[str, Any]:
+        """The decision as data: which keywords are missing and each one's policy."""
+        return {
+            "kernel": self.name,
+            "signature_source": self.support.source,
+            "missing": list(self.missing),
+            "policies": {
+                k: {"policy": p, "source": s, "missing": k in self.missing, "neutral": repr(self.neutral[k])}
+                for k, (p, s) in self.policies.items()
+            },
+        }
+
+    def __repr__(self) -> str:
+        return f"<TolerantKernel {self.name} missing={list(self.missing)}>"
+
+
+def _raise_at_trace(name: str, kwarg: str, why: str) -> None:
+    """Raise UnsupportedKwargError while torch.compile traces the call.
+
+    Run by Dynamo at trace time (like ``note_traced``), so the compilation fails
+    with our error as its cause instead of an opaque graph-break message.
+    """
+    plan = next(p for p in _registry if p.name == name)
+    raise plan._unsupported(kwarg, "<traced value>", why)
+
+
+_raise_at_trace._dynamo_marked_constant = True  # type: ignore[attr-defined]
+
+
+def _prepare_reload(snap: _config.Snapshot) -> Callable[[], None]:
+    plans = list(_registry)
+    resolved = [plan.resolve(snap) for plan in plans]
+
+    def commit() -> None:
+        for plan, new in zip(plans, resolved, strict=True):
+            plan._commit(new)
+
+    return commit
+
+
+_config.on_reload(_prepare_reload)
+
+
+def kernels() -> list[TolerantKernel]:
+    """Every live decorated kernel, sorted by name."""
+    return sorted(_registry, key=lambda plan: plan.name)
+
+
+def _check_options(
+    drop: object, on_drop: object, name: object, env: object
+) -> tuple[dict[str, object], str | dict[str, str] | None]:
+    if callable(drop) and not isinstance(drop, Mapping):
+        raise TypeError(
+            f"tolerant_kwargs needs the keywords to drop, got {drop!r}; "
+            "write @tolerant_kwargs(drop=['out'], on_drop='copy')."
+        )
+    if isinstance(drop, str) or not isinstance(drop, Iterable):
+        raise PolicyConfigError(
+            f"tolerant_kwargs(drop={drop!r}): drop must be a list of keyword names or a "
+            "mapping name -> neutral value, e.g. drop=['out'] or drop={'only_qv': False}.",
+            name="drop",
+            value=drop,
+        )
+    neutral: dict[str, object] = dict(drop) if isinstance(drop, Mapping) else dict.fromkeys(drop)
+    if not neutral:
+        raise PolicyConfigError(
+            "tolerant_kwargs(drop=...) is empty: list at least one keyword the kernel may lack.",
+            name="drop",
+            value=drop,
+        )
+    for kwarg in neutral:
+        if not isinstance(kwarg, str) or not kwarg.isidentifier() or keyword.iskeyword(kwarg):
+            raise PolicyConfigError(
+                f"tolerant_kwargs(drop=...): {kwarg!r} is not a keyword argument name.",
+                name="drop",
+                value=kwarg,
+            )
+    policy: str | dict[str, str] | None
+    if on_drop is None or isinstance(on_drop, str):
+        policy = None if on_drop is None else _config.check_policy("on_drop", on_drop)
+    elif isinstance(on_drop, Mapping):
+        policy = {}
+        for kwarg, value in on_drop.items():
+            if kwarg not in neutral:
+                raise PolicyConfigError(
+                    f"tolerant_kwargs(on_drop=...): {kwarg!r} is not in drop "
+                    f"({', '.join(map(repr, neutral))}).{_config.did_you_mean(str(kwarg), neutral)}",
+                    name="on_drop",
+                    value=kwarg,
+                    allowed=tuple(neutral),
+                )
+            policy[kwarg] = _config.check_policy(f"on_drop[{kwarg!r}]", value)
+    else:
+        raise PolicyConfigError(
+            f"tolerant_kwargs(on_drop={on_drop!r}): use a policy "
+            f"({', '.join(_config.POLICIES)}) or a mapping keyword -> policy.",
+            name="on_drop",
+            value=on_drop,
+            allowed=_config.POLICIES,
+        )
+    if name is not None and (not isinstance(name, str) or not name.strip()):
+        raise PolicyConfigError(
+            f"tolerant_kwargs(name={name!r}): name must be a non-empty string.", name="name", value=name
+        )
+    if env is not None and (not isinstance(env, str) or not _ENV_NAME.match(env)):
+        raise PolicyConfigError(
+            f"tolerant_kwargs(env={env!r}): env must be an environment variable name "
+            "(letters, digits, underscores, not starting with a digit).",
+            name="env",
+            value=env,
+        )
+    return neutral, policy
+
+
+def _default_name(fn: Any) -> str:
+    while isinstance(fn, functools.partial):
+        fn = fn.func
+    for attr in ("__name__", "_qualname"):
+        value = getattr(fn, attr, None)
+        if isinstance(value, str) and value:
+            return value
+    return type(fn).__name__
+
+
+def tolerant_kwargs(
+    drop: Iterable[str] | Mapping[str, object],
+    on_drop: str | Mapping[str, str] | None = None,
+    *,
+    name: str | None = None,
+    env: str | None = None,
+) -> Callable[[F], F]:
+    """Make a kernel tolerate keywords it may lack, by a policy decided once.
+
+    ``drop`` lists the keywords the kernel may lack (neutral value ``None``) or maps
+    each to its neutral value (``{"out": None, "only_qv": False}``): a missing
+    keyword passed with its neutral value is dropped silently. Otherwise the policy
+    of the keyword applies:
+
+    - ``warn``: call without it and log a structured warning (once per key);
+    - ``copy``: call without it and copy the result (or its first element) into the
+      passed tensor, returning that tensor in the result's place;
+    - ``raise``: :class:`UnsupportedKwargError` before the kernel runs.
+
+    ``on_drop`` is one policy or a mapping keyword -> policy; unset, it is
+    ``KERNEL_FALLBACK_ON_DROP`` or ``warn``. ``KERNEL_FALLBACK_ON_DROP__<NAME>`` and
+    then the variable named by ``env`` override it; ``KERNEL_FALLBACK_STRICT`` makes
+    every policy ``raise``. ``name`` is the kernel's name in events, errors and
+    variables (default: its ``__name__``). Listed keywords the kernel accepts, and
+    keywords not listed, are passed through untouched.
+
+    The wrapper keeps ``__name__``, ``__doc__`` and ``__wrapped__``, and exposes its
+    state as ``wrapper.tolerant`` (a :class:`TolerantKernel`).
+    """
+    neutral, policy = _check_options(drop, on_drop, name, env)
+
+    def decorate(fn: F, /) -> F:
+        if isinstance(fn, (staticmethod, classmethod)):
+            return type(fn)(decorate(fn.__func__))
+        if not callable(fn):
+            raise TypeError(f"tolerant_kwargs can only wrap a callable, got {fn!r}.")
+        plan = TolerantKernel(fn, name or _default_name(fn), neutral, policy, env)
+        _registry.add(plan)
+        missing = frozenset(plan.missing)
+        call_dropping = plan.call_dropping
+
+        if missing:
+
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                if kwargs and not missing.isdisjoint(kwargs):
+                    return call_dropping(args, kwargs)
+                return fn(*args, **kwargs)
+
+        else:
+
+            def wrapper(*args: Any, **kwargs: Any) -> Any:
+                return fn(*args, **kwargs)
+
+        try:
+            functools.update_wrapper(wrapper, fn)
+        except AttributeError:  # objects without a __dict__ (torch ops) copy what they have
+            wrapper.__wrapped__ = fn  # type: ignore[attr-defined]
+        wrapper.__name__ = getattr(fn, "__name__", plan.name)
+        wrapper.tolerant = plan  # type: ignore[attr-defined]
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
