@@ -84,8 +84,10 @@ def main() -> None:
             samples[name].append(time_per_call(fn, args.calls))
     ns = {name: statistics.median(values) for name, values in samples.items()}
 
-    print(f"torch {torch.__version__}, {args.size}-element float32 tensors, 1 thread, "
-          f"median of {args.rounds} rounds x {args.calls} calls")
+    print(
+        f"torch {torch.__version__}, {args.size}-element float32 tensors, 1 thread, "
+        f"median of {args.rounds} rounds x {args.calls} calls"
+    )
     print(f"{'variant':<28} {'ns/call':>9}  ratio")
     ratios = {
         "direct torch.add(out=)": ("direct torch.add(out=)", None),
@@ -98,7 +100,9 @@ def main() -> None:
     }
     for name, (base, target) in ratios.items():
         ratio = ns[name] / ns[base]
-        note = f"  (vs {base}; target <= {target}x: {'met' if ratio <= target else 'MISSED'})" if target else ""
+        note = (
+            f"  (vs {base}; target <= {target}x: {'met' if ratio <= target else 'MISSED'})" if target else ""
+        )
         print(f"{name:<28} {ns[name]:9.0f}  {ratio:5.2f}x{note}")
     counted = sum(row["count"] for row in stats())
     print(f"fallbacks counted: {counted} (every call of the two fallback variants)")

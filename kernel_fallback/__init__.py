@@ -11,7 +11,7 @@ from __future__ import annotations
 from kernel_fallback._config import reload_config
 from kernel_fallback._events import FallbackEvent, reset_stats, stats
 from kernel_fallback._signature import KwargSupport, kwarg_support
-from kernel_fallback._tolerant import TolerantKernel, kernels, tolerant_kwargs
+from kernel_fallback._tolerant import TolerantFunction, TolerantKernel, kernels, tolerant_kwargs
 from kernel_fallback.exceptions import (
     KernelFallbackError,
     PolicyConfigError,
@@ -25,6 +25,7 @@ __all__ = [
     "KwargSupport",
     "PolicyConfigError",
     "ProviderUnavailableError",
+    "TolerantFunction",
     "TolerantKernel",
     "UnsupportedKwargError",
     "kernels",

@@ -15,7 +15,7 @@ import keyword
 import re
 import weakref
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Final, TypeVar, final
+from typing import Any, Final, Protocol, TypeVar, final
 
 import torch
 
@@ -23,9 +23,10 @@ from kernel_fallback import _config, _events
 from kernel_fallback._signature import KwargSupport, kwarg_support
 from kernel_fallback.exceptions import PolicyConfigError, UnsupportedKwargError
 
-__all__ = ["TolerantKernel", "kernels", "tolerant_kwargs"]
+__all__ = ["TolerantFunction", "TolerantKernel", "kernels", "tolerant_kwargs"]
 
-F = TypeVar("F", bound=Callable[..., Any])
+R = TypeVar("R")
+R_co = TypeVar("R_co", covariant=True)
 #: (policy, where it came from: "decorator", "default" or a variable's name)
 Resolved = tuple[str, str]
 
@@ -39,6 +40,11 @@ def _is_plain(value: object) -> bool:
     if isinstance(value, tuple):
         return all(_is_plain(v) for v in value)
     return isinstance(value, _PLAIN)
+
+
+def _capturing(value: object) -> bool:
+    """True while a CUDA graph is being captured on the current stream (no sync)."""
+    return isinstance(value, torch.Tensor) and value.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def _is_neutral(value: object, neutral: object) -> bool:
@@ -175,7 +181,7 @@ class TolerantKernel:
             if torch.compiler.is_dynamo_compiling():
                 _events.note_traced("kwarg", self.name, kwarg, policy)
             else:
-                _events.record(("kwarg", self.name, kwarg, policy))
+                _events.record(("kwarg", self.name, kwarg, policy), captured=_capturing(value))
         result = self.kernel(*args, **kwargs)
         if copy_into is None:
             return result
@@ -250,6 +256,18 @@ def _raise_at_trace(name: str, kwarg: str, why: str) -> None:
 
 
 _raise_at_trace._dynamo_marked_constant = True  # type: ignore[attr-defined]
+
+
+class TolerantFunction(Protocol[R_co]):
+    """What ``tolerant_kwargs`` returns: the kernel, callable with keywords it may lack."""
+
+    tolerant: TolerantKernel
+    __name__: str
+
+    @property
+    def __wrapped__(self) -> Callable[..., R_co]: ...
+
+    def __call__(self, *args: Any, **kwargs: Any) -> R_co: ...
 
 
 def _prepare_reload(snap: _config.Snapshot) -> Callable[[], None]:
@@ -353,7 +371,7 @@ def tolerant_kwargs(
     *,
     name: str | None = None,
     env: str | None = None,
-) -> Callable[[F], F]:
+) -> Callable[[Callable[..., R]], TolerantFunction[R]]:
     """Make a kernel tolerate keywords it may lack, by a policy decided once.
 
     ``drop`` lists the keywords the kernel may lack (neutral value ``None``) or maps
@@ -378,9 +396,9 @@ def tolerant_kwargs(
     """
     neutral, policy = _check_options(drop, on_drop, name, env)
 
-    def decorate(fn: F, /) -> F:
+    def decorate(fn: Callable[..., R], /) -> TolerantFunction[R]:
         if isinstance(fn, (staticmethod, classmethod)):
-            return type(fn)(decorate(fn.__func__))
+            return type(fn)(decorate(fn.__func__))  # type: ignore[return-value]
         if not callable(fn):
             raise TypeError(f"tolerant_kwargs can only wrap a callable, got {fn!r}.")
         plan = TolerantKernel(fn, name or _default_name(fn), neutral, policy, env)
@@ -406,6 +424,6 @@ def tolerant_kwargs(
             wrapper.__wrapped__ = fn  # type: ignore[attr-defined]
         wrapper.__name__ = getattr(fn, "__name__", plan.name)
         wrapper.tolerant = plan  # type: ignore[attr-defined]
-        return wrapper  # type: ignore[return-value]
+        return wrapper  # type: ignore[return-value]  # a function carrying `tolerant`
 
     return decorate

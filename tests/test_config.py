@@ -1,0 +1,228 @@
+"""Policies from environment variables: precedence, strict mode, validation, reload."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from typing import Any
+
+import pytest
+import torch
+
+from kernel_fallback import PolicyConfigError, UnsupportedKwargError, reload_config, tolerant_kwargs
+from kernel_fallback._config import env_suffix, parse_bool, parse_policy_spec
+
+
+def kernel(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return x + y
+
+
+def policy_of(wrapped: Any, kwarg: str = "out") -> tuple[str, str]:
+    return wrapped.tolerant.policies[kwarg]  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize(
+    ("env", "decorator", "expected"),
+    [
+        ({}, None, ("warn", "default")),
+        ({"KERNEL_FALLBACK_ON_DROP": "copy"}, None, ("copy", "KERNEL_FALLBACK_ON_DROP")),
+        ({"KERNEL_FALLBACK_ON_DROP": "copy"}, "raise", ("raise", "decorator")),
+        (
+            {"KERNEL_FALLBACK_ON_DROP__FA3_VARLEN": "copy"},
+            "raise",
+            ("copy", "KERNEL_FALLBACK_ON_DROP__FA3_VARLEN"),
+        ),
+        (
+            {"KERNEL_FALLBACK_ON_DROP__FA3_VARLEN": "copy", "SGLANG_FA3_ON_DROP": "warn"},
+            "raise",
+            ("warn", "SGLANG_FA3_ON_DROP"),
+        ),
+        (
+            {"SGLANG_FA3_ON_DROP": "warn", "KERNEL_FALLBACK_STRICT": "yes"},
+            "copy",
+            ("raise", "KERNEL_FALLBACK_STRICT"),
+        ),
+        ({"KERNEL_FALLBACK_ON_DROP__FA3_VARLEN": ""}, "copy", ("copy", "decorator")),
+        ({"KERNEL_FALLBACK_ON_DROP": " COPY "}, None, ("copy", "KERNEL_FALLBACK_ON_DROP")),
+    ],
+    ids=[
+        "default",
+        "global",
+        "decorator-over-global",
+        "kernel-var",
+        "env-arg",
+        "strict",
+        "empty-is-unset",
+        "case-space",
+    ],
+)
+def test_precedence(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], decorator: str | None, expected: tuple[str, str]
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    reload_config()
+    wrapped = tolerant_kwargs(["out"], decorator, name="fa3.varlen", env="SGLANG_FA3_ON_DROP")(kernel)
+    assert policy_of(wrapped) == expected
+
+
+def test_per_keyword_spec_in_a_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KERNEL_FALLBACK_ON_DROP__MY_KERNEL", "out=copy, num_splits=warn")
+    reload_config()
+    wrapped = tolerant_kwargs({"out": None, "num_splits": 1, "sinks": None}, "raise", name="my-kernel")(
+        kernel
+    )
+    assert policy_of(wrapped, "out") == ("copy", "KERNEL_FALLBACK_ON_DROP__MY_KERNEL")
+    assert policy_of(wrapped, "num_splits") == ("warn", "KERNEL_FALLBACK_ON_DROP__MY_KERNEL")
+    assert policy_of(wrapped, "sinks") == ("raise", "decorator")
+
+
+def test_reload_applies_to_existing_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    wrapped = tolerant_kwargs(["out"], "copy")(kernel)
+    x, y, buf = torch.ones(2), torch.ones(2), torch.zeros(2)
+    assert wrapped(x, y, out=buf) is buf
+    monkeypatch.setenv("KERNEL_FALLBACK_STRICT", "1")
+    assert wrapped(x, y, out=buf) is buf, "the environment is read at reload, not per call"
+    reload_config()
+    with pytest.raises(UnsupportedKwargError, match="KERNEL_FALLBACK_STRICT"):
+        wrapped(x, y, out=buf)
+
+
+def test_invalid_reload_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KERNEL_FALLBACK_ON_DROP", "copy")
+    reload_config()
+    first = tolerant_kwargs(["out"], name="first")(kernel)
+    second = tolerant_kwargs(["out"], name="second")(kernel)
+    monkeypatch.setenv("KERNEL_FALLBACK_ON_DROP", "warn")
+    monkeypatch.setenv("KERNEL_FALLBACK_ON_DROP__SECOND", "cpoy")
+    with pytest.raises(
+        PolicyConfigError, match="KERNEL_FALLBACK_ON_DROP__SECOND='cpoy' is not a policy"
+    ) as info:
+        reload_config()
+    assert (info.value.name, info.value.value) == ("KERNEL_FALLBACK_ON_DROP__SECOND", "cpoy")
+    assert info.value.allowed == ("warn", "copy", "raise")
+    assert policy_of(first) == ("copy", "KERNEL_FALLBACK_ON_DROP")
+    assert policy_of(second) == ("copy", "KERNEL_FALLBACK_ON_DROP")
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        (
+            "KERNEL_FALLBACK_ON_DROP",
+            "wran",
+            r"KERNEL_FALLBACK_ON_DROP='wran' is not a policy; use one of warn, copy, raise\. Did you mean 'warn'\?",
+        ),
+        (
+            "KERNEL_FALLBACK_STRICT",
+            "ture",
+            r"KERNEL_FALLBACK_STRICT='ture' is not a boolean; use one of true, false, 1, 0, yes, no, on, off \(any case\)\. Did you mean 'true'\?",
+        ),
+        ("KERNEL_FALLBACK_STRICT", "2", r"KERNEL_FALLBACK_STRICT='2' is not a boolean"),
+        (
+            "KERNEL_FALLBACK_ON_DROP__K",
+            "outt=copy",
+            r"'outt' is not a keyword this kernel may drop; .* kwarg one of out\. Did you mean 'out'\?",
+        ),
+        (
+            "KERNEL_FALLBACK_ON_DROP__K",
+            "out=drop",
+            r"KERNEL_FALLBACK_ON_DROP__K \(out\)='drop' is not a policy",
+        ),
+        ("KERNEL_FALLBACK_ON_DROP__K", "out", r"KERNEL_FALLBACK_ON_DROP__K='out' is not a policy"),
+    ],
+    ids=["policy-typo", "bool-typo", "bool-number", "spec-kwarg-typo", "spec-policy", "bare-kwarg"],
+)
+def test_invalid_values_are_errors_not_defaults(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str, message: str
+) -> None:
+    monkeypatch.setenv(name, value)
+
+    def load_and_decorate() -> None:
+        reload_config()  # global variables fail here, per-kernel ones at decoration
+        tolerant_kwargs(["out"], name="k")(kernel)
+
+    with pytest.raises(PolicyConfigError, match=message):
+        load_and_decorate()
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [(v, True) for v in ("1", "true", "TRUE", "Yes", "on", " on ")]
+    + [(v, False) for v in ("0", "false", "False", "no", "OFF", "")],
+)
+def test_booleans(raw: str, expected: bool) -> None:
+    assert parse_bool("X", raw) is expected
+
+
+def test_env_suffix() -> None:
+    assert env_suffix("sgl_kernel.flash_attn.varlen-v3") == "SGL_KERNEL_FLASH_ATTN_VARLEN_V3"
+
+
+def test_policy_spec_single_and_mapping() -> None:
+    assert parse_policy_spec("V", "Raise", ["out"]) == "raise"
+    assert parse_policy_spec("V", "out=copy", ["out", "x"]) == {"out": "copy"}
+
+
+SUBPROCESS_SCRIPT = textwrap.dedent(
+    """
+    import json, torch
+    from kernel_fallback import tolerant_kwargs, UnsupportedKwargError
+
+    @tolerant_kwargs(["out"], "warn", name="fa3")
+    def fa3(x):
+        return x * 2
+
+    buf = torch.zeros(2)
+    try:
+        result = fa3(torch.ones(2), out=buf)
+        outcome = "returned buffer" if result is buf else "returned new tensor"
+    except UnsupportedKwargError as exc:
+        outcome = "raised " + exc.kwarg
+    print(json.dumps({"outcome": outcome, "buf": buf.tolist(), "policy": fa3.tolerant.policies["out"]}))
+    """
+)
+
+
+@pytest.mark.parametrize(
+    ("env", "outcome", "buf", "policy"),
+    [
+        ({}, "returned new tensor", [0.0, 0.0], ["warn", "decorator"]),
+        (
+            {"KERNEL_FALLBACK_ON_DROP__FA3": "copy"},
+            "returned buffer",
+            [2.0, 2.0],
+            ["copy", "KERNEL_FALLBACK_ON_DROP__FA3"],
+        ),
+        ({"KERNEL_FALLBACK_STRICT": "on"}, "raised out", [0.0, 0.0], ["raise", "KERNEL_FALLBACK_STRICT"]),
+    ],
+    ids=["decorator", "kernel-var", "strict"],
+)
+def test_environment_set_before_import_in_a_real_process(
+    env: dict[str, str], outcome: str, buf: list[float], policy: list[str]
+) -> None:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("KERNEL_FALLBACK_")}
+    proc = subprocess.run(
+        [sys.executable, "-c", SUBPROCESS_SCRIPT],
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result == {"outcome": outcome, "buf": buf, "policy": policy}
+
+
+def test_invalid_variable_fails_the_process_at_decoration() -> None:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("KERNEL_FALLBACK_")}
+    proc = subprocess.run(
+        [sys.executable, "-c", SUBPROCESS_SCRIPT],
+        env={**clean, "KERNEL_FALLBACK_ON_DROP": "ignore"},
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 1
+    assert "PolicyConfigError: KERNEL_FALLBACK_ON_DROP='ignore' is not a policy" in proc.stderr

@@ -1,0 +1,174 @@
+"""Fallback events: routing to structlog or logging, dedup, bounds, fork, failing handlers."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import structlog
+import torch
+from structlog.testing import capture_logs
+from structlog.typing import EventDict
+
+from kernel_fallback import _events, reset_stats, stats, tolerant_kwargs
+from kernel_fallback.testing import capture_fallbacks
+
+
+def kernel(x: torch.Tensor) -> torch.Tensor:
+    return x + 1
+
+
+def test_default_routing_goes_through_the_hosts_logging_and_configures_nothing() -> None:
+    script = textwrap.dedent(
+        """
+        import logging, sys, json, torch, structlog
+        import kernel_fallback
+        assert not structlog.is_configured(), "import must not configure structlog"
+        assert logging.getLogger().handlers == [], "import must not configure logging"
+
+        records = []
+        class Keep(logging.Handler):
+            def emit(self, record):
+                records.append(record)
+        logging.basicConfig(stream=sys.stdout, format="HOST %(levelname)s %(name)s %(message)s")
+        logging.getLogger().addHandler(Keep())
+
+        k = kernel_fallback.tolerant_kwargs(["out"], name="fa3")(lambda x: x * 2)
+        for _ in range(3):
+            k(torch.ones(2), out=torch.zeros(2))
+        assert not structlog.is_configured()
+        print(json.dumps(records[0].kernel_fallback))
+        """
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True)
+    lines = proc.stdout.strip().splitlines()
+    host_lines = [line for line in lines if line.startswith("HOST") and "kwarg_dropped" in line]
+    assert len(host_lines) == 1, proc.stdout
+    assert host_lines[0].startswith(
+        "HOST WARNING kernel_fallback event='kernel_fallback.kwarg_dropped' kernel='fa3'"
+    )
+    structured = json.loads(next(line for line in lines if line.startswith("{")))
+    assert structured["kernel"] == "fa3"
+    assert structured["kwarg"] == "out"
+    assert structured["timestamp"].endswith("Z")
+
+
+def test_host_structlog_configuration_is_used_when_present() -> None:
+    seen: list[EventDict] = []
+
+    def keep(_logger: object, _method: str, event_dict: EventDict) -> EventDict:
+        seen.append(dict(event_dict))
+        raise structlog.DropEvent
+
+    structlog.configure(processors=[keep])
+    wrapped = tolerant_kwargs(["out"], name="k")(kernel)
+    wrapped(torch.ones(1), out=torch.zeros(1))
+    assert [(e["event"], e["kernel"]) for e in seen] == [("kernel_fallback.kwarg_dropped", "k")]
+
+
+def test_a_failing_log_pipeline_never_breaks_the_kernel_call(capsys: pytest.CaptureFixture[str]) -> None:
+    def broken(_logger: object, _method: str, _event_dict: EventDict) -> EventDict:
+        raise OSError("log disk full")
+
+    structlog.configure(processors=[broken])
+    wrapped = tolerant_kwargs(["out"], name="k")(kernel)
+    result = wrapped(torch.ones(2), out=torch.zeros(2))
+    torch.testing.assert_close(result, torch.full((2,), 2.0))
+    assert _events.log_errors() == 1
+    assert "kernel_fallback: logging kernel_fallback.kwarg_dropped failed: OSError('log disk full')" in (
+        capsys.readouterr().err
+    )
+    assert [row["count"] for row in stats()] == [1]
+
+
+def test_a_raising_stdlib_filter_never_breaks_the_kernel_call() -> None:
+    class Explode(logging.Filter):
+        def filter(self, record: logging.LogRecord) -> bool:
+            raise RuntimeError("filter bug")
+
+    logger = logging.getLogger("kernel_fallback")
+    bad = Explode()
+    logger.addFilter(bad)
+    try:
+        wrapped = tolerant_kwargs(["out"], name="k2")(kernel)
+        wrapped(torch.ones(2), out=torch.zeros(2))
+    finally:
+        logger.removeFilter(bad)
+    assert _events.log_errors() == 1
+
+
+def test_memory_is_bounded_with_many_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_events, "MAX_ENTRIES", 5)
+    with capture_logs() as logs:
+        for i in range(12):
+            wrapped = tolerant_kwargs(["out"], name=f"layer{i}")(kernel)
+            wrapped(torch.ones(1), out=torch.zeros(1))
+            wrapped(torch.ones(1), out=torch.zeros(1))
+    rows = stats()
+    assert len(rows) == 6
+    overflow = [r for r in rows if r["kind"] == "overflow"]
+    assert overflow[0]["count"] == 14  # 7 kernels past the bound, 2 calls each: still counted
+    assert sum(r["count"] for r in rows) == 24
+    assert [e["event"] for e in logs].count("kernel_fallback.stats_overflow") == 1
+    assert len(logs) == 6
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_forked_child_does_not_inherit_counts() -> None:
+    wrapped = tolerant_kwargs(["out"], name="forked")(kernel)
+    with capture_logs():
+        for _ in range(5):
+            wrapped(torch.ones(1), out=torch.zeros(1))
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child reports through the pipe
+        try:
+            before = stats()
+            with capture_logs() as logs:
+                wrapped(torch.ones(1), out=torch.zeros(1))
+            payload = {"before": before, "after": [r["count"] for r in stats()], "logged": len(logs)}
+            os.write(write, json.dumps(payload).encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        child = json.loads(pipe.read())
+    os.waitpid(pid, 0)
+    assert child == {"before": [], "after": [1], "logged": 1}
+    assert [r["count"] for r in stats()] == [5]
+
+
+def test_listeners_see_every_occurrence() -> None:
+    wrapped = tolerant_kwargs(
+        {"out": None, "num_splits": 1}, {"out": "copy", "num_splits": "warn"}, name="k"
+    )(lambda x: x * 2)
+    with capture_logs(), capture_fallbacks() as events:
+        wrapped(torch.ones(2), out=torch.zeros(2), num_splits=3)
+        wrapped(torch.ones(2), out=torch.zeros(2))
+    assert [(e.kwarg, e.policy, e.count) for e in events] == [
+        ("out", "copy", 1),
+        ("num_splits", "warn", 1),
+        ("out", "copy", 2),
+    ]
+    wrapped(torch.ones(2), out=torch.zeros(2))
+    assert len(events) == 3, "the listener is removed when the block ends"
+
+
+def test_stats_rows_are_complete_and_reset_clears_them() -> None:
+    wrapped = tolerant_kwargs(["out"], "copy", name="rows")(lambda x: x * 2)
+    with capture_logs():
+        wrapped(torch.ones(2), out=torch.zeros(2))
+    (row,) = stats()
+    assert row["kind"] == "kwarg"
+    assert row["provider"] is None
+    assert row["source"] == "decorator"
+    assert (row["compiled_traces"], row["graph_captures"]) == (0, 0)
+    assert row["first_seen"].endswith("+00:00")
+    assert row["where"].startswith(__file__)
+    reset_stats()
+    assert stats() == []

@@ -1,0 +1,47 @@
+"""The README example and the scripts in examples/ run as documented."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run(*args: str) -> str:
+    proc = subprocess.run([sys.executable, *args], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stdout
+
+
+def test_readme_example_runs_and_prints_what_it_says() -> None:
+    readme = (ROOT / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", readme, re.S)
+    assert code is not None
+    assert len(code.group(1).splitlines()) <= 20
+    out = run("-c", code.group(1))
+    assert out.strip() == "('out', 'sinks') 1"
+
+
+def test_quickstart_shows_every_policy() -> None:
+    out = run("examples/quickstart.py")
+    for expected in [
+        "result correct: True; caller's buffer still zero: True",
+        "returned the caller's buffer: True; buffer correct: True",
+        "UnsupportedKwargError: fa3 does not accept the keyword 'sinks'",
+        "mm.default missing=['out'] via schema:aten::mm.default; copied: True",
+        "fa3_warn now ('copy', 'KERNEL_FALLBACK_ON_DROP__FA3_WARN'): returned buffer: True",
+        "PolicyConfigError: KERNEL_FALLBACK_ON_DROP='wran' is not a policy",
+        "fa3_warn     out    warn  count=1000",
+    ]:
+        assert expected in out
+    assert out.count("[warning  ] kernel_fallback.kwarg_dropped") == 4
+
+
+def test_bench_overhead_prints_ratios() -> None:
+    out = run("examples/bench_overhead.py", "--rounds", "2", "--calls", "500")
+    assert re.search(r"fast path \(accepts out\)\s+\d+\s+\d+\.\d\dx", out)
+    assert "retry helper (PR #23717)" in out
+    assert "fallbacks counted: " in out

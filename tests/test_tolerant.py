@@ -1,0 +1,523 @@
+"""tolerant_kwargs: policies, neutral values, copy semantics, errors, metadata."""
+
+from __future__ import annotations
+
+import sys
+import threading
+import types
+from collections import namedtuple
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from structlog.testing import capture_logs
+
+from kernel_fallback import (
+    PolicyConfigError,
+    UnsupportedKwargError,
+    kernels,
+    reset_stats,
+    stats,
+    tolerant_kwargs,
+)
+from kernel_fallback.testing import capture_fallbacks
+
+GEN = torch.Generator().manual_seed(1234)
+
+
+def rand(*shape: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=GEN)
+
+
+class CountingKernel:
+    """A Python kernel entry point without ``out`` that counts how often its body ran."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, *, alpha: float = 1.0) -> torch.Tensor:
+        self.calls += 1
+        return x + alpha * y
+
+
+@torch.library.custom_op("kf_test_tol::axpy", mutates_args=())
+def axpy_op(x: torch.Tensor, y: torch.Tensor, alpha: float = 1.0) -> torch.Tensor:
+    return x + alpha * y
+
+
+@torch.library.custom_op("kf_test_tol::broken", mutates_args=())
+def broken_op(x: torch.Tensor) -> torch.Tensor:
+    raise RuntimeError("Unknown keyword argument 'out' for operator (raised by the kernel body)")
+
+
+# -- pass-through ---------------------------------------------------------------------------------
+
+
+def test_listed_keyword_the_kernel_accepts_is_passed_through() -> None:
+    add = tolerant_kwargs(["out"], "raise")(torch.add)
+    x, y, buf = rand(4), rand(4), torch.zeros(4)
+    with capture_fallbacks() as events:
+        result = add(x, y, out=buf)
+    assert result is buf
+    torch.testing.assert_close(buf, x + y)
+    assert add.tolerant.missing == ()
+    assert events == []
+
+
+@pytest.mark.parametrize(
+    ("kernel", "error"),
+    [(CountingKernel(), TypeError), (axpy_op, RuntimeError)],
+    ids=["python", "custom-op"],
+)
+def test_unlisted_unknown_keyword_fails_as_the_kernel_fails(kernel: Any, error: type[Exception]) -> None:
+    wrapped = tolerant_kwargs(["out"])(kernel)
+    with pytest.raises(error, match="bogus"):
+        wrapped(rand(3), rand(3), bogus=1)
+
+
+# -- neutral values -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("drop", "kwargs"),
+    [
+        (["out"], {"out": None}),
+        ({"only_qv": False}, {"only_qv": False}),
+        ({"softcap": 0.0}, {"softcap": 0}),
+        ({"window_size": (-1, -1)}, {"window_size": (-1, -1)}),
+    ],
+    ids=["out-None", "only_qv-False", "softcap-int-zero", "window-tuple"],
+)
+def test_neutral_value_is_dropped_silently(drop: Any, kwargs: dict[str, Any]) -> None:
+    kernel = CountingKernel()
+    wrapped = tolerant_kwargs(drop, "raise")(kernel)
+    x, y = rand(3), rand(3)
+    with capture_logs() as logs, capture_fallbacks() as events:
+        result = wrapped(x, y, **kwargs)
+    torch.testing.assert_close(result, x + y)
+    assert (logs, events, stats()) == ([], [], [])
+
+
+def test_tensor_value_is_never_neutral_even_if_equal() -> None:
+    wrapped = tolerant_kwargs({"sinks": 0.0}, "raise")(CountingKernel())
+    with pytest.raises(UnsupportedKwargError, match="sinks"):
+        wrapped(rand(3), rand(3), sinks=torch.zeros(()))
+
+
+# -- warn -------------------------------------------------------------------------------------------
+
+
+def test_warn_drops_returns_the_kernel_result_and_logs_structured_event() -> None:
+    kernel = CountingKernel()
+    wrapped = tolerant_kwargs(["out"], "warn", name="fa3_varlen")(kernel)
+    x, y, buf = rand(3), rand(3), torch.full((3,), 7.0)
+    with capture_logs() as logs:
+        result = wrapped(x, y, alpha=2.0, out=buf)
+    torch.testing.assert_close(result, x + 2 * y)
+    assert result is not buf
+    torch.testing.assert_close(buf, torch.full((3,), 7.0))  # warn really ignores the buffer
+    assert len(logs) == 1
+    event = logs[0]
+    assert event["event"] == "kernel_fallback.kwarg_dropped"
+    assert event["log_level"] == "warning"
+    assert (event["kernel"], event["kwarg"], event["policy"], event["source"]) == (
+        "fa3_varlen",
+        "out",
+        "warn",
+        "decorator",
+    )
+    assert event["where"].startswith(__file__)
+    assert kernel.calls == 1
+
+
+def test_warn_logs_once_but_counts_every_call() -> None:
+    wrapped = tolerant_kwargs(["out"], "warn", name="hot_loop")(CountingKernel())
+    buf = torch.empty(3)
+    with capture_logs() as logs:
+        for _ in range(1000):
+            wrapped(rand(3), rand(3), out=buf)
+    assert len(logs) == 1
+    (row,) = stats()
+    assert (row["kernel"], row["kwarg"], row["policy"], row["count"]) == ("hot_loop", "out", "warn", 1000)
+    reset_stats()
+    assert stats() == []
+    with capture_logs() as logs:
+        wrapped(rand(3), rand(3), out=buf)
+    assert len(logs) == 1, "reset_stats re-arms first-occurrence logging"
+
+
+# -- copy -------------------------------------------------------------------------------------------
+
+
+def test_copy_fills_the_callers_buffer_and_returns_it() -> None:
+    wrapped = tolerant_kwargs(["out"], "copy")(torch.ops.aten.mm.default)
+    a, b, buf = rand(3, 4), rand(4, 5), torch.empty(3, 5)
+    with capture_logs() as logs:
+        result = wrapped(a, b, out=buf)
+    assert result is buf
+    torch.testing.assert_close(buf, a @ b)
+    assert logs[0]["policy"] == "copy"
+    assert logs[0]["reason"] == "mm.default does not accept 'out' (schema:aten::mm.default)"
+
+
+Pair = namedtuple("Pair", ["out", "lse"])
+
+
+@pytest.mark.parametrize(
+    "container",
+    [tuple, list, lambda items: Pair(*items)],
+    ids=["tuple", "list", "namedtuple"],
+)
+def test_copy_replaces_the_first_element_of_a_sequence_result(container: Any) -> None:
+    def attn(q: torch.Tensor, return_softmax_lse: bool = True) -> Any:
+        return container([q * 2, q.sum(-1)])
+
+    wrapped = tolerant_kwargs(["out"], "copy")(attn)
+    q, buf = rand(2, 3), torch.empty(2, 3)
+    result = wrapped(q, out=buf)
+    assert type(result) is type(container([1, 2]))
+    assert result[0] is buf
+    torch.testing.assert_close(buf, q * 2)
+    torch.testing.assert_close(result[1], q.sum(-1))
+
+
+@pytest.mark.parametrize(
+    ("buf", "message"),
+    [
+        (torch.full((3, 4), 5.0), r"\(3, 5\) torch.float32 on cpu, the buffer is \(3, 4\) torch.float32"),
+        (torch.full((3, 5), 5.0, dtype=torch.float64), r"the buffer is \(3, 5\) torch.float64"),
+    ],
+    ids=["shape", "dtype"],
+)
+def test_copy_mismatch_raises_and_leaves_buffer_untouched(buf: torch.Tensor, message: str) -> None:
+    wrapped = tolerant_kwargs(["out"], "copy", name="mm_nout")(torch.ops.aten.mm.default)
+    before = buf.clone()
+    with pytest.raises(ValueError, match=rf"^mm_nout: cannot copy the result into out=: .*{message}"):
+        wrapped(rand(3, 4), rand(4, 5), out=buf)
+    assert torch.equal(buf, before)
+
+
+def test_copy_of_a_non_tensor_value_raises() -> None:
+    kernel = CountingKernel()
+    wrapped = tolerant_kwargs({"only_qv": False}, "copy", name="fa3")(kernel)
+    with pytest.raises(UnsupportedKwargError, match="only_qv=True cannot be dropped: its policy is 'copy'"):
+        wrapped(rand(3), rand(3), only_qv=True)
+    assert kernel.calls == 0
+
+
+def test_copy_when_kernel_returns_no_tensor_raises() -> None:
+    wrapped = tolerant_kwargs(["out"], "copy", name="stats_kernel")(lambda x: float(x.sum()))
+    buf = torch.zeros(())
+    with pytest.raises(UnsupportedKwargError, match="returned float, not a tensor"):
+        wrapped(rand(3), out=buf)
+    assert float(buf) == 0.0
+
+
+def test_copy_two_buffers_is_refused() -> None:
+    wrapped = tolerant_kwargs(["out", "lse_out"], "copy")(CountingKernel())
+    with pytest.raises(UnsupportedKwargError, match="one result, one buffer"):
+        wrapped(rand(3), rand(3), out=torch.empty(3), lse_out=torch.empty(3))
+
+
+# -- raise ------------------------------------------------------------------------------------------
+
+
+def test_raise_names_kernel_keyword_and_variables_and_never_runs_the_kernel() -> None:
+    kernel = CountingKernel()
+    wrapped = tolerant_kwargs(["sinks"], "raise", name="fa3.varlen", env="SGLANG_FA3_ON_DROP")(kernel)
+    with pytest.raises(UnsupportedKwargError) as info:
+        wrapped(rand(3), rand(3), sinks=rand(8))
+    err = info.value
+    assert isinstance(err, TypeError)
+    assert (err.kernel, err.kwarg) == ("fa3.varlen", "sinks")
+    message = str(err)
+    assert "fa3.varlen does not accept the keyword 'sinks'" in message
+    for var in ("SGLANG_FA3_ON_DROP", "KERNEL_FALLBACK_ON_DROP__FA3_VARLEN", "KERNEL_FALLBACK_ON_DROP"):
+        assert var in message
+        assert var in err.env_vars
+    assert kernel.calls == 0
+    assert stats() == []
+
+
+def test_per_keyword_policies() -> None:
+    kernel = CountingKernel()
+    wrapped = tolerant_kwargs(
+        {"out": None, "num_splits": 1, "softcap": 0.0},
+        {"out": "copy", "num_splits": "warn", "softcap": "raise"},
+    )(kernel)
+    x, y, buf = rand(3), rand(3), torch.empty(3)
+    assert wrapped(x, y, out=buf, num_splits=4) is buf
+    torch.testing.assert_close(buf, x + y)
+    with pytest.raises(UnsupportedKwargError, match="softcap"):
+        wrapped(x, y, num_splits=4, softcap=30.0)
+    assert kernel.calls == 1
+    assert {(r["kwarg"], r["policy"], r["count"]) for r in stats()} == {
+        ("out", "copy", 1),
+        ("num_splits", "warn", 1),
+    }
+
+
+# -- the kernel's own errors ------------------------------------------------------------------------
+
+
+def test_type_error_inside_the_kernel_is_not_taken_for_a_missing_keyword() -> None:
+    calls = []
+
+    def kernel(x: torch.Tensor, *, out: torch.Tensor | None = None) -> torch.Tensor:
+        calls.append(1)
+        raise TypeError("kernel() got an unexpected keyword argument 'out'")
+
+    wrapped = tolerant_kwargs(["out"], "warn")(kernel)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'out'") as info:
+        wrapped(rand(3), out=torch.empty(3))
+    assert type(info.value) is TypeError
+    assert len(calls) == 1
+    assert stats() == []
+
+
+def test_runtime_error_inside_a_torch_op_propagates_unchanged() -> None:
+    wrapped = tolerant_kwargs(["out"], "warn")(broken_op)
+    with pytest.raises(RuntimeError, match="raised by the kernel body"):
+        wrapped(rand(3), out=torch.empty(3))
+    # The drop itself was a real fallback and is counted; the error is the kernel's.
+    assert [r["count"] for r in stats()] == [1]
+
+
+@contextmanager
+def exception_events() -> Iterator[list[str]]:
+    """Every Python-level exception raised while the block runs (sys.settrace)."""
+    seen: list[str] = []
+
+    def tracer(frame: types.FrameType, event: str, arg: Any) -> Any:
+        if event == "exception":
+            seen.append(f"{arg[0].__name__} in {frame.f_code.co_name}")
+        return tracer
+
+    old = sys.gettrace()
+    sys.settrace(tracer)
+    try:
+        yield seen
+    finally:
+        sys.settrace(old)
+
+
+@pytest.mark.parametrize("policy", ["warn", "copy"])
+@pytest.mark.parametrize("kernel", [CountingKernel(), torch.ops.aten.add.Tensor], ids=["python", "aten-op"])
+def test_no_exception_is_raised_or_caught_per_call(policy: str, kernel: Any) -> None:
+    wrapped = tolerant_kwargs(["out"], policy)(kernel)
+    x, y, buf = rand(3), rand(3), torch.empty(3)
+    wrapped(x, y, out=buf)
+    with exception_events() as seen:
+        for _ in range(20):
+            wrapped(x, y, out=buf)
+    assert seen == []
+
+
+def test_body_runs_exactly_once_per_call_on_every_path() -> None:
+    kernel = CountingKernel()
+    wrapped = tolerant_kwargs({"out": None, "num_splits": 1}, {"out": "copy", "num_splits": "warn"})(kernel)
+    x, y = rand(3), rand(3)
+    wrapped(x, y)
+    wrapped(x, y, out=None)
+    wrapped(x, y, out=torch.empty(3))
+    wrapped(x, y, num_splits=2)
+    assert kernel.calls == 4
+
+
+# -- decorator mechanics ----------------------------------------------------------------------------
+
+
+def test_metadata_and_state_are_kept() -> None:
+    def flash_attn_varlen_func(q: torch.Tensor) -> torch.Tensor:
+        """FA3 varlen entry point."""
+        return q
+
+    wrapped = tolerant_kwargs(["out"])(flash_attn_varlen_func)
+    assert wrapped.__name__ == "flash_attn_varlen_func"
+    assert wrapped.__doc__ == "FA3 varlen entry point."
+    assert wrapped.__wrapped__ is flash_attn_varlen_func
+    plan = wrapped.tolerant
+    assert plan.missing == ("out",)
+    assert plan in kernels()
+    assert plan.describe()["policies"]["out"] == {
+        "policy": "warn",
+        "source": "default",
+        "missing": True,
+        "neutral": "None",
+    }
+
+
+def test_torch_op_metadata() -> None:
+    wrapped = tolerant_kwargs(["out"])(torch.ops.aten.mm.default)
+    assert wrapped.__wrapped__ is torch.ops.aten.mm.default
+    assert wrapped.tolerant.name == "mm.default"
+    assert wrapped.tolerant.support.source == "schema:aten::mm.default"
+
+
+def test_methods_static_and_class_methods() -> None:
+    class Backend:
+        scale = 3.0
+
+        @tolerant_kwargs(["out"], "copy")
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x * self.scale
+
+        @staticmethod
+        @tolerant_kwargs(["out"], "copy")
+        def double(x: torch.Tensor) -> torch.Tensor:
+            return x * 2
+
+        @tolerant_kwargs(["out"], "copy")
+        @classmethod
+        def triple(cls, x: torch.Tensor) -> torch.Tensor:
+            return x * cls.scale
+
+    x = rand(3)
+    for call, expected in [
+        (Backend().forward, x * 3),
+        (Backend.double, x * 2),
+        (Backend().double, x * 2),
+        (Backend.triple, x * 3),
+    ]:
+        buf = torch.empty(3)
+        assert call(x, out=buf) is buf
+        torch.testing.assert_close(buf, expected)
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "error", "message"),
+    [
+        (
+            (["out"], "wran"),
+            {},
+            PolicyConfigError,
+            r"on_drop='wran' is not a policy; use one of warn, copy, raise\. Did you mean 'warn'\?",
+        ),
+        (([],), {}, PolicyConfigError, r"drop=\.\.\.\) is empty"),
+        (("out",), {}, PolicyConfigError, r"drop must be a list of keyword names"),
+        ((["out"], {"sinks": "raise"}), {}, PolicyConfigError, r"'sinks' is not in drop \('out'\)"),
+        ((["out"], {"out": "copyy"}), {}, PolicyConfigError, r"on_drop\['out'\]='copyy' is not a policy"),
+        ((["not a name"],), {}, PolicyConfigError, r"'not a name' is not a keyword argument name"),
+        (
+            (["out"],),
+            {"env": "1BAD"},
+            PolicyConfigError,
+            r"env='1BAD'\): env must be an environment variable name",
+        ),
+        ((["out"],), {"name": ""}, PolicyConfigError, r"name must be a non-empty string"),
+        ((["out"], 3), {}, PolicyConfigError, r"on_drop=3\): use a policy"),
+        ((torch.add,), {}, TypeError, r"tolerant_kwargs needs the keywords to drop"),
+    ],
+    ids=[
+        "typo-policy",
+        "empty-drop",
+        "string-drop",
+        "mapping-unknown",
+        "mapping-typo",
+        "bad-name",
+        "bad-env",
+        "empty-name",
+        "int-policy",
+        "bare-use",
+    ],
+)
+def test_invalid_options_fail_when_decorating(
+    args: tuple[Any, ...], kwargs: dict[str, Any], error: type[Exception], message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        tolerant_kwargs(*args, **kwargs)
+
+
+def test_non_callable_target_is_refused() -> None:
+    with pytest.raises(TypeError, match="can only wrap a callable, got 3"):
+        tolerant_kwargs(["out"])(3)  # type: ignore[arg-type]
+
+
+# -- threads ----------------------------------------------------------------------------------------
+
+
+def test_counts_are_exact_under_threads_and_logged_once() -> None:
+    wrapped = tolerant_kwargs(["out"], "warn", name="threaded")(CountingKernel())
+    x, y, buf = rand(8), rand(8), torch.empty(8)
+    per_thread, threads = 2000, 8
+    barrier = threading.Barrier(threads)
+
+    def work() -> None:
+        barrier.wait()
+        for _ in range(per_thread):
+            wrapped(x, y, out=buf)
+
+    sys.setswitchinterval(1e-6)  # switch threads as often as possible
+    try:
+        with capture_logs() as logs:
+            pool = [threading.Thread(target=work) for _ in range(threads)]
+            for t in pool:
+                t.start()
+            for t in pool:
+                t.join()
+    finally:
+        sys.setswitchinterval(0.005)
+    assert [r["count"] for r in stats()] == [per_thread * threads]
+    assert len(logs) == 1
+
+
+# -- random signatures (hypothesis) -----------------------------------------------------------------
+
+
+NAMES = ["out", "softcap", "sinks", "num_splits", "window_size", "qv", "pack_gqa", "scale"]
+
+
+@st.composite
+def scenarios(draw: st.DrawFn) -> tuple[list[tuple[str, str]], bool, list[str], str, dict[str, Any]]:
+    params = draw(st.lists(st.sampled_from(NAMES), unique=True, max_size=5))
+    kinds = [draw(st.sampled_from(["pos_or_kw", "kw_only"])) for _ in params]
+    var_kw = draw(st.booleans())
+    drop = draw(st.lists(st.sampled_from(NAMES), unique=True, min_size=1, max_size=4))
+    policy = draw(st.sampled_from(["warn", "raise"]))
+    passed = draw(st.lists(st.sampled_from(NAMES), unique=True, max_size=5))
+    values = {name: draw(st.sampled_from([None, 1, 2.5])) for name in passed}
+    return list(zip(params, kinds, strict=True)), var_kw, drop, policy, values
+
+
+def make_kernel(params: list[tuple[str, str]], var_kw: bool) -> Any:
+    """A real function with the drawn signature that returns the keywords it received."""
+    pos = [f"{n}=None" for n, kind in params if kind == "pos_or_kw"]
+    kw_only = [f"{n}=None" for n, kind in params if kind == "kw_only"]
+    parts = pos + (["*", *kw_only] if kw_only else []) + (["**rest"] if var_kw else [])
+    body = "received = dict(locals()); received.update(received.pop('rest', {})); return received"
+    namespace: dict[str, Any] = {}
+    exec(f"def kernel({', '.join(parts)}):\n    {body}\n", namespace)
+    return namespace["kernel"]
+
+
+@settings(max_examples=300, deadline=None)
+@given(scenarios())
+def test_random_signatures_and_keyword_sets(
+    scenario: tuple[list[tuple[str, str]], bool, list[str], str, dict[str, Any]],
+) -> None:
+    params, var_kw, drop, policy, values = scenario
+    reset_stats()
+    names = {n for n, _ in params}
+    wrapped = tolerant_kwargs(drop, policy)(make_kernel(params, var_kw))
+    accepted = names | (set(NAMES) if var_kw else set())
+    unknown = [k for k in values if k not in accepted and k not in drop]
+    refused = [k for k in drop if k in values and k not in accepted and values[k] is not None]
+    if refused and policy == "raise":  # decided before the kernel runs
+        with pytest.raises(UnsupportedKwargError):
+            wrapped(**values)
+        assert stats() == []
+        return
+    if unknown:
+        with pytest.raises(TypeError, match="unexpected keyword argument") as info:
+            wrapped(**values)
+        assert not isinstance(info.value, UnsupportedKwargError)
+        return
+    with capture_logs():
+        received = wrapped(**values)
+    expected = {k: v for k, v in values.items() if k in accepted}
+    assert {k: v for k, v in received.items() if k in values} == expected
+    assert {r["kwarg"]: r["count"] for r in stats()} == dict.fromkeys(refused, 1)
