@@ -1,0 +1,357 @@
+"""Pure-torch reference implementation of the FlashAttention-3 entry points.
+
+Mirrors ``sgl_kernel.flash_attn.flash_attn_varlen_func`` and
+``sgl_kernel.flash_attn.flash_attn_with_kvcache`` (sgl-kernel 0.3.21) for the
+argument subset listed in each signature. It runs on any device torch supports;
+it loops over the sequences of a batch in Python and vectorizes over heads and
+positions within a sequence.
+
+Semantics shared by both entry points:
+
+* Scores are ``softmax_scale * q @ k^T`` (default scale ``1/sqrt(head_dim)``),
+  then ``softcap * tanh(scores / softcap)`` when ``softcap > 0``, then masking.
+* Grouped-query attention: query head ``h`` reads kv head ``h // (Hq // Hkv)``.
+* Masks are aligned to the bottom right: with ``shift = Lk - Lq``, query ``i``
+  may attend key ``j`` iff ``i + shift - left <= j <= i + shift + right``, where
+  a window side of ``-1`` is unbounded and ``causal`` forces ``right = 0``.
+* ``sinks`` (one logit per query head, natural-log units, neither scaled nor
+  capped) adds a virtual key to the softmax denominator that carries no value.
+  As in FlashAttention, the returned log-sum-exp includes the sink term.
+* A query row with no allowed key outputs zeros; its lse is ``-inf``, or
+  ``sinks[h]`` when sinks are given (the sink is then the only softmax column).
+* Arithmetic is float32 (float64 when ``q`` is float64); ``out`` has ``q``'s
+  dtype and the lse is always float32, as in FA3.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import torch
+from torch import Tensor
+
+__all__ = ["flash_attn_varlen_func", "flash_attn_with_kvcache"]
+
+
+def _check_window(window_size: tuple[int, int], causal: bool) -> tuple[int, int]:
+    """Validate ``window_size`` and return ``(left, right)`` with causal applied."""
+    if len(window_size) != 2 or any(not isinstance(w, int) or w < -1 for w in window_size):
+        raise ValueError(f"window_size must be a pair of ints >= -1 (-1 = unbounded), got {window_size!r}")
+    left, right = window_size
+    return left, 0 if causal else right
+
+
+def _check_common(
+    q: Tensor, k: Tensor, v: Tensor, softcap: float, sinks: Tensor | None, kv: str = "k and v"
+) -> None:
+    """Validate dtypes, head counts and head dims shared by both entry points."""
+    if not q.is_floating_point():
+        raise ValueError(f"q must be a floating-point tensor, got dtype {q.dtype}")
+    if k.dtype != q.dtype or v.dtype != q.dtype:
+        raise ValueError(f"{kv} must have q's dtype {q.dtype}, got {k.dtype} and {v.dtype}")
+    hq, hkv = q.shape[-2], k.shape[-2]
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(
+            f"number of query heads ({hq}) must be a positive multiple of the number of "
+            f"key/value heads ({hkv})"
+        )
+    if v.shape[-2] != hkv:
+        raise ValueError(f"v has {v.shape[-2]} heads but k has {hkv}; they must match")
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"{kv.split()[0]} head dim ({k.shape[-1]}) must equal q head dim ({q.shape[-1]})")
+    if softcap < 0:
+        raise ValueError(f"softcap must be >= 0 (0 disables it), got {softcap}")
+    if sinks is not None and (sinks.dim() != 1 or sinks.shape[0] != hq):
+        raise ValueError(
+            f"sinks must have shape ({hq},) (one logit per query head), got {tuple(sinks.shape)}"
+        )
+
+
+def _check_int32_vector(name: str, t: Tensor, length: int | None = None) -> list[int]:
+    """Check that ``t`` is a 1-D int32 tensor (of ``length`` if given); return its values."""
+    if t.dtype != torch.int32:
+        raise ValueError(f"{name} must have dtype torch.int32, got {t.dtype}")
+    if t.dim() != 1 or (length is not None and t.shape[0] != length):
+        want = f"({length},)" if length is not None else "1-D"
+        raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
+    values: list[int] = t.tolist()
+    return values
+
+
+def _check_cu_seqlens(name: str, cu: Tensor, total: int) -> list[int]:
+    """Validate a cumulative-length vector against ``total`` rows; return its values."""
+    values = _check_int32_vector(name, cu)
+    if len(values) < 2:
+        raise ValueError(f"{name} must have batch_size + 1 >= 2 entries, got {len(values)}")
+    if values[0] < 0 or any(b < a for a, b in itertools.pairwise(values)) or values[-1] > total:
+        raise ValueError(
+            f"{name} must be non-decreasing within [0, {total}] (the number of rows), got {values}"
+        )
+    return values
+
+
+def _attend(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    scale: float,
+    window: tuple[int, int],
+    softcap: float,
+    sinks: Tensor | None,
+    dtype: torch.dtype,
+) -> tuple[Tensor, Tensor]:
+    """Attend one sequence: q (Lq, Hq, D), k (Lk, Hkv, D), v (Lk, Hkv, Dv).
+
+    Returns ``out`` (Lq, Hq, Dv) and ``lse`` (Hq, Lq), both in ``dtype``.
+    """
+    lq, hq, d = q.shape
+    lk, hkv, _ = k.shape
+    g = hq // hkv
+    # (Hkv, G, Lq, D) x (Hkv, 1, D, Lk) -> (Hkv, G, Lq, Lk): no kv head replication.
+    qh = q.to(dtype).reshape(lq, hkv, g, d).permute(1, 2, 0, 3)
+    kh = k.to(dtype).permute(1, 2, 0).unsqueeze(1)
+    vh = v.to(dtype).permute(1, 0, 2).unsqueeze(1)
+    scores = torch.matmul(qh, kh) * scale
+    if softcap > 0:
+        scores = softcap * torch.tanh(scores / softcap)
+    left, right = window
+    if left >= 0 or right >= 0:
+        rows = torch.arange(lq, device=q.device).unsqueeze(1) + (lk - lq)
+        cols = torch.arange(lk, device=q.device).unsqueeze(0)
+        allowed = torch.ones(lq, lk, dtype=torch.bool, device=q.device)
+        if right >= 0:
+            allowed &= cols <= rows + right
+        if left >= 0:
+            allowed &= cols >= rows - left
+        scores = scores.masked_fill(~allowed, -math.inf)
+    if sinks is not None:
+        sink_col = sinks.to(device=q.device, dtype=dtype).view(hkv, g, 1, 1).expand(hkv, g, lq, 1)
+        lse = torch.logsumexp(torch.cat([scores, sink_col], dim=-1), dim=-1)
+    else:
+        lse = torch.logsumexp(scores, dim=-1)
+    # Fully masked rows have lse == -inf and all scores -inf; exp(-inf - 0) == 0.
+    lse_safe = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
+    probs = torch.exp(scores - lse_safe.unsqueeze(-1))
+    out = torch.matmul(probs, vh).reshape(hq, lq, -1).permute(1, 0, 2)
+    return out, lse.reshape(hq, lq)
+
+
+def flash_attn_varlen_func(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    seqused_q: Tensor | None = None,
+    seqused_k: Tensor | None = None,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    sinks: Tensor | None = None,
+    return_softmax_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Variable-length (packed) attention, a reference for FA3's ``flash_attn_varlen_func``.
+
+    Args:
+        q: (total_q, Hq, D) packed queries of all sequences.
+        k: (total_k, Hkv, D) packed keys; Hq must be a multiple of Hkv.
+        v: (total_k, Hkv, Dv) packed values.
+        cu_seqlens_q: (batch + 1,) int32 row offsets of each sequence in ``q``.
+        cu_seqlens_k: (batch + 1,) int32 row offsets of each sequence in ``k``/``v``.
+        max_seqlen_q: Launch hint in FA3; ignored here.
+        max_seqlen_k: Launch hint in FA3; ignored here.
+        seqused_q: Optional (batch,) int32; only the first ``seqused_q[b]`` query rows of
+            sequence ``b`` are used (and define Lq for the causal alignment). The other
+            rows, which FA3 leaves unwritten, get output 0 and lse ``-inf`` here.
+        seqused_k: Optional (batch,) int32; only the first ``seqused_k[b]`` keys are used.
+        softmax_scale: Score scale, default ``1 / sqrt(D)``.
+        causal: Bottom-right aligned causal mask.
+        window_size: (left, right) local window, -1 for unbounded.
+        softcap: Apply ``softcap * tanh(s / softcap)`` to scaled scores when > 0.
+        sinks: Optional (Hq,) per-head sink logits.
+        return_softmax_lse: Also return the float32 log-sum-exp, shaped (Hq, total_q).
+
+    Returns:
+        ``out`` (total_q, Hq, Dv) in ``q``'s dtype, or ``(out, lse)``.
+    """
+    del max_seqlen_q, max_seqlen_k  # grid-size hints for the CUDA kernel only
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 3:
+            raise ValueError(f"{name} must be 3-D (total, heads, head_dim), got {tuple(t.shape)}")
+    if v.shape[0] != k.shape[0]:
+        raise ValueError(f"k and v must have the same number of rows, got {k.shape[0]} and {v.shape[0]}")
+    _check_common(q, k, v, softcap, sinks)
+    window = _check_window(window_size, causal)
+    cu_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0])
+    cu_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0])
+    batch = len(cu_q) - 1
+    if len(cu_k) != len(cu_q):
+        raise ValueError(
+            f"cu_seqlens_k has {len(cu_k)} entries but cu_seqlens_q has {len(cu_q)}; "
+            "both must be batch_size + 1"
+        )
+    lens_q = [b - a for a, b in itertools.pairwise(cu_q)]
+    lens_k = [b - a for a, b in itertools.pairwise(cu_k)]
+    for name, used, spans in (("seqused_q", seqused_q, lens_q), ("seqused_k", seqused_k, lens_k)):
+        if used is None:
+            continue
+        values = _check_int32_vector(name, used, batch)
+        if any(u < 0 or u > s for u, s in zip(values, spans, strict=True)):
+            raise ValueError(f"{name} must lie in [0, sequence span {spans}], got {values}")
+        spans[:] = values
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    hq = q.shape[1]
+    out = torch.zeros(q.shape[0], hq, v.shape[-1], dtype=q.dtype, device=q.device)
+    lse = torch.full((hq, q.shape[0]), -math.inf, dtype=torch.float32, device=q.device)
+    for b in range(batch):
+        q0, lq, k0, lk = cu_q[b], lens_q[b], cu_k[b], lens_k[b]
+        if lq == 0:
+            continue
+        o, s = _attend(
+            q[q0 : q0 + lq], k[k0 : k0 + lk], v[k0 : k0 + lk], scale, window, softcap, sinks, dtype
+        )
+        out[q0 : q0 + lq] = o.to(q.dtype)
+        lse[:, q0 : q0 + lq] = s.float()
+    return (out, lse) if return_softmax_lse else out
+
+
+def flash_attn_with_kvcache(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    k: Tensor | None = None,
+    v: Tensor | None = None,
+    cache_seqlens: Tensor | int | None = None,
+    page_table: Tensor | None = None,
+    cu_seqlens_q: Tensor | None = None,
+    max_seqlen_q: int | None = None,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    sinks: Tensor | None = None,
+    return_softmax_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Attention over a (optionally paged) KV cache, a reference for FA3's ``flash_attn_with_kvcache``.
+
+    Args:
+        q: (B, Sq, Hq, D), or (total_q, Hq, D) packed when ``cu_seqlens_q`` is given.
+        k_cache: (B, S_cache, Hkv, D), or (num_blocks, page_size, Hkv, D) with ``page_table``.
+        v_cache: Same layout as ``k_cache`` with head dim Dv.
+        k: Optional (B, Sk_new, Hkv, D) new keys, written in place into ``k_cache`` at
+            positions ``cache_seqlens[b] .. cache_seqlens[b] + Sk_new - 1``.
+        v: Optional (B, Sk_new, Hkv, Dv) new values, written likewise into ``v_cache``.
+        cache_seqlens: (B,) int32 tensor or an int: tokens already in the cache. Defaults
+            to the full cache capacity. It is not updated after appending.
+        page_table: Optional (B, max_blocks_per_seq) int32 logical -> physical block map.
+        cu_seqlens_q: Optional (B + 1,) int32 offsets of each sequence in packed ``q``.
+        max_seqlen_q: Launch hint in FA3; ignored here.
+        softmax_scale: Score scale, default ``1 / sqrt(D)``.
+        causal: Bottom-right aligned causal mask (Lq = query length, Lk = keys used).
+        window_size: (left, right) local window, -1 for unbounded.
+        softcap: Apply ``softcap * tanh(s / softcap)`` to scaled scores when > 0.
+        sinks: Optional (Hq,) per-head sink logits.
+        return_softmax_lse: Also return the float32 lse, shaped (B, Hq, Sq), or
+            (Hq, total_q) for packed ``q``.
+
+    Returns:
+        ``out`` shaped like ``q`` with head dim Dv, in ``q``'s dtype, or ``(out, lse)``.
+    """
+    del max_seqlen_q  # grid-size hint for the CUDA kernel only
+    varlen_q = cu_seqlens_q is not None
+    if q.dim() != (3 if varlen_q else 4):
+        want = "(total_q, Hq, D) when cu_seqlens_q is given" if varlen_q else "(B, Sq, Hq, D)"
+        raise ValueError(f"q must be {want}, got shape {tuple(q.shape)}")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D, got shape {tuple(t.shape)}")
+    if v_cache.shape[:3] != k_cache.shape[:3]:
+        raise ValueError(
+            f"v_cache shape {tuple(v_cache.shape)} must match k_cache shape "
+            f"{tuple(k_cache.shape)} except for the head dim"
+        )
+    _check_common(q, k_cache, v_cache, softcap, sinks, "k_cache and v_cache")
+    window = _check_window(window_size, causal)
+    if cu_seqlens_q is not None:
+        cu_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0])
+        batch = len(cu_q) - 1
+    else:
+        batch, sq = q.shape[0], q.shape[1]
+        cu_q = [b * sq for b in range(batch + 1)]
+    if page_table is not None:
+        if page_table.dtype != torch.int32 or page_table.dim() != 2 or page_table.shape[0] != batch:
+            raise ValueError(
+                f"page_table must be an int32 tensor of shape ({batch}, max_blocks_per_seq), "
+                f"got dtype {page_table.dtype} and shape {tuple(page_table.shape)}"
+            )
+        page_size = k_cache.shape[1]
+        capacity = page_table.shape[1] * page_size
+        blocks = page_table.to(device=k_cache.device, dtype=torch.long)
+        if blocks.numel() and (int(blocks.min()) < 0 or int(blocks.max()) >= k_cache.shape[0]):
+            raise ValueError(f"page_table entries must lie in [0, {k_cache.shape[0]}) (num_blocks)")
+    else:
+        if k_cache.shape[0] != batch:
+            raise ValueError(
+                f"k_cache batch size ({k_cache.shape[0]}) must equal the batch size of q ({batch})"
+            )
+        capacity = k_cache.shape[1]
+    if cache_seqlens is None:
+        cached = [capacity] * batch
+    elif isinstance(cache_seqlens, int):
+        cached = [cache_seqlens] * batch
+    else:
+        cached = _check_int32_vector("cache_seqlens", cache_seqlens, batch)
+    if (k is None) != (v is None):
+        raise ValueError("k and v must be given together (both or neither)")
+    s_new = 0
+    if k is not None and v is not None:
+        if k.dim() != 4 or k.shape[0] != batch or k.shape[2:] != k_cache.shape[2:]:
+            raise ValueError(
+                f"k must have shape ({batch}, Sk_new, {k_cache.shape[2]}, {k_cache.shape[3]}), "
+                f"got {tuple(k.shape)}"
+            )
+        if v.shape != (*k.shape[:3], v_cache.shape[3]):
+            raise ValueError(f"v must have shape {(*k.shape[:3], v_cache.shape[3])}, got {tuple(v.shape)}")
+        s_new = k.shape[1]
+    if any(c < 0 or c + s_new > capacity for c in cached):
+        raise ValueError(
+            f"cache_seqlens + Sk_new ({s_new}) must lie in [0, {capacity}] (cache capacity), "
+            f"got cache_seqlens {cached}"
+        )
+
+    def positions(b: int, start: int, stop: int) -> tuple[Tensor, Tensor]:
+        """Return (first-dim, second-dim) cache indices of logical positions [start, stop)."""
+        pos = torch.arange(start, stop, device=k_cache.device)
+        if page_table is None:
+            return torch.full_like(pos, b), pos
+        return blocks[b, pos // page_size], pos % page_size
+
+    if k is not None and v is not None and s_new > 0:
+        for b in range(batch):
+            idx = positions(b, cached[b], cached[b] + s_new)
+            k_cache[idx] = k[b].to(device=k_cache.device, dtype=k_cache.dtype)
+            v_cache[idx] = v[b].to(device=v_cache.device, dtype=v_cache.dtype)
+
+    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    hq = q.shape[-2]
+    q_rows = q if varlen_q else q.reshape(-1, hq, q.shape[-1])
+    out = torch.zeros(q_rows.shape[0], hq, v_cache.shape[-1], dtype=q.dtype, device=q.device)
+    lse = torch.full((hq, q_rows.shape[0]), -math.inf, dtype=torch.float32, device=q.device)
+    for b in range(batch):
+        q0, q1 = cu_q[b], cu_q[b + 1]
+        if q1 == q0:
+            continue
+        idx = positions(b, 0, cached[b] + s_new)
+        o, s = _attend(q_rows[q0:q1], k_cache[idx], v_cache[idx], scale, window, softcap, sinks, dtype)
+        out[q0:q1] = o.to(device=q.device, dtype=q.dtype)
+        lse[:, q0:q1] = s.to(device=q.device, dtype=torch.float32)
+    if not varlen_q:
+        out = out.reshape(*q.shape[:3], -1)
+        lse = lse.reshape(hq, batch, -1).permute(1, 0, 2).contiguous()
+    return (out, lse) if return_softmax_lse else out

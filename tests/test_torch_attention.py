@@ -1,0 +1,573 @@
+"""Tests for the pure-torch FlashAttention-3 reference in ``_torch_attention``.
+
+Everything is checked against ``_ref_sequence``, an independent float64
+implementation written as explicit per-(head, query, key) loops.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import pytest
+import torch
+from torch import Tensor
+
+from kernel_fallback.integrations._torch_attention import (
+    flash_attn_varlen_func,
+    flash_attn_with_kvcache,
+)
+
+TOL = 1e-5
+
+
+def _randn(gen: torch.Generator, *shape: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    return torch.randn(*shape, generator=gen, dtype=torch.float64).to(dtype)
+
+
+def _ref_sequence(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    scale: float,
+    causal: bool = False,
+    window: tuple[int, int] = (-1, -1),
+    softcap: float = 0.0,
+    sinks: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """Float64 attention of one sequence by plain loops.
+
+    q (Lq, Hq, D), k (Lk, Hkv, D), v (Lk, Hkv, Dv) -> out (Lq, Hq, Dv), lse (Hq, Lq).
+    """
+    q, k, v = q.double(), k.double(), v.double()
+    lq, hq, _ = q.shape
+    lk, hkv, dv = v.shape
+    group = hq // hkv
+    left, right = window
+    if causal:
+        right = 0
+    out = torch.zeros(lq, hq, dv, dtype=torch.float64)
+    lse = torch.full((hq, lq), -math.inf, dtype=torch.float64)
+    for h in range(hq):
+        kv_head = h // group
+        for i in range(lq):
+            diag = i + lk - lq  # key aligned with query i (bottom-right)
+            logits: list[float] = []
+            keys: list[int] = []
+            for j in range(lk):
+                if right >= 0 and j - diag > right:
+                    continue
+                if left >= 0 and diag - j > left:
+                    continue
+                s = scale * float(torch.dot(q[i, h], k[j, kv_head]))
+                if softcap > 0:
+                    s = softcap * math.tanh(s / softcap)
+                logits.append(s)
+                keys.append(j)
+            all_logits = logits + ([float(sinks[h])] if sinks is not None else [])
+            if not all_logits:
+                continue
+            m = max(all_logits)
+            denom = sum(math.exp(x - m) for x in all_logits)
+            lse[h, i] = m + math.log(denom)
+            for s, j in zip(logits, keys, strict=True):
+                out[i, h] += math.exp(s - m) / denom * v[j, kv_head]
+    return out, lse
+
+
+def _assert_close(actual: Tensor, expected: Tensor, what: str) -> None:
+    """Max abs error relative to max |expected| < TOL; -inf entries must match exactly."""
+    actual, expected = actual.double().cpu(), expected.double().cpu()
+    assert actual.shape == expected.shape, f"{what}: {actual.shape} != {expected.shape}"
+    ninf = torch.isneginf(expected)
+    assert torch.equal(torch.isneginf(actual), ninf), f"{what}: -inf positions differ"
+    finite = ~ninf
+    if not finite.any():
+        return
+    scale = expected[finite].abs().max().clamp_min(1e-12)
+    err = (actual[finite] - expected[finite]).abs().max() / scale
+    assert err < TOL, f"{what}: relative error {float(err):.3g}"
+
+
+@dataclass
+class Case:
+    lens_q: list[int]
+    lens_k: list[int]
+    hq: int = 4
+    hkv: int = 4
+    d: int = 16
+    dv: int = 16
+    causal: bool = False
+    window: tuple[int, int] = (-1, -1)
+    softcap: float = 0.0
+    use_sinks: bool = False
+    scale: float | None = None
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+VARLEN_CASES = [
+    pytest.param(Case([5, 1, 9], [7, 4, 9]), id="plain-varlen"),
+    pytest.param(Case([3, 6, 9], [8, 6, 4], causal=True), id="causal-bottom-right"),
+    pytest.param(Case([4, 7], [9, 12], window=(3, 1)), id="window-left3-right1"),
+    pytest.param(Case([6, 5], [10, 5], window=(2, -1)), id="window-left-only"),
+    pytest.param(Case([6, 5], [10, 5], window=(-1, 0)), id="window-right0-equals-causal"),
+    pytest.param(Case([6, 8], [10, 5], causal=True, window=(2, 5)), id="causal-with-window"),
+    pytest.param(Case([5, 3], [6, 9], softcap=2.0, scale=0.7), id="softcap-custom-scale"),
+    pytest.param(Case([5, 3], [6, 9], hq=8, hkv=2, causal=True), id="gqa-8-2"),
+    pytest.param(Case([5, 3], [6, 9], hq=8, hkv=1), id="mqa-8-1"),
+    pytest.param(Case([4, 6], [8, 6], hq=8, hkv=2, use_sinks=True), id="sinks-gqa"),
+    pytest.param(Case([9, 2], [4, 2], causal=True, use_sinks=True), id="sinks-masked-rows"),
+    pytest.param(Case([4, 3], [6, 5], d=16, dv=8), id="dv-differs"),
+    pytest.param(Case([2, 0, 4], [3, 4, 0]), id="empty-sequences"),
+    pytest.param(
+        Case(
+            [7, 5], [11, 6], hq=8, hkv=2, d=8, dv=12, causal=True, window=(4, -1), softcap=5.0, use_sinks=True
+        ),
+        id="everything",
+    ),
+]
+
+
+def _cu(lens: list[int]) -> Tensor:
+    return torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+
+
+@pytest.mark.parametrize("case", VARLEN_CASES)
+def test_varlen_matches_reference(case: Case) -> None:
+    gen = torch.Generator().manual_seed(1234)
+    q = _randn(gen, sum(case.lens_q), case.hq, case.d)
+    k = _randn(gen, sum(case.lens_k), case.hkv, case.d)
+    v = _randn(gen, sum(case.lens_k), case.hkv, case.dv)
+    sinks = _randn(gen, case.hq) if case.use_sinks else None
+    out, lse = flash_attn_varlen_func(
+        q,
+        k,
+        v,
+        _cu(case.lens_q),
+        _cu(case.lens_k),
+        max_seqlen_q=max(case.lens_q),
+        max_seqlen_k=max(case.lens_k),
+        softmax_scale=case.scale,
+        causal=case.causal,
+        window_size=case.window,
+        softcap=case.softcap,
+        sinks=sinks,
+        return_softmax_lse=True,
+    )
+    assert out.dtype == torch.float32
+    assert lse.dtype == torch.float32
+    assert lse.shape == (case.hq, q.shape[0])
+    scale = case.scale if case.scale is not None else case.d**-0.5
+    ref_out, ref_lse = [], []
+    q0 = k0 = 0
+    for lq, lk in zip(case.lens_q, case.lens_k, strict=True):
+        o, s = _ref_sequence(
+            q[q0 : q0 + lq],
+            k[k0 : k0 + lk],
+            v[k0 : k0 + lk],
+            scale=scale,
+            causal=case.causal,
+            window=case.window,
+            softcap=case.softcap,
+            sinks=sinks,
+        )
+        ref_out.append(o)
+        ref_lse.append(s)
+        q0, k0 = q0 + lq, k0 + lk
+    _assert_close(out, torch.cat(ref_out), "out")
+    _assert_close(lse, torch.cat(ref_lse, dim=1), "lse")
+    plain = flash_attn_varlen_func(
+        q,
+        k,
+        v,
+        _cu(case.lens_q),
+        _cu(case.lens_k),
+        softmax_scale=case.scale,
+        causal=case.causal,
+        window_size=case.window,
+        softcap=case.softcap,
+        sinks=sinks,
+    )
+    assert isinstance(plain, Tensor)
+    assert torch.equal(plain, out)
+
+
+def test_fully_masked_rows_are_zero_with_neg_inf_lse() -> None:
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = _randn(gen, 6, 2, 8), _randn(gen, 2, 2, 8), _randn(gen, 2, 2, 8)
+    cu_q, cu_k = _cu([6]), _cu([2])
+    out, lse = flash_attn_varlen_func(q, k, v, cu_q, cu_k, causal=True, return_softmax_lse=True)
+    # Lq=6, Lk=2: rows 0..3 see no key under bottom-right causal alignment.
+    assert torch.all(out[:4] == 0)
+    assert torch.all(torch.isneginf(lse[:, :4]))
+    assert torch.isfinite(lse[:, 4:]).all()
+    assert out[4:].abs().sum() > 0
+    sinks = torch.tensor([0.5, -1.25])
+    out_s, lse_s = flash_attn_varlen_func(
+        q, k, v, cu_q, cu_k, causal=True, sinks=sinks, return_softmax_lse=True
+    )
+    assert torch.all(out_s[:4] == 0)
+    assert torch.equal(lse_s[:, :4], sinks[:, None].expand(2, 4))
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_varlen_seqused(causal: bool) -> None:
+    gen = torch.Generator().manual_seed(7)
+    lens_q, lens_k = [6, 5, 4], [9, 7, 8]
+    used_q, used_k = [4, 5, 0], [5, 7, 3]
+    q = _randn(gen, sum(lens_q), 8, 16)
+    k, v = _randn(gen, sum(lens_k), 2, 16), _randn(gen, sum(lens_k), 2, 16)
+    out, lse = flash_attn_varlen_func(
+        q,
+        k,
+        v,
+        _cu(lens_q),
+        _cu(lens_k),
+        seqused_q=torch.tensor(used_q, dtype=torch.int32),
+        seqused_k=torch.tensor(used_k, dtype=torch.int32),
+        causal=causal,
+        return_softmax_lse=True,
+    )
+    ref_out = torch.zeros(q.shape[0], 8, 16, dtype=torch.float64)
+    ref_lse = torch.full((8, q.shape[0]), -math.inf, dtype=torch.float64)
+    q0 = k0 = 0
+    for lq, lk, uq, uk in zip(lens_q, lens_k, used_q, used_k, strict=True):
+        o, s = _ref_sequence(q[q0 : q0 + uq], k[k0 : k0 + uk], v[k0 : k0 + uk], scale=16**-0.5, causal=causal)
+        ref_out[q0 : q0 + uq], ref_lse[:, q0 : q0 + uq] = o, s
+        q0, k0 = q0 + lq, k0 + lk
+    _assert_close(out, ref_out, "out")
+    _assert_close(lse, ref_lse, "lse")
+
+
+def test_float64_in_float64_out() -> None:
+    gen = torch.Generator().manual_seed(3)
+    q, k, v = (_randn(gen, 5, 4, 8, dtype=torch.float64) for _ in range(3))
+    out, lse = flash_attn_varlen_func(q, k, v, _cu([2, 3]), _cu([2, 3]), causal=True, return_softmax_lse=True)
+    assert out.dtype == torch.float64
+    assert lse.dtype == torch.float32
+    ref = torch.cat(
+        [
+            _ref_sequence(q[:2], k[:2], v[:2], scale=8**-0.5, causal=True)[0],
+            _ref_sequence(q[2:], k[2:], v[2:], scale=8**-0.5, causal=True)[0],
+        ]
+    )
+    assert (out - ref).abs().max() < 1e-12
+    cache = flash_attn_with_kvcache(q[None], k[None], v[None], causal=True)
+    assert isinstance(cache, Tensor)
+    assert cache.dtype == torch.float64
+
+
+def test_bfloat16_output_dtype() -> None:
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (_randn(gen, 5, 4, 8, dtype=torch.bfloat16) for _ in range(3))
+    out, lse = flash_attn_varlen_func(q, k, v, _cu([5]), _cu([5]), return_softmax_lse=True)
+    assert out.dtype == torch.bfloat16
+    assert lse.dtype == torch.float32
+    ref, _ = _ref_sequence(q, k, v, scale=8**-0.5)
+    assert (out.double() - ref).abs().max() < 2e-2
+
+
+def _cache_reference(
+    q: Tensor, keys: list[Tensor], values: list[Tensor], **kwargs: object
+) -> tuple[Tensor, Tensor]:
+    """Stack per-batch reference results: out (B, Sq, Hq, Dv), lse (B, Hq, Sq)."""
+    outs, lses = [], []
+    for b in range(q.shape[0]):
+        o, s = _ref_sequence(q[b], keys[b], values[b], **kwargs)  # type: ignore[arg-type]
+        outs.append(o)
+        lses.append(s)
+    return torch.stack(outs), torch.stack(lses)
+
+
+@dataclass
+class CacheOpts:
+    causal: bool = False
+    window: tuple[int, int] = (-1, -1)
+    softcap: float = 0.0
+    use_sinks: bool = False
+
+
+KVCACHE_CASES = [
+    pytest.param(CacheOpts(), id="plain"),
+    pytest.param(CacheOpts(causal=True), id="causal"),
+    pytest.param(CacheOpts(causal=True, window=(3, -1)), id="causal-window"),
+    pytest.param(CacheOpts(softcap=3.0, use_sinks=True), id="softcap-sinks"),
+]
+
+
+@pytest.mark.parametrize("opts", KVCACHE_CASES)
+@pytest.mark.parametrize("sq", [1, 4], ids=["decode", "extend"])
+def test_kvcache_with_cache_seqlens(opts: CacheOpts, sq: int) -> None:
+    gen = torch.Generator().manual_seed(11)
+    bsz, s_cache, hq, hkv, d = 3, 12, 8, 2, 16
+    q = _randn(gen, bsz, sq, hq, d)
+    k_cache, v_cache = _randn(gen, bsz, s_cache, hkv, d), _randn(gen, bsz, s_cache, hkv, d)
+    seqlens = [7, 12, 4]
+    causal, window, softcap = opts.causal, opts.window, opts.softcap
+    sinks = _randn(gen, hq) if opts.use_sinks else None
+    out, lse = flash_attn_with_kvcache(
+        q,
+        k_cache,
+        v_cache,
+        cache_seqlens=torch.tensor(seqlens, dtype=torch.int32),
+        causal=causal,
+        window_size=window,
+        softcap=softcap,
+        sinks=sinks,
+        return_softmax_lse=True,
+    )
+    ref_out, ref_lse = _cache_reference(
+        q,
+        [k_cache[b, :n] for b, n in enumerate(seqlens)],
+        [v_cache[b, :n] for b, n in enumerate(seqlens)],
+        scale=d**-0.5,
+        causal=causal,
+        window=window,
+        softcap=softcap,
+        sinks=sinks,
+    )
+    assert out.shape == (bsz, sq, hq, d)
+    assert lse.shape == (bsz, hq, sq)
+    _assert_close(out, ref_out, "out")
+    _assert_close(lse, ref_lse, "lse")
+
+
+def test_kvcache_default_uses_full_cache() -> None:
+    gen = torch.Generator().manual_seed(12)
+    q, k_cache, v_cache = _randn(gen, 2, 3, 4, 8), _randn(gen, 2, 6, 4, 8), _randn(gen, 2, 6, 4, 8)
+    out = flash_attn_with_kvcache(q, k_cache, v_cache, causal=True)
+    assert isinstance(out, Tensor)
+    ref, _ = _cache_reference(q, list(k_cache), list(v_cache), scale=8**-0.5, causal=True)
+    _assert_close(out, ref, "out")
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_kvcache_appends_new_kv(causal: bool) -> None:
+    gen = torch.Generator().manual_seed(13)
+    bsz, s_cache, s_new, hq, hkv, d = 2, 10, 3, 8, 2, 8
+    q = _randn(gen, bsz, 3, hq, d)
+    k_cache, v_cache = _randn(gen, bsz, s_cache, hkv, d), _randn(gen, bsz, s_cache, hkv, d)
+    k_new, v_new = _randn(gen, bsz, s_new, hkv, d), _randn(gen, bsz, s_new, hkv, d)
+    seqlens = [2, 7]
+    k_before, v_before = k_cache.clone(), v_cache.clone()
+    out, lse = flash_attn_with_kvcache(
+        q,
+        k_cache,
+        v_cache,
+        k=k_new,
+        v=v_new,
+        cache_seqlens=torch.tensor(seqlens, dtype=torch.int32),
+        causal=causal,
+        return_softmax_lse=True,
+    )
+    for b, n in enumerate(seqlens):
+        assert torch.equal(k_cache[b, n : n + s_new], k_new[b])
+        assert torch.equal(v_cache[b, n : n + s_new], v_new[b])
+        keep = torch.ones(s_cache, dtype=torch.bool)
+        keep[n : n + s_new] = False
+        assert torch.equal(k_cache[b, keep], k_before[b, keep])
+        assert torch.equal(v_cache[b, keep], v_before[b, keep])
+    keys = [torch.cat([k_before[b, :n], k_new[b]]) for b, n in enumerate(seqlens)]
+    values = [torch.cat([v_before[b, :n], v_new[b]]) for b, n in enumerate(seqlens)]
+    ref_out, ref_lse = _cache_reference(q, keys, values, scale=d**-0.5, causal=causal)
+    _assert_close(out, ref_out, "out")
+    _assert_close(lse, ref_lse, "lse")
+
+
+def _paged_setup(
+    gen: torch.Generator, bsz: int, page_size: int, max_blocks: int, hkv: int, d: int
+) -> tuple[Tensor, Tensor, Tensor, list[Tensor], list[Tensor]]:
+    """Logical per-sequence caches scattered into shuffled physical blocks."""
+    num_blocks = bsz * max_blocks + 2
+    perm = torch.randperm(num_blocks, generator=gen)[: bsz * max_blocks]
+    page_table = perm.reshape(bsz, max_blocks).to(torch.int32)
+    k_cache, v_cache = _randn(gen, num_blocks, page_size, hkv, d), _randn(gen, num_blocks, page_size, hkv, d)
+    logical_k = [torch.cat([k_cache[int(p)] for p in page_table[b]]) for b in range(bsz)]
+    logical_v = [torch.cat([v_cache[int(p)] for p in page_table[b]]) for b in range(bsz)]
+    return k_cache, v_cache, page_table, logical_k, logical_v
+
+
+@pytest.mark.parametrize("append", [False, True], ids=["read-only", "append"])
+def test_kvcache_paged(append: bool) -> None:
+    gen = torch.Generator().manual_seed(21)
+    bsz, page_size, max_blocks, hq, hkv, d, sq, s_new = 3, 4, 4, 8, 2, 8, 2, 3
+    k_cache, v_cache, page_table, logical_k, logical_v = _paged_setup(gen, bsz, page_size, max_blocks, hkv, d)
+    q = _randn(gen, bsz, sq, hq, d)
+    seqlens = [5, 13, 1]
+    k_new = _randn(gen, bsz, s_new, hkv, d) if append else None
+    v_new = _randn(gen, bsz, s_new, hkv, d) if append else None
+    sinks = _randn(gen, hq)
+    out, lse = flash_attn_with_kvcache(
+        q,
+        k_cache,
+        v_cache,
+        k=k_new,
+        v=v_new,
+        cache_seqlens=torch.tensor(seqlens, dtype=torch.int32),
+        page_table=page_table,
+        causal=True,
+        sinks=sinks,
+        return_softmax_lse=True,
+    )
+    keys, values = [], []
+    for b, n in enumerate(seqlens):
+        lk, lv = logical_k[b][:n], logical_v[b][:n]
+        if k_new is not None and v_new is not None:
+            lk, lv = torch.cat([lk, k_new[b]]), torch.cat([lv, v_new[b]])
+            for t in range(s_new):  # the written token must sit in the mapped block
+                pos = n + t
+                block = int(page_table[b, pos // page_size])
+                assert torch.equal(k_cache[block, pos % page_size], k_new[b, t])
+                assert torch.equal(v_cache[block, pos % page_size], v_new[b, t])
+        keys.append(lk)
+        values.append(lv)
+    ref_out, ref_lse = _cache_reference(q, keys, values, scale=d**-0.5, causal=True, sinks=sinks)
+    _assert_close(out, ref_out, "out")
+    _assert_close(lse, ref_lse, "lse")
+
+
+def test_kvcache_varlen_q_paged() -> None:
+    gen = torch.Generator().manual_seed(31)
+    page_size, max_blocks, hq, hkv, d = 4, 3, 4, 2, 8
+    k_cache, v_cache, page_table, logical_k, logical_v = _paged_setup(gen, 2, page_size, max_blocks, hkv, d)
+    lens_q, seqlens = [3, 1], [9, 12]
+    q = _randn(gen, sum(lens_q), hq, d)
+    out, lse = flash_attn_with_kvcache(
+        q,
+        k_cache,
+        v_cache,
+        cache_seqlens=torch.tensor(seqlens, dtype=torch.int32),
+        page_table=page_table,
+        cu_seqlens_q=_cu(lens_q),
+        max_seqlen_q=3,
+        causal=True,
+        return_softmax_lse=True,
+    )
+    assert out.shape == (4, hq, d)
+    assert lse.shape == (hq, 4)
+    o0, s0 = _ref_sequence(q[:3], logical_k[0][:9], logical_v[0][:9], scale=d**-0.5, causal=True)
+    o1, s1 = _ref_sequence(q[3:], logical_k[1], logical_v[1], scale=d**-0.5, causal=True)
+    _assert_close(out, torch.cat([o0, o1]), "out")
+    _assert_close(lse, torch.cat([s0, s1], dim=1), "lse")
+
+
+def _varlen_inputs() -> dict[str, object]:
+    gen = torch.Generator().manual_seed(5)
+    return {
+        "q": _randn(gen, 6, 8, 16),
+        "k": _randn(gen, 6, 2, 16),
+        "v": _randn(gen, 6, 2, 16),
+        "cu_seqlens_q": _cu([2, 4]),
+        "cu_seqlens_k": _cu([3, 3]),
+    }
+
+
+VARLEN_ERRORS = [
+    pytest.param(
+        {"k": torch.ones(6, 3, 16), "v": torch.ones(6, 3, 16)},
+        r"query heads \(8\).*multiple.*key/value heads \(3\)",
+        id="heads-not-divisible",
+    ),
+    pytest.param(
+        {"cu_seqlens_q": torch.tensor([0, 2, 6])}, r"cu_seqlens_q.*torch\.int32", id="cu-seqlens-int64"
+    ),
+    pytest.param(
+        {"cu_seqlens_k": torch.tensor([0, 3, 9], dtype=torch.int32)},
+        r"cu_seqlens_k must be non-decreasing within \[0, 6\]",
+        id="cu-seqlens-overflow",
+    ),
+    pytest.param(
+        {"cu_seqlens_k": torch.tensor([0, 6], dtype=torch.int32)},
+        r"cu_seqlens_k has 2 entries but cu_seqlens_q has 3",
+        id="batch-mismatch",
+    ),
+    pytest.param(
+        {"v": torch.ones(5, 2, 16)}, r"k and v must have the same number of rows", id="kv-rows-mismatch"
+    ),
+    pytest.param(
+        {"k": torch.ones(6, 2, 8)}, r"k head dim \(8\) must equal q head dim \(16\)", id="head-dim-mismatch"
+    ),
+    pytest.param(
+        {"q": torch.ones(6, 8, 16, dtype=torch.float64)}, r"must have q's dtype", id="dtype-mismatch"
+    ),
+    pytest.param({"q": torch.ones(2, 6, 8, 16)}, r"q must be 3-D", id="q-4d"),
+    pytest.param({"sinks": torch.ones(2)}, r"sinks must have shape \(8,\)", id="sinks-shape"),
+    pytest.param({"window_size": (-2, 0)}, r"window_size must be a pair", id="window-bad"),
+    pytest.param({"softcap": -1.0}, r"softcap must be >= 0", id="softcap-negative"),
+    pytest.param(
+        {"seqused_k": torch.tensor([3, 3])}, r"seqused_k must have dtype torch\.int32", id="seqused-dtype"
+    ),
+    pytest.param(
+        {"seqused_q": torch.tensor([3, 1], dtype=torch.int32)},
+        r"seqused_q must lie in \[0, sequence span",
+        id="seqused-too-long",
+    ),
+]
+
+
+@pytest.mark.parametrize(("override", "match"), VARLEN_ERRORS)
+def test_varlen_invalid_inputs(override: dict[str, object], match: str) -> None:
+    kwargs = _varlen_inputs() | override
+    with pytest.raises(ValueError, match=match):
+        flash_attn_varlen_func(**kwargs)  # type: ignore[arg-type]
+
+
+def _cache_inputs() -> dict[str, object]:
+    gen = torch.Generator().manual_seed(6)
+    return {
+        "q": _randn(gen, 2, 1, 4, 8),
+        "k_cache": _randn(gen, 2, 6, 2, 8),
+        "v_cache": _randn(gen, 2, 6, 2, 8),
+        "cache_seqlens": torch.tensor([3, 5], dtype=torch.int32),
+    }
+
+
+KVCACHE_ERRORS = [
+    pytest.param(
+        {"cache_seqlens": torch.tensor([3, 5])}, r"cache_seqlens.*torch\.int32", id="cache-seqlens-int64"
+    ),
+    pytest.param(
+        {"cache_seqlens": torch.tensor([3], dtype=torch.int32)},
+        r"cache_seqlens must have shape \(2,\)",
+        id="cache-seqlens-shape",
+    ),
+    pytest.param({"k": torch.ones(2, 1, 2, 8)}, r"k and v must be given together", id="k-without-v"),
+    pytest.param(
+        {"k": torch.ones(2, 2, 2, 8), "v": torch.ones(2, 2, 2, 8)},
+        r"cache_seqlens \+ Sk_new \(2\) must lie in \[0, 6\]",
+        id="append-overflow",
+    ),
+    pytest.param(
+        {"k": torch.ones(2, 1, 3, 8), "v": torch.ones(2, 1, 3, 8)},
+        r"k must have shape \(2, Sk_new, 2, 8\)",
+        id="k-new-heads",
+    ),
+    pytest.param(
+        {"page_table": torch.zeros(2, 2, dtype=torch.int64)},
+        r"page_table must be an int32 tensor",
+        id="page-table-dtype",
+    ),
+    pytest.param(
+        {"page_table": torch.tensor([[0], [9]], dtype=torch.int32)},
+        r"page_table entries must lie in \[0, 2\)",
+        id="page-table-range",
+    ),
+    pytest.param(
+        {"k_cache": torch.ones(3, 6, 2, 8), "v_cache": torch.ones(3, 6, 2, 8)},
+        r"k_cache batch size \(3\) must equal the batch size of q \(2\)",
+        id="cache-batch-mismatch",
+    ),
+    pytest.param(
+        {"v_cache": torch.ones(2, 5, 2, 8)}, r"v_cache shape .* must match k_cache", id="v-cache-shape"
+    ),
+    pytest.param({"cu_seqlens_q": _cu([1, 1])}, r"q must be \(total_q, Hq, D\)", id="varlen-q-needs-3d"),
+    pytest.param({"q": torch.ones(2, 1, 3, 8)}, r"query heads \(3\)", id="heads-not-divisible"),
+]
+
+
+@pytest.mark.parametrize(("override", "match"), KVCACHE_ERRORS)
+def test_kvcache_invalid_inputs(override: dict[str, object], match: str) -> None:
+    kwargs = _cache_inputs() | override
+    with pytest.raises(ValueError, match=match):
+        flash_attn_with_kvcache(**kwargs)  # type: ignore[arg-type]
