@@ -9,7 +9,8 @@ counted exactly (:func:`stats`) and logged once through structlog.
 from __future__ import annotations
 
 from kernel_fallback._config import reload_config
-from kernel_fallback._events import FallbackEvent, reset_stats, stats
+from kernel_fallback._events import FallbackEvent, flush, reset_stats, stats
+from kernel_fallback._logging import configure_logging
 from kernel_fallback._signature import KwargSupport, kwarg_support
 from kernel_fallback._tolerant import TolerantFunction, TolerantKernel, kernels, tolerant_kwargs
 from kernel_fallback.exceptions import (
@@ -28,6 +29,8 @@ __all__ = [
     "TolerantFunction",
     "TolerantKernel",
     "UnsupportedKwargError",
+    "configure_logging",
+    "flush",
     "kernels",
     "kwarg_support",
     "reload_config",

@@ -18,16 +18,23 @@ from typing import Final, final
 from kernel_fallback.exceptions import PolicyConfigError
 
 __all__ = [
+    "ENV_ALLOW",
+    "ENV_LOG_FILE",
+    "ENV_LOG_FORMAT",
     "ENV_ON_DROP",
     "ENV_ON_DROP_PREFIX",
     "ENV_PREFIX",
     "ENV_PROVIDER_PREFIX",
     "ENV_STRICT",
     "KNOWN_VARIABLES",
+    "LOG_FILE_PLACEHOLDERS",
+    "LOG_FORMATS",
     "POLICIES",
     "Snapshot",
+    "check_log_file",
     "env_suffix",
     "parse_bool",
+    "parse_log_format",
     "parse_policy_spec",
     "snapshot",
 ]
@@ -38,6 +45,12 @@ ENV_ON_DROP: Final = "KERNEL_FALLBACK_ON_DROP"
 ENV_STRICT: Final = "KERNEL_FALLBACK_STRICT"
 ENV_ON_DROP_PREFIX: Final = "KERNEL_FALLBACK_ON_DROP__"
 ENV_PROVIDER_PREFIX: Final = "KERNEL_FALLBACK_PROVIDER__"
+ENV_LOG_FORMAT: Final = "KERNEL_FALLBACK_LOG_FORMAT"
+ENV_LOG_FILE: Final = "KERNEL_FALLBACK_LOG_FILE"
+ENV_ALLOW: Final = "KERNEL_FALLBACK_ALLOW"
+LOG_FORMATS: Final = ("json", "console")
+#: Placeholders a log file name may hold, expanded in each process (see _logging).
+LOG_FILE_PLACEHOLDERS: Final = ("pid", "rank", "host")
 
 #: Every variable this library reads whose name is fixed, with what it does. Names
 #: under ``KERNEL_FALLBACK_`` that are neither here nor start with a per-kernel
@@ -45,9 +58,9 @@ ENV_PROVIDER_PREFIX: Final = "KERNEL_FALLBACK_PROVIDER__"
 KNOWN_VARIABLES: Final[dict[str, str]] = {
     ENV_ON_DROP: "default on_drop policy for decorators that set none: warn|copy|raise",
     ENV_STRICT: "boolean: every non-neutral dropped keyword and provider fallback raises",
-    "KERNEL_FALLBACK_LOG_FORMAT": "json|console: output of configure_logging()",
-    "KERNEL_FALLBACK_LOG_FILE": "file for configure_logging(); {pid} is replaced by the process id",
-    "KERNEL_FALLBACK_ALLOW": "kernel:kwarg,... fallbacks accepted by the strict test helpers",
+    ENV_LOG_FORMAT: "json|console: format of the event log (see configure_logging())",
+    ENV_LOG_FILE: "event log file; {pid}, {rank} and {host} are replaced in each process",
+    ENV_ALLOW: "kernel:kwarg,... fallbacks accepted by the strict test helpers and `kernel-fallback check`",
 }
 PER_KERNEL_PREFIXES: Final = (ENV_ON_DROP_PREFIX, ENV_PROVIDER_PREFIX)
 
@@ -81,6 +94,40 @@ def parse_bool(name: str, raw: str) -> bool:
         value=raw,
         allowed=BOOL_VALUES,
     )
+
+
+def parse_log_format(name: str, raw: str) -> str:
+    """Parse a log format (``json`` or ``console``, any case)."""
+    value = raw.strip().lower()
+    if value in LOG_FORMATS:
+        return value
+    raise PolicyConfigError(
+        f"{name}={raw!r} is not a log format; use one of {', '.join(LOG_FORMATS)}."
+        + did_you_mean(value, LOG_FORMATS),
+        name=name,
+        value=raw,
+        allowed=LOG_FORMATS,
+    )
+
+
+_PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+
+
+def check_log_file(name: str, raw: str) -> str:
+    """Return ``raw`` if every ``{...}`` in it is a known placeholder, else raise."""
+    if not raw.strip():
+        raise PolicyConfigError(f"{name}={raw!r}: the log file name is empty.", name=name, value=raw)
+    for placeholder in _PLACEHOLDER.findall(raw):
+        if placeholder not in LOG_FILE_PLACEHOLDERS:
+            allowed = tuple(f"{{{p}}}" for p in LOG_FILE_PLACEHOLDERS)
+            raise PolicyConfigError(
+                f"{name}={raw!r}: {{{placeholder}}} is not a placeholder; use "
+                f"{', '.join(allowed)}.{did_you_mean(f'{{{placeholder}}}', allowed)}",
+                name=name,
+                value=raw,
+                allowed=allowed,
+            )
+    return raw
 
 
 def check_policy(name: str, value: object) -> str:
@@ -128,6 +175,9 @@ class Snapshot:
     default_policy: str | None
     strict: bool
     version: int
+    #: ``KERNEL_FALLBACK_LOG_FORMAT`` / ``_LOG_FILE`` (validated), None when unset.
+    log_format: str | None = None
+    log_file: str | None = None
 
     def get(self, name: str) -> str | None:
         """The variable's value, or None when unset or empty."""
@@ -146,8 +196,12 @@ def _read(environ: Mapping[str, str]) -> Snapshot:
     raw_default = environ.get(ENV_ON_DROP) or None
     default = check_policy(ENV_ON_DROP, raw_default.strip().lower()) if raw_default else None
     strict = parse_bool(ENV_STRICT, environ.get(ENV_STRICT, ""))
+    raw_format = environ.get(ENV_LOG_FORMAT) or None
+    log_format = parse_log_format(ENV_LOG_FORMAT, raw_format) if raw_format else None
+    raw_file = environ.get(ENV_LOG_FILE) or None
+    log_file = check_log_file(ENV_LOG_FILE, raw_file) if raw_file else None
     _version += 1
-    return Snapshot(dict(environ), default, strict, _version)
+    return Snapshot(dict(environ), default, strict, _version, log_format, log_file)
 
 
 def snapshot() -> Snapshot:

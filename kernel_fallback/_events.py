@@ -6,21 +6,30 @@ one dict lookup, one increment); only the first occurrence of each
 an exact count. ``reset_stats()`` clears the counts and re-arms logging.
 
 Where the events go:
-- if ``configure_logging()`` installed a logger, there;
+- if ``configure_logging()`` (or ``set_logger()``) installed a logger, there;
+- else, if ``KERNEL_FALLBACK_LOG_FORMAT`` or ``KERNEL_FALLBACK_LOG_FILE`` is set, to
+  the logger they describe (built by :mod:`kernel_fallback._logging` at the first
+  event, never on import);
 - else, if the host configured structlog (``structlog.is_configured()``), through
   the host's structlog pipeline (so ``structlog.testing.capture_logs()`` sees them);
 - else through a structlog logger wrapped around the standard library logger
   ``"kernel_fallback"``, so the host's ``logging`` set-up decides what is shown.
 Nothing is configured globally on import.
+
+``flush()`` logs one ``kernel_fallback.summary`` event per counted key, with the
+exact count that first-occurrence logging hides; it also runs at interpreter exit
+once a fallback has been recorded in the process (see ``_arm_exit_flush``).
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
-import functools
 import datetime
+import functools
 import logging
 import os
+import socket
 import sys
 import threading
 import types
@@ -31,11 +40,16 @@ from typing import Any, Final, final
 import structlog
 import torch
 
+from kernel_fallback import _config
+
 __all__ = [
     "FallbackEvent",
+    "SUMMARY_EVENT",
     "add_listener",
+    "add_process_info",
     "describe_key",
     "emit",
+    "flush",
     "note_traced",
     "record",
     "remove_listener",
@@ -49,10 +63,16 @@ LOGGER_NAME: Final = "kernel_fallback"
 #: memory for programs that make kernels (and so names) dynamically.
 MAX_ENTRIES: Final = 4096
 OVERFLOW_KERNEL: Final = "<overflow>"
+#: Name of the events ``flush()`` logs, one per counted key.
+SUMMARY_EVENT: Final = "kernel_fallback.summary"
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 # Frames of torch itself (Dynamo tracing, functools wrappers) are not the caller.
-_SKIP_DIRS = (_PACKAGE_DIR, os.path.dirname(os.path.abspath(torch.__file__)), os.path.dirname(functools.__file__))
+_SKIP_DIRS = (
+    _PACKAGE_DIR,
+    os.path.dirname(os.path.abspath(torch.__file__)),
+    os.path.dirname(functools.__file__),
+)
 
 #: (kind, kernel, subject, policy): kind is "kwarg", "provider" or "dispatch";
 #: subject the keyword or the provider chosen.
@@ -101,6 +121,11 @@ _static_fields: dict[Key, Mapping[str, Any]] = {}
 _listeners: list[Callable[[FallbackEvent], None]] = []
 _logger_override: Any = None
 _log_errors = 0
+# The atexit registry is inherited by a forked child, so this is not reset at fork.
+_atexit_registered = False
+_exit_armed_pid = 0
+_exit_flushed_pid = 0
+_hostname: str | None = None
 
 
 def _reinit_after_fork() -> None:
@@ -150,6 +175,8 @@ def record(key: Key, *, compiled: bool = False, captured: bool = False) -> None:
         if count == 1:
             entry.first_seen = datetime.datetime.now(datetime.timezone.utc).isoformat()
             entry.where = _caller_location()
+    if count == 1 and _exit_armed_pid != os.getpid():
+        _arm_exit_flush()
     if _listeners:
         event = FallbackEvent(
             entry.kind,
@@ -163,7 +190,9 @@ def record(key: Key, *, compiled: bool = False, captured: bool = False) -> None:
         )
         for listener in tuple(_listeners):
             listener(event)
-    if count == 1:
+    # A CUDA graph capture is logged every time, not only first: each capture bakes the
+    # fallback into a graph that replays it with no Python (and so no count) at all.
+    if count == 1 or captured:
         _log_first(entry, compiled=compiled, captured=captured)
 
 
@@ -184,11 +213,17 @@ def _log_first(entry: _Entry, *, compiled: bool, captured: bool) -> None:
     if entry.kind == "overflow":
         emit("kernel_fallback.stats_overflow", {"max_entries": MAX_ENTRIES, **entry.fields})
         return
-    extra: dict[str, Any] = {"where": entry.where}
+    # `kind` lets log readers tell keyword, provider and dispatch events apart.
+    extra: dict[str, Any] = {"kind": entry.kind, "where": entry.where}
     if compiled:
         extra["compiled"] = True
     if captured:
         extra["cuda_graph_capture"] = True
+        if entry.kind == "kwarg" and entry.policy == "warn":
+            extra["risk"] = (
+                "the graph replays without writing the caller's buffer; "
+                "use on_drop='copy' to keep it right under CUDA graphs"
+            )
     emit(str(entry.fields.get("event", "kernel_fallback.fallback")), {**entry.fields, **extra})
 
 
@@ -214,6 +249,8 @@ def emit(event: str, fields: Mapping[str, Any]) -> None:
     global _log_errors
     try:
         logger = _logger_override
+        if logger is None:
+            logger = _env_logger()
         if logger is None:
             logger = structlog.get_logger(LOGGER_NAME) if structlog.is_configured() else _stdlib_logger()
         logger.warning(event, **{k: v for k, v in fields.items() if k != "event"})
@@ -243,11 +280,104 @@ def _stdlib_logger() -> Any:
             logging.getLogger(LOGGER_NAME),
             processors=[
                 structlog.processors.TimeStamper(fmt="iso", utc=True),
+                add_process_info,
                 _render_for_stdlib,
             ],
             wrapper_class=structlog.stdlib.BoundLogger,
         )
     return _stdlib_bound
+
+
+def _env_logger() -> Any:
+    """The logger KERNEL_FALLBACK_LOG_FORMAT/_LOG_FILE describe, or None when both are unset."""
+    snap = _config.snapshot()
+    if snap.log_format is None and snap.log_file is None:
+        return None
+    # Imported here: _logging imports this module, and most processes never get here.
+    from kernel_fallback._logging import env_logger
+
+    return env_logger(snap)
+
+
+def add_process_info(
+    _logger: Any, _method: str, event_dict: structlog.typing.EventDict
+) -> structlog.typing.EventDict:
+    """structlog processor: add ``pid``, ``host`` and, when set, ``rank`` and ``local_rank``.
+
+    Enough to tell the processes of a multi-process job apart once their logs are
+    merged. ``rank`` is ``RANK`` and ``local_rank`` is ``LOCAL_RANK``, as torchrun sets them.
+    """
+    global _hostname
+    if _hostname is None:
+        _hostname = socket.gethostname()
+    event_dict.setdefault("pid", os.getpid())
+    event_dict.setdefault("host", _hostname)
+    for variable, key in (("RANK", "rank"), ("LOCAL_RANK", "local_rank")):
+        value = os.environ.get(variable)
+        if value:
+            event_dict.setdefault(key, int(value) if value.isdigit() else value)
+    return event_dict
+
+
+def flush() -> int:
+    """Log one ``kernel_fallback.summary`` event per counted key; return how many.
+
+    Each event carries the key's exact ``count`` (cumulative since start or the last
+    :func:`reset_stats`), ``compiled_traces``, ``graph_captures``, ``first_seen`` and
+    ``where``, with its static fields (``kernel``, ``kwarg`` or ``provider``,
+    ``policy``, ``source``, ``reason``...). Nothing is logged when nothing was counted.
+    Runs by itself at interpreter exit once the process has recorded a fallback.
+    """
+    with _lock:
+        summaries = [_summary_fields(e) for e in _entries.values() if e.count]
+    summaries.sort(key=lambda f: (f["kind"], f["kernel"], f.get("kwarg") or f.get("provider"), f["policy"]))
+    for fields in summaries:
+        emit(SUMMARY_EVENT, fields)
+    return len(summaries)
+
+
+def _summary_fields(entry: _Entry) -> dict[str, Any]:
+    subject = {"kwarg": entry.subject} if entry.kind == "kwarg" else {"provider": entry.subject}
+    return {
+        **{k: v for k, v in entry.fields.items() if k not in ("event", "subject")},
+        "kind": entry.kind,
+        "kernel": entry.kernel,
+        **subject,
+        "policy": entry.policy,
+        "count": entry.count,
+        "compiled_traces": entry.compiled_traces,
+        "graph_captures": entry.graph_captures,
+        "first_seen": entry.first_seen,
+        "where": entry.where,
+    }
+
+
+def _arm_exit_flush() -> None:
+    """Make sure ``flush()`` runs when this process ends; called at its first fallback.
+
+    A plain exit runs atexit handlers (a forked child inherits them and flushes only
+    its own counts, which fork cleared). A multiprocessing child ends with
+    ``os._exit()``, which skips them, but first runs finalizers that have an exit priority.
+    """
+    global _atexit_registered, _exit_armed_pid
+    _exit_armed_pid = os.getpid()
+    if not _atexit_registered:
+        _atexit_registered = True
+        atexit.register(_flush_at_exit)
+    mp_process = sys.modules.get("multiprocessing.process")
+    if mp_process is not None and mp_process.parent_process() is not None:
+        from multiprocessing import util
+
+        util.Finalize(None, _flush_at_exit, exitpriority=0)
+
+
+def _flush_at_exit() -> None:
+    """``flush()`` once per process, whichever exit hook comes first."""
+    global _exit_flushed_pid
+    pid = os.getpid()
+    if _exit_flushed_pid != pid:
+        _exit_flushed_pid = pid
+        flush()
 
 
 def set_logger(logger: Any) -> Any:

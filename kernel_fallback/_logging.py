@@ -1,0 +1,248 @@
+"""``configure_logging()``: JSON-lines or console event logs for applications without logging.
+
+Only kernel_fallback's own events are affected: the logger is installed with
+``_events.set_logger()`` and built with ``structlog.wrap_logger`` and its own
+processors, so neither structlog's global configuration nor the ``logging`` tree is
+touched. Nothing happens on import.
+
+Two ways in:
+- ``configure_logging(format=..., file=..., level=...)`` from code;
+- ``KERNEL_FALLBACK_LOG_FORMAT=json|console`` and ``KERNEL_FALLBACK_LOG_FILE=path``,
+  read by ``configure_logging()`` for the arguments it is not given, and applied by
+  themselves at the first event of a process that installed no logger (so a launcher
+  can turn logs on for every rank without touching code).
+
+Each event is one line, written with a single ``write()`` to a file opened in append
+mode, so several processes may share one file without tearing lines. The file name
+may hold ``{pid}``, ``{rank}`` (``RANK``, else ``LOCAL_RANK``, else ``0``) and
+``{host}``; they are expanded again in a forked child, which then writes its own file.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import sys
+import threading
+import weakref
+from typing import IO, Any, Final, final
+
+import structlog
+
+from kernel_fallback import _config, _events
+from kernel_fallback.exceptions import PolicyConfigError
+
+__all__ = ["LOG_LEVELS", "configure_logging", "env_logger", "expand_log_path"]
+
+LOG_LEVELS: Final = ("debug", "info", "warning", "error", "critical")
+
+_writers: weakref.WeakSet[_LineWriter] = weakref.WeakSet()
+#: The writer of the logger configure_logging() installed, closed when replaced.
+_configured: _LineWriter | None = None
+#: (config snapshot version, writer, logger) of the logger built from the environment.
+_from_env: tuple[int, _LineWriter, Any] | None = None
+_env_lock = threading.Lock()
+
+
+def expand_log_path(template: str) -> str:
+    """``template`` with ``{pid}``, ``{rank}`` and ``{host}`` replaced for this process."""
+    rank = os.environ.get("RANK") or os.environ.get("LOCAL_RANK") or "0"
+    values = {"pid": str(os.getpid()), "rank": rank, "host": socket.gethostname()}
+    path = template
+    for name, value in values.items():
+        path = path.replace(f"{{{name}}}", value)
+    return os.path.expanduser(path)
+
+
+@final
+class _LineWriter:
+    """A structlog logger that appends each rendered event as one line.
+
+    To a path: one ``os.write`` per line on an ``O_APPEND`` descriptor, so lines of
+    processes sharing the file never interleave; the file is reopened (and the name
+    expanded again) in a forked child. To a stream: ``write`` then ``flush``; with no
+    stream, whatever ``sys.stderr`` is at the time of the write.
+    """
+
+    def __init__(self, template: str | None, stream: IO[str] | None) -> None:
+        self.template = template
+        self.stream = stream
+        self.path: str | None = None
+        self._fd = -1
+        self._pid = 0
+        self._lock = threading.Lock()
+        if template is not None:
+            self._open(template)  # fail now, naming the file, rather than at the first event
+        _writers.add(self)
+
+    def _open(self, template: str) -> int:
+        path = expand_log_path(template)
+        directory = os.path.dirname(path)
+        if directory:
+            os.makedirs(directory, exist_ok=True)
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | getattr(os, "O_CLOEXEC", 0)
+        fd = os.open(path, flags, 0o644)
+        if self._fd >= 0:
+            os.close(self._fd)  # in a forked child this closes only the child's copy
+        self._fd, self._pid, self.path = fd, os.getpid(), path
+        return fd
+
+    def msg(self, message: str) -> None:
+        """Write ``message`` and a newline."""
+        template = self.template
+        if template is None:
+            stream = self.stream if self.stream is not None else sys.stderr
+            stream.write(message + "\n")
+            stream.flush()
+            return
+        data = (message + "\n").encode("utf-8", "backslashreplace")
+        with self._lock:
+            fd = self._fd if self._pid == os.getpid() else self._open(template)
+            while data:
+                data = data[os.write(fd, data) :]
+
+    debug = info = warning = warn = error = err = critical = fatal = exception = failure = log = msg
+
+    def close(self) -> None:
+        """Close the file, if any; a later write reopens it."""
+        with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+            self._fd, self._pid = -1, 0
+
+    def _after_fork(self) -> None:
+        # A thread of the parent may have held the lock at fork time.
+        self._lock = threading.Lock()
+
+
+def _reinit_writers_after_fork() -> None:
+    global _env_lock
+    _env_lock = threading.Lock()
+    for writer in list(_writers):
+        writer._after_fork()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX only
+    os.register_at_fork(after_in_child=_reinit_writers_after_fork)
+
+
+def _check_level(level: object) -> int:
+    if isinstance(level, str) and level.strip().lower() in LOG_LEVELS:
+        return int(logging.getLevelName(level.strip().upper()))
+    if isinstance(level, int) and not isinstance(level, bool) and level >= 0:
+        return level
+    raise PolicyConfigError(
+        f"configure_logging(level={level!r}): use one of {', '.join(LOG_LEVELS)} or a logging level number."
+        + (_config.did_you_mean(level.lower(), LOG_LEVELS) if isinstance(level, str) else ""),
+        name="level",
+        value=level,
+        allowed=LOG_LEVELS,
+    )
+
+
+def _lead_with_time_and_event(
+    _logger: Any, _method: str, event_dict: structlog.typing.EventDict
+) -> structlog.typing.EventDict:
+    """Put ``timestamp``, ``level`` and ``event`` first, so a JSON line reads like a log line."""
+    head = {k: event_dict.pop(k) for k in ("timestamp", "level", "event") if k in event_dict}
+    return {**head, **event_dict}
+
+
+def _build(format: str, writer: _LineWriter, level: int) -> Any:
+    """A structlog logger of our own processors around ``writer``; nothing global changes."""
+    renderer: structlog.typing.Processor
+    if format == "json":
+        # repr: a field that is not JSON (a dtype, a tuple key) must not lose the event.
+        renderer = structlog.processors.JSONRenderer(default=repr)
+    else:
+        # Colours only for a terminal; a file gets plain text.
+        target: object = writer.stream
+        if target is None and writer.template is None:
+            target = sys.stderr
+        isatty = getattr(target, "isatty", None)
+        renderer = structlog.dev.ConsoleRenderer(colors=bool(callable(isatty) and isatty()))
+    return structlog.wrap_logger(
+        writer,
+        processors=[
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            _events.add_process_info,
+            _lead_with_time_and_event,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(level),
+        cache_logger_on_first_use=True,
+    )
+
+
+def configure_logging(
+    format: str | None = None,
+    file: str | os.PathLike[str] | IO[str] | None = None,
+    level: str | int = "warning",
+) -> None:
+    """Send kernel_fallback's events to a JSON-lines or console log, for this process.
+
+    ``format`` is ``"json"`` (one JSON object per line, what ``kernel-fallback
+    report`` reads) or ``"console"`` (for people); unset, ``KERNEL_FALLBACK_LOG_FORMAT``,
+    else ``"json"``. ``file`` is a path (``{pid}``, ``{rank}`` and ``{host}`` are
+    expanded; directories are created; lines are appended) or an open text stream;
+    unset, ``KERNEL_FALLBACK_LOG_FILE``, else standard error. ``level`` filters events
+    (they are logged at ``warning``). Each event carries ``timestamp`` (ISO 8601, UTC),
+    ``level``, ``pid``, ``host`` and ``rank``/``local_rank`` when set.
+
+    Affects only kernel_fallback's events; calling again replaces the previous set-up,
+    and ``kernel_fallback._events.set_logger(None)`` goes back to the default routing.
+    Raises :class:`~kernel_fallback.PolicyConfigError` for an invalid argument or
+    variable, and ``OSError`` when the file cannot be opened.
+    """
+    global _configured
+    if format is None:
+        raw = os.environ.get(_config.ENV_LOG_FORMAT)
+        format = _config.parse_log_format(_config.ENV_LOG_FORMAT, raw) if raw else "json"
+    elif not isinstance(format, str) or format not in _config.LOG_FORMATS:
+        raise PolicyConfigError(
+            f"configure_logging(format={format!r}): use one of {', '.join(_config.LOG_FORMATS)}."
+            + (_config.did_you_mean(format, _config.LOG_FORMATS) if isinstance(format, str) else ""),
+            name="format",
+            value=format,
+            allowed=_config.LOG_FORMATS,
+        )
+    threshold = _check_level(level)
+    template: str | None = None
+    stream: IO[str] | None = None
+    if file is None:
+        raw = os.environ.get(_config.ENV_LOG_FILE)
+        template = _config.check_log_file(_config.ENV_LOG_FILE, raw) if raw else None
+    elif isinstance(file, (str, os.PathLike)):
+        template = _config.check_log_file("file", os.fspath(file))
+    elif callable(getattr(file, "write", None)):
+        stream = file
+    else:
+        raise TypeError(f"configure_logging(file={file!r}): use a path, an open text stream or None.")
+    writer = _LineWriter(template, stream)
+    old, _configured = _configured, writer
+    _events.set_logger(_build(format, writer, threshold))
+    if old is not None:
+        old.close()
+
+
+def env_logger(snap: _config.Snapshot) -> Any:
+    """The logger ``KERNEL_FALLBACK_LOG_FORMAT``/``_LOG_FILE`` describe in ``snap``.
+
+    Built once per configuration snapshot (``reload_config()`` makes a new one); the
+    writer of the previous one is closed.
+    """
+    global _from_env
+    current = _from_env
+    if current is not None and current[0] == snap.version:
+        return current[2]
+    with _env_lock:
+        if _from_env is not None and _from_env[0] == snap.version:  # another thread built it
+            return _from_env[2]
+        writer = _LineWriter(snap.log_file, None)
+        logger = _build(snap.log_format or "json", writer, logging.WARNING)
+        old, _from_env = _from_env, (snap.version, writer, logger)
+    if old is not None:
+        old[1].close()
+    return logger

@@ -1,0 +1,354 @@
+"""Read kernel_fallback's JSON-lines logs from many processes and merge them into counts.
+
+What is read: one JSON object per line (files written with
+``KERNEL_FALLBACK_LOG_FORMAT=json``, gzip-compressed or not, or ``-`` for standard
+input). A line is one of our events when it is an object whose ``event`` starts with
+``kernel_fallback.`` (or whose ``kernel_fallback`` member is such an object, as a JSON
+formatter of the standard ``logging`` route writes it). Every other line (other
+programs' logs, console-format lines, a line cut short by a killed process) is
+ignored and counted. An event of ours with a missing or mistyped field is an error
+that names the file and line: a CI gate must not pass on a log it could not read.
+
+How counts are merged: a process is identified by ``host`` and ``pid`` (by its file
+when an event has no pid). Per process and key (kernel, keyword or provider, policy),
+the latest ``kernel_fallback.summary`` event is authoritative: its count is
+exact and cumulative. A process that logged the first occurrence but no summary
+(killed before exit, or ``flush()`` never reached) counts as at least the number of
+first-occurrence events it logged, and the merged count is marked inexact. Events
+below warning level (``level`` info or debug) are ours but not fallbacks.
+"""
+
+from __future__ import annotations
+
+import datetime
+import gzip
+import io
+import json
+import os
+import sys
+import zlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import IO, Any, Final, final
+
+from kernel_fallback.exceptions import KernelFallbackError
+
+__all__ = ["FallbackRow", "LogInputError", "LogReport", "read_logs"]
+
+SUMMARY_EVENT: Final = "kernel_fallback.summary"
+OVERFLOW_EVENT: Final = "kernel_fallback.stats_overflow"
+_NOT_FALLBACK_LEVELS: Final = frozenset({"debug", "info", "notset"})
+_SUBJECT_FIELDS: Final = ("kwarg", "provider", "chosen", "subject")
+
+#: (kernel, keyword or provider, policy). The kind (kwarg, provider, dispatch) is not
+#: part of it: summaries state it, first-occurrence events of providers do not.
+Key = tuple[str, str, str]
+
+
+class LogInputError(KernelFallbackError, ValueError):
+    """A log file cannot be read, or holds an event of ours that is malformed."""
+
+
+@final
+@dataclass(slots=True)
+class _PerProcess:
+    """What one process logged about one key."""
+
+    first_events: int = 0
+    summary_count: int | None = None
+    summary_time: datetime.datetime | None = None
+    compiled_traces: int = 0
+    graph_captures: int = 0
+    first_seen: datetime.datetime | None = None
+    where: str = ""
+
+
+@final
+@dataclass(slots=True)
+class FallbackRow:
+    """One merged key: its count over every process, and where it was first seen."""
+
+    kind: str
+    kernel: str
+    subject: str
+    policy: str
+    count: int = 0
+    exact: bool = True
+    processes: int = 0
+    first_seen: str = ""
+    where: str = ""
+    reason: str | None = None
+    source: str | None = None
+    compiled_traces: int = 0
+    graph_captures: int = 0
+    ranks: list[Any] = field(default_factory=list)
+    hosts: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The row as JSON-ready data, with ``kwarg``/``provider`` as in :func:`stats`."""
+        return {
+            "kind": self.kind,
+            "kernel": self.kernel,
+            "kwarg": self.subject if self.kind == "kwarg" else None,
+            "provider": self.subject if self.kind != "kwarg" else None,
+            "policy": self.policy,
+            "count": self.count,
+            "exact": self.exact,
+            "processes": self.processes,
+            "first_seen": self.first_seen,
+            "where": self.where,
+            "reason": self.reason,
+            "source": self.source,
+            "compiled_traces": self.compiled_traces,
+            "graph_captures": self.graph_captures,
+            "ranks": self.ranks,
+            "hosts": self.hosts,
+        }
+
+
+@final
+@dataclass(slots=True)
+class LogReport:
+    """Merged fallbacks of a set of log files, and what was read."""
+
+    rows: list[FallbackRow]
+    files: list[str]
+    lines: int
+    events: int
+    ignored: int
+    processes: int
+
+    def as_dict(self) -> dict[str, Any]:
+        """The report as JSON-ready data."""
+        return {
+            "fallbacks": [row.as_dict() for row in self.rows],
+            "files": self.files,
+            "lines": self.lines,
+            "events": self.events,
+            "ignored_lines": self.ignored,
+            "processes": self.processes,
+        }
+
+
+def _parse_time(value: object) -> datetime.datetime | None:
+    """An ISO 8601 time as an aware UTC datetime (a naive one is taken as UTC)."""
+    if not isinstance(value, str) or not value:
+        return None
+    text = value[:-1] + "+00:00" if value.endswith(("Z", "z")) else value
+    try:
+        parsed = datetime.datetime.fromisoformat(text)
+    except ValueError:
+        return None
+    if parsed.tzinfo is None:
+        return parsed.replace(tzinfo=datetime.timezone.utc)
+    return parsed.astimezone(datetime.timezone.utc)
+
+
+def format_time(value: datetime.datetime | None) -> str:
+    """ISO 8601 UTC with a ``Z``, or an empty string."""
+    return "" if value is None else value.isoformat().replace("+00:00", "Z")
+
+
+def _open_text(path: str) -> IO[str]:
+    """Open a log for reading as text: ``-`` is standard input; gzip is detected by content."""
+    if path == "-":
+        return sys.stdin
+    raw = open(path, "rb")  # noqa: SIM115 - closed by the text wrapper returned
+    try:
+        magic = raw.peek(2)[:2] if isinstance(raw, io.BufferedReader) else b""
+        # Undecodable bytes are not ours (we write UTF-8): the line is ignored, not fatal.
+        if magic == b"\x1f\x8b":
+            raw.close()  # a GzipFile given a file object would not close it
+            return gzip.open(path, "rt", encoding="utf-8", errors="replace")
+        return io.TextIOWrapper(raw, encoding="utf-8", errors="replace")
+    except BaseException:
+        raw.close()
+        raise
+
+
+def _lines(path: str) -> Iterator[tuple[int, str]]:
+    """Numbered lines of ``path``; OSError and gzip damage become LogInputError naming it."""
+    shown = "<stdin>" if path == "-" else path
+    try:
+        stream = _open_text(path)
+    except OSError as exc:
+        raise LogInputError(f"{shown}: cannot read: {exc.strerror or exc}") from exc
+    try:
+        yield from enumerate(stream, start=1)
+    except (OSError, EOFError, zlib.error) as exc:
+        # gzip.BadGzipFile is an OSError; a truncated .gz raises EOFError.
+        raise LogInputError(f"{shown}: cannot read: {exc}") from exc
+    finally:
+        if stream is not sys.stdin:
+            stream.close()
+
+
+def _our_event(obj: object) -> dict[str, Any] | None:
+    """The kernel_fallback event a parsed line holds, or None when it holds none."""
+    if not isinstance(obj, dict):
+        return None
+    nested = obj.get("kernel_fallback")
+    if isinstance(nested, dict) and isinstance(nested.get("event"), str):
+        obj = nested
+    event = obj.get("event")
+    if isinstance(event, str) and event.startswith("kernel_fallback."):
+        return obj
+    return None
+
+
+def _key_of(event: dict[str, Any], where: str) -> tuple[Key, str, bool] | None:
+    """(key, kind, whether the event states its kind) of a fallback event; None for others."""
+    name = event["event"]
+    level = event.get("level")
+    if isinstance(level, str) and level.lower() in _NOT_FALLBACK_LEVELS:
+        return None
+    if name == OVERFLOW_EVENT:
+        return ("<overflow>", "", ""), "overflow", True
+    if "kernel" not in event:
+        return None
+    kernel = event["kernel"]
+    if not isinstance(kernel, str) or not kernel:
+        raise LogInputError(f"{where}: {name} event: 'kernel' must be a non-empty string, got {kernel!r}.")
+    kind = event.get("kind")
+    if kind is not None and not isinstance(kind, str):
+        raise LogInputError(f"{where}: {name} event: 'kind' must be a string, got {kind!r}.")
+    stated = kind is not None
+    subject = next((event[f] for f in _SUBJECT_FIELDS if isinstance(event.get(f), str)), None)
+    if kind is None:
+        if isinstance(event.get("kwarg"), str):
+            kind = "kwarg"
+        else:
+            kind = "dispatch" if name == "kernel_fallback.dispatch" else "provider"
+    if subject is None:
+        if kind != "overflow":
+            raise LogInputError(
+                f"{where}: {name} event for kernel {kernel!r} names no keyword or provider "
+                f"(one of {', '.join(_SUBJECT_FIELDS)} must be a string)."
+            )
+        subject = ""
+    policy = event.get("policy", "")
+    if not isinstance(policy, str):
+        raise LogInputError(f"{where}: {name} event: 'policy' must be a string, got {policy!r}.")
+    return (kernel, subject, policy), kind, stated
+
+
+def _count_field(event: dict[str, Any], name: str, where: str, *, required: bool) -> int:
+    value = event.get(name)
+    if value is None and not required:
+        return 0
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise LogInputError(
+            f"{where}: {event['event']} event: {name!r} must be a non-negative integer, got {value!r}."
+        )
+    return value
+
+
+@final
+class _Merger:
+    """Accumulates events file by file, then merges per key."""
+
+    def __init__(self) -> None:
+        self.per: dict[Key, dict[tuple[str, str], _PerProcess]] = {}
+        self.info: dict[Key, dict[str, Any]] = {}
+        self.kinds: dict[Key, tuple[str, bool]] = {}
+        self.ranks: dict[Key, set[Any]] = {}
+        self.hosts: dict[Key, set[str]] = {}
+        self.processes: set[tuple[str, str]] = set()
+        self.lines = self.events = self.ignored = 0
+
+    def add_file(self, path: str) -> None:
+        shown = "<stdin>" if path == "-" else path
+        for lineno, line in _lines(path):
+            self.lines += 1
+            text = line.strip()
+            if not text:
+                continue
+            try:
+                obj = json.loads(text)
+            except ValueError:
+                self.ignored += 1
+                continue
+            event = _our_event(obj)
+            if event is None:
+                self.ignored += 1
+                continue
+            self.events += 1
+            self._add_event(event, f"{shown}:{lineno}", shown)
+
+    def _add_event(self, event: dict[str, Any], where: str, path: str) -> None:
+        found = _key_of(event, where)
+        if found is None:
+            return
+        key, kind, stated = found
+        # A kind an event states (summaries do) wins over one inferred from the fields.
+        if key not in self.kinds or (stated and not self.kinds[key][1]):
+            self.kinds[key] = (kind, stated)
+        pid = event.get("pid")
+        host = event.get("host")
+        process = (str(host or ""), str(pid)) if pid is not None else ("", f"file:{path}")
+        self.processes.add(process)
+        state = self.per.setdefault(key, {}).setdefault(process, _PerProcess())
+        info = self.info.setdefault(key, {})
+        for name in ("reason", "source"):
+            if isinstance(event.get(name), str):
+                info.setdefault(name, event[name])
+        rank = event.get("rank", event.get("local_rank"))
+        if rank is not None:
+            self.ranks.setdefault(key, set()).add(rank)
+        if host is not None:
+            self.hosts.setdefault(key, set()).add(str(host))
+        stamp = _parse_time(event.get("timestamp"))
+        caller = event.get("where") if isinstance(event.get("where"), str) else ""
+        if event["event"] == SUMMARY_EVENT:
+            count = _count_field(event, "count", where, required=True)
+            if state.summary_time is None or stamp is None or stamp >= state.summary_time:
+                state.summary_count = count
+                state.summary_time = stamp or state.summary_time
+                state.compiled_traces = _count_field(event, "compiled_traces", where, required=False)
+                state.graph_captures = _count_field(event, "graph_captures", where, required=False)
+            seen = _parse_time(event.get("first_seen")) or stamp
+        else:
+            state.first_events += 1
+            seen = stamp
+        if seen is not None and (state.first_seen is None or seen < state.first_seen):
+            state.first_seen, state.where = seen, str(caller or state.where)
+        elif not state.where and caller:
+            state.where = str(caller)
+
+    def report(self, files: list[str]) -> LogReport:
+        rows = []
+        for key, processes in self.per.items():
+            row = FallbackRow(self.kinds[key][0], *key)
+            earliest: datetime.datetime | None = None
+            for state in processes.values():
+                if state.summary_count is None:
+                    row.exact = False
+                    row.count += state.first_events
+                else:
+                    row.count += state.summary_count
+                row.compiled_traces += state.compiled_traces
+                row.graph_captures += state.graph_captures
+                if state.first_seen is not None and (earliest is None or state.first_seen < earliest):
+                    earliest, row.where = state.first_seen, state.where
+                elif not row.where:
+                    row.where = state.where
+            if row.count == 0:  # only summaries saying 0 (after reset_stats): nothing happened
+                continue
+            row.processes = len(processes)
+            row.first_seen = format_time(earliest)
+            row.reason = self.info[key].get("reason")
+            row.source = self.info[key].get("source")
+            row.ranks = sorted(self.ranks.get(key, ()), key=lambda r: (not isinstance(r, int), str(r)))
+            row.hosts = sorted(self.hosts.get(key, ()))
+            rows.append(row)
+        rows.sort(key=lambda r: (r.kernel, r.kind, r.subject, r.policy))
+        return LogReport(rows, files, self.lines, self.events, self.ignored, len(self.processes))
+
+
+def read_logs(paths: Iterable[str | os.PathLike[str]]) -> LogReport:
+    """Read and merge JSON-lines logs; raises :class:`LogInputError` naming the bad file or line."""
+    files = [os.fspath(p) for p in paths]
+    merger = _Merger()
+    for path in files:
+        merger.add_file(path)
+    return merger.report(files)

@@ -1,0 +1,505 @@
+"""The kernel-fallback command: report, check and config, on logs of real processes."""
+
+from __future__ import annotations
+
+import gc
+import gzip
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kernel_fallback._cli import main
+
+WORKLOAD = Path(__file__).with_name("fallback_workload.py")
+#: (RANK, workload arguments): rank 2 is "killed" before its summary is written.
+RUNS = [
+    ("0", ["--add", "5", "--attn", "1"]),
+    ("1", ["--add", "7"]),
+    ("2", ["--add", "2", "--attn", "3", "--killed"]),
+]
+FOREIGN_LINES = [
+    "INFO server started on :8000",
+    '{"msg": "another json log"}',
+    "[1, 2, 3]",
+    "\x00\x01 binary",
+]
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("KERNEL_FALLBACK_", "RANK", "LOCAL_RANK"))
+    }
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="module")
+def logs(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Logs of three real processes run at once, one per rank; rank 1's gzipped."""
+    directory = tmp_path_factory.mktemp("logs")
+    template = str(directory / "kf-rank{rank}-{pid}.jsonl")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(WORKLOAD), *args],
+            env=clean_env(RANK=rank, KERNEL_FALLBACK_LOG_FORMAT="json", KERNEL_FALLBACK_LOG_FILE=template),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for rank, args in RUNS
+    ]
+    for proc in procs:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+    files = {f.name.split("-")[1]: f for f in directory.iterdir()}
+    assert sorted(files) == ["rank0", "rank1", "rank2"]
+    gz = files["rank1"].with_suffix(".jsonl.gz")
+    gz.write_bytes(gzip.compress(files["rank1"].read_bytes()))
+    files["rank1"].unlink()
+    with files["rank0"].open("a") as f:  # other programs' lines in the same file
+        f.write("\n".join(FOREIGN_LINES) + "\n")
+    return [files["rank0"], gz, files["rank2"]]
+
+
+def run(argv: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    code = main(argv)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def report_json(paths: list[Path], capsys: pytest.CaptureFixture[str]) -> dict[str, Any]:
+    code, out, err = run(["report", "--format", "json", *map(str, paths)], capsys)
+    assert code == 0, err
+    data: dict[str, Any] = json.loads(out)
+    return data
+
+
+def test_report_merges_processes_summaries_and_first_occurrences(
+    logs: list[Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = report_json(logs, capsys)
+    rows = {(r["kernel"], r["kwarg"]): r for r in data["fallbacks"]}
+    assert sorted(rows) == [("toy_add", "out"), ("toy_attn", "num_splits")]
+    add, attn = rows["toy_add", "out"], rows["toy_attn", "num_splits"]
+    # ranks 0 and 1 summarised 5 and 7; rank 2 was killed after its first occurrence.
+    assert (add["count"], add["exact"], add["processes"], add["policy"]) == (13, False, 3, "copy")
+    assert (attn["count"], attn["exact"], attn["processes"], attn["policy"]) == (2, False, 2, "warn")
+    assert add["ranks"] == [0, 1, 2]
+    assert attn["ranks"] == [0, 2]
+    assert add["where"].startswith(f"{WORKLOAD}:")
+    assert add["first_seen"].endswith("Z")
+    assert add["reason"] == "toy_add does not accept 'out' (signature)"
+    assert data["processes"] == 3
+    assert data["ignored_lines"] == len(FOREIGN_LINES)
+    assert data["files"] == [str(p) for p in logs]
+
+
+def test_report_counts_are_exact_when_every_process_summarised(
+    logs: list[Path], capsys: pytest.CaptureFixture[str]
+) -> None:
+    data = report_json(logs[:2], capsys)
+    assert [(r["kernel"], r["count"], r["exact"]) for r in data["fallbacks"]] == [
+        ("toy_add", 12, True),
+        ("toy_attn", 1, True),
+    ]
+
+
+def test_report_table(logs: list[Path], capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(["report", *map(str, logs)], capsys)
+    assert code == 0
+    header, add, attn, *footer = out.splitlines()
+    assert header.split()[:7] == ["KERNEL", "KIND", "KWARG/PROVIDER", "POLICY", "COUNT", "PROCS", "FIRST"]
+    assert add.split()[:6] == ["toy_add", "kwarg", "out", "copy", ">=13", "3"]
+    assert attn.split()[:6] == ["toy_attn", "kwarg", "num_splits", "warn", ">=2", "2"]
+    assert footer[0].startswith("3 file(s)")
+    assert f"{len(FOREIGN_LINES)} line(s) ignored" in footer[0]
+    assert "lower bound" in footer[1]
+
+
+def test_the_latest_summary_of_a_process_wins_over_earlier_ones(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    base = {"kernel": "k", "kwarg": "out", "policy": "warn", "pid": 7, "host": "h"}
+    lines = [
+        {**base, "event": "kernel_fallback.kwarg_dropped", "timestamp": "2026-01-01T00:00:00Z"},
+        {**base, "event": "kernel_fallback.summary", "count": 40, "timestamp": "2026-01-01T00:00:02Z"},
+        {**base, "event": "kernel_fallback.summary", "count": 10, "timestamp": "2026-01-01T00:00:01Z"},
+        {
+            **base,
+            "pid": 8,
+            "event": "kernel_fallback.summary",
+            "count": 2,
+            "timestamp": "2026-01-01T00:00:03Z",
+        },
+    ]
+    path = tmp_path / "log.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    (row,) = report_json([path], capsys)["fallbacks"]
+    assert (row["count"], row["exact"], row["processes"]) == (42, True, 2)
+    assert row["first_seen"] == "2026-01-01T00:00:00Z"
+
+
+def test_report_reads_standard_input(
+    logs: list[Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(sys, "stdin", io.StringIO(logs[0].read_text()))
+    data = report_json([Path("-")], capsys)
+    assert [(r["kernel"], r["count"]) for r in data["fallbacks"]] == [("toy_add", 5), ("toy_attn", 1)]
+
+
+def test_report_of_logs_without_fallbacks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "quiet.log"
+    path.write_text("\n".join(FOREIGN_LINES) + "\n")
+    code, out, err = run(["report", str(path)], capsys)
+    assert code == 0
+    assert out.startswith("No fallbacks.")
+    assert "KERNEL_FALLBACK_LOG_FORMAT=json" in err
+
+
+@pytest.mark.parametrize(
+    ("allow", "env", "code", "denied"),
+    [
+        ([], None, 1, ["toy_add", "toy_attn"]),
+        (["--allow", "toy_add:out"], None, 1, ["toy_attn"]),
+        (["--allow", "toy_add:out,toy_attn:*"], None, 0, []),
+        (["--allow", "toy_add:out", "--allow", "*:num_splits"], None, 0, []),
+        ([], "toy_*:*", 0, []),
+        (["--allow", "toy_attn:num_splits"], "toy_add:out", 0, []),
+        (["--allow", "toy_add:ou"], None, 1, ["toy_add", "toy_attn"]),
+    ],
+    ids=[
+        "nothing-allowed",
+        "one-allowed",
+        "comma-list",
+        "repeated",
+        "env-glob",
+        "option-and-env",
+        "no-prefix-match",
+    ],
+)
+def test_check_gates_on_fallbacks_not_allowed(
+    logs: list[Path],
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    allow: list[str],
+    env: str | None,
+    code: int,
+    denied: list[str],
+) -> None:
+    if env is not None:
+        monkeypatch.setenv("KERNEL_FALLBACK_ALLOW", env)
+    got, out, _ = run(["check", *map(str, logs), *allow], capsys)
+    assert got == code
+    if denied:
+        assert out.startswith(f"kernel-fallback check: FAILED: {len(denied)} fallback(s) not allowed")
+        assert [line.split()[0] for line in out.splitlines()[2 : 2 + len(denied)]] == denied
+        assert "--allow" in out.splitlines()[-1]
+    else:
+        assert out.startswith("kernel-fallback check: ok: 2 fallback(s), all allowed")
+
+
+def test_check_json_and_stale_allow_patterns(logs: list[Path], capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(
+        ["check", "--format", "json", *map(str, logs), "--allow", "toy_add:*,gone:out"], capsys
+    )
+    data = json.loads(out)
+    assert code == 1
+    assert data["ok"] is False
+    assert [r["kernel"] for r in data["denied"]] == ["toy_attn"]
+    assert [r["kernel"] for r in data["allowed"]] == ["toy_add"]
+    assert data["unused_allow"] == ["gone:out"]
+
+
+def test_check_passes_logs_without_fallbacks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = tmp_path / "empty.jsonl"
+    path.write_text("")
+    code, out, _ = run(["check", str(path)], capsys)
+    assert (code, out.strip()) == (0, "kernel-fallback check: ok: no fallbacks (0 event(s) in 1 file(s)).")
+
+
+def our_event(**fields: Any) -> str:
+    event = {"event": "kernel_fallback.summary", "kernel": "k", "kwarg": "out", "policy": "warn", "count": 1}
+    return json.dumps({**event, **fields})
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (
+            our_event(count="3x") + "\n",
+            r"bad\.jsonl:1: kernel_fallback\.summary event: 'count' must be a non-negative integer, got '3x'",
+        ),
+        (
+            "\n" + our_event(count=-1) + "\n",
+            r"bad\.jsonl:2: .*'count' must be a non-negative integer, got -1",
+        ),
+        (our_event(kernel=3) + "\n", r"'kernel' must be a non-empty string, got 3"),
+        (our_event(kwarg=None) + "\n", r"names no keyword or provider"),
+        (our_event(policy=["warn"]) + "\n", r"'policy' must be a string"),
+    ],
+    ids=["count-text", "count-negative", "kernel-number", "no-subject", "policy-list"],
+)
+def test_malformed_events_are_errors_naming_file_and_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str, message: str
+) -> None:
+    path = tmp_path / "bad.jsonl"
+    path.write_text(content)
+    for command in ("report", "check"):
+        code, out, err = run([command, str(path)], capsys)
+        assert code == 2
+        assert out == ""
+        assert err.startswith("kernel-fallback: error: ")
+        assert re.search(message, err), err
+
+
+def test_damaged_gzip_is_an_input_error(
+    logs: list[Path], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    truncated = tmp_path / "cut.jsonl.gz"
+    truncated.write_bytes(logs[1].read_bytes()[:-12])
+    code, _, err = run(["report", str(truncated)], capsys)
+    assert code == 2
+    assert err.startswith(f"kernel-fallback: error: {truncated}: cannot read: ")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["report", "{tmp}/missing.jsonl"], "{tmp}/missing.jsonl: cannot read: No such file or directory"),
+        (["check", "{tmp}"], "{tmp}: cannot read: Is a directory"),
+        (["check", "{tmp}/missing.jsonl"], "missing.jsonl: cannot read"),
+        (["check", "--allow", "toy_add", "{tmp}/missing.jsonl"], "'toy_add' is not a 'kernel:kwarg' pattern"),
+        (["report"], "the following arguments are required: FILE"),
+        (["report", "--format", "yaml", "x"], "invalid choice: 'yaml'"),
+        (["frobnicate"], "invalid choice: 'frobnicate'"),
+        ([], "the following arguments are required: COMMAND"),
+    ],
+    ids=[
+        "missing-file",
+        "directory",
+        "check-missing",
+        "bad-allow",
+        "no-files",
+        "bad-format",
+        "bad-command",
+        "no-command",
+    ],
+)
+def test_user_mistakes_exit_2_with_one_clear_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], message: str
+) -> None:
+    code, _, err = run([a.format(tmp=tmp_path) for a in argv], capsys)
+    assert code == 2
+    assert message.format(tmp=tmp_path) in err
+    assert "Traceback" not in err
+
+
+def test_help_exits_0(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(["--help"], capsys)
+    assert code == 0
+    assert all(command in out for command in ("report", "check", "config"))
+
+
+@pytest.fixture
+def kernel_module(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+    """A module declaring one kernel, importable by a name unique to the test."""
+    name = f"cli_kernels_{os.getpid()}_{abs(hash(tmp_path)) % 10**8}"
+    (tmp_path / f"{name}.py").write_text(
+        textwrap.dedent(
+            """
+            from kernel_fallback import tolerant_kwargs
+
+            @tolerant_kwargs(drop={"out": None, "num_splits": 1}, on_drop={"out": "copy"}, name="cli_attn")
+            def cli_attn(q):
+                return q
+            """
+        )
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    yield name
+    sys.modules.pop(name, None)
+    gc.collect()  # the module's kernel leaves kernel_fallback.kernels() with it
+
+
+def test_config_shows_policies_of_imported_kernels(
+    kernel_module: str, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KERNEL_FALLBACK_ON_DROP__CLI_ATTN", "num_splits=raise")
+    code, out, err = run(["config", "--import", kernel_module], capsys)
+    assert (code, err) == (0, "")
+    assert "KERNEL_FALLBACK_ON_DROP__CLI_ATTN = 'num_splits=raise'" in out
+    assert "KERNEL_FALLBACK_STRICT" in out  # every known variable is listed, set or not
+    assert "out              lacks    policy=copy   from decorator" in out
+    assert "num_splits       lacks    policy=raise  from KERNEL_FALLBACK_ON_DROP__CLI_ATTN" in out
+
+
+def test_config_json(kernel_module: str, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(["config", "--format", "json", "--import", kernel_module], capsys)
+    data = json.loads(out)
+    assert code == 0
+    assert data["ok"] is True
+    (kernel,) = [k for k in data["kernels"] if k["kernel"] == "cli_attn"]
+    assert kernel["missing"] == ["out", "num_splits"]
+    assert {v["name"]: v["status"] for v in data["variables"]}["KERNEL_FALLBACK_ON_DROP"] == "unset"
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "status", "message"),
+    [
+        ("KERNEL_FALLBACK_STICT", "1", "unknown", "Did you mean 'KERNEL_FALLBACK_STRICT'?"),
+        (
+            "KERNEL_FALLBACK_ON_DROP_CLI_ATTN",
+            "warn",
+            "unknown",
+            "Did you mean 'KERNEL_FALLBACK_ON_DROP__CLI_ATTN'?",
+        ),
+        ("KERNEL_FALLBACK_LOGFILE", "x.jsonl", "unknown", "Did you mean 'KERNEL_FALLBACK_LOG_FILE'?"),
+        ("KERNEL_FALLBACK_STRICT", "maybe", "invalid", "use one of true, false, 1, 0, yes, no, on, off"),
+        ("KERNEL_FALLBACK_ON_DROP", "warm", "invalid", "use one of warn, copy, raise. Did you mean 'warn'?"),
+        ("KERNEL_FALLBACK_LOG_FORMAT", "yaml", "invalid", "use one of json, console"),
+        ("KERNEL_FALLBACK_ALLOW", "cli_attn", "invalid", "'cli_attn' is not a 'kernel:kwarg' pattern"),
+        ("KERNEL_FALLBACK_ON_DROP__CLI_ATTN", "splits=warn", "invalid", "Did you mean 'num_splits'?"),
+        ("KERNEL_FALLBACK_ON_DROP__CLI_ATN", "warm", "invalid", "Did you mean 'warn'?"),
+    ],
+    ids=[
+        "typo",
+        "single-underscore",
+        "close-name",
+        "bool",
+        "policy",
+        "format",
+        "allow",
+        "kernel-kwarg",
+        "kernel-policy",
+    ],
+)
+def test_config_rejects_invalid_variables(
+    kernel_module: str,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    name: str,
+    value: str,
+    status: str,
+    message: str,
+) -> None:
+    monkeypatch.setenv(name, value)
+    code, out, err = run(["config", "--import", kernel_module], capsys)
+    assert code == 1
+    assert f"kernel-fallback: {status} variable {name}: " in err
+    assert message in err
+    assert f"[{status}]" in out
+    assert "Traceback" not in err
+
+
+def test_config_does_not_fail_on_a_kernel_it_cannot_see(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KERNEL_FALLBACK_ON_DROP__SOMEWHERE_ELSE", "copy")
+    code, out, _ = run(["config"], capsys)
+    assert code == 0
+    assert "[unchecked] no kernel named 'SOMEWHERE_ELSE' is registered" in out
+
+
+def test_config_import_error_exits_2(capsys: pytest.CaptureFixture[str]) -> None:
+    code, _, err = run(["config", "--import", "no_such_module_here"], capsys)
+    assert code == 2
+    assert err == (
+        "kernel-fallback: error: --import no_such_module_here: cannot import it: "
+        "No module named 'no_such_module_here'\n"
+    )
+
+
+def test_python_dash_m_runs_the_command(tmp_path: Path) -> None:
+    """The installed entry points run main(): exit status and messages, in real processes."""
+    missing = subprocess.Popen(
+        [sys.executable, "-m", "kernel_fallback", "report", str(tmp_path / "nope.jsonl")],
+        env=clean_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    typo = subprocess.Popen(
+        [sys.executable, "-m", "kernel_fallback", "config"],
+        env=clean_env(KERNEL_FALLBACK_STICT="1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    _, missing_err = missing.communicate(timeout=120)
+    typo_out, typo_err = typo.communicate(timeout=120)
+    assert missing.returncode == 2
+    assert f"kernel-fallback: error: {tmp_path / 'nope.jsonl'}: cannot read" in missing_err
+    assert "Traceback" not in missing_err
+    assert typo.returncode == 1
+    assert "Did you mean 'KERNEL_FALLBACK_STRICT'?" in typo_err
+    assert "KERNEL_FALLBACK_STICT" in typo_out
+
+
+@pytest.mark.parametrize(
+    ("line", "counted"),
+    [
+        (our_event(), True),
+        (json.dumps({"message": "m", "kernel_fallback": json.loads(our_event())}), True),
+        (our_event(level="info"), False),
+        (json.dumps({"event": "kernel_fallback.config_loaded", "pid": 1}), False),
+        (json.dumps({"event": "request_done", "kernel": "k", "kwarg": "out", "count": 1}), False),
+        ("2026-01-01T00:00:00Z [warning  ] kernel_fallback.summary  kernel=k kwarg=out count=1", False),
+        (our_event()[:-5], False),
+    ],
+    ids=[
+        "ours",
+        "nested-stdlib-json",
+        "info-level",
+        "ours-not-a-fallback",
+        "other-event",
+        "console",
+        "cut-short",
+    ],
+)
+def test_which_lines_count_as_fallbacks(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], line: str, counted: bool
+) -> None:
+    path = tmp_path / "log.jsonl"
+    path.write_text(line + "\n")
+    data = report_json([path], capsys)
+    assert [r["count"] for r in data["fallbacks"]] == ([1] if counted else [])
+
+
+def test_provider_and_dispatch_events_merge_with_their_summaries(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # First-occurrence events of providers state no kind; summaries do.
+    from kernel_fallback import _events, _logging
+
+    path = tmp_path / "kf.jsonl"
+    _logging.configure_logging(file=path)
+    try:
+        keys = {
+            ("provider", "cli_chain", "torch", "fallback"): {"event": "kernel_fallback.provider_fallback"},
+            ("dispatch", "cli_chain", "fa2", "route:sinks"): {"event": "kernel_fallback.dispatch"},
+        }
+        for (kind, kernel, chosen, policy), fields in keys.items():
+            _events.describe_key(
+                (kind, kernel, chosen, policy),
+                {**fields, "kernel": kernel, "chosen": chosen, "policy": policy, "reason": "r"},
+            )
+            for _ in range(3):
+                _events.record((kind, kernel, chosen, policy))
+        _events.flush()
+    finally:
+        assert _logging._configured is not None
+        _logging._configured.close()
+    rows = report_json([path], capsys)["fallbacks"]
+    assert [(r["kind"], r["provider"], r["policy"], r["count"], r["exact"]) for r in rows] == [
+        ("dispatch", "fa2", "route:sinks", 3, True),
+        ("provider", "torch", "fallback", 3, True),
+    ]

@@ -1,0 +1,380 @@
+"""configure_logging(), the KERNEL_FALLBACK_LOG_* variables, summaries and fork safety."""
+
+from __future__ import annotations
+
+import datetime
+import io
+import json
+import logging
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import kernel_fallback
+from kernel_fallback import PolicyConfigError, _events, _logging, tolerant_kwargs
+from kernel_fallback._logging import configure_logging, expand_log_path
+
+WORKLOAD = Path(__file__).with_name("fallback_workload.py")
+
+
+@tolerant_kwargs(drop=["out"], name="log_add")
+def log_add(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return torch.add(x, y)
+
+
+@tolerant_kwargs(drop={"num_splits": 1}, name="log_split")
+def log_split(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+def fall_back(times: int = 1) -> None:
+    for _ in range(times):
+        log_add(torch.ones(2), torch.ones(2), out=torch.empty(2))
+
+
+def json_lines(text: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+@pytest.fixture(autouse=True)
+def close_log_files() -> Iterator[None]:
+    """Close what configure_logging() opened, so each test leaves no descriptor behind."""
+    yield
+    if _logging._configured is not None:
+        _logging._configured.close()
+        _logging._configured = None
+    if _logging._from_env is not None:
+        _logging._from_env[1].close()
+        _logging._from_env = None
+
+
+def test_json_event_carries_what_aggregation_needs(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    out = io.StringIO()
+    configure_logging(format="json", file=out)
+    fall_back(3)
+    (event,) = json_lines(out.getvalue())
+    assert event["event"] == "kernel_fallback.kwarg_dropped"
+    assert list(event)[:3] == ["timestamp", "level", "event"]
+    stamp = datetime.datetime.fromisoformat(event["timestamp"].replace("Z", "+00:00"))
+    assert stamp.utcoffset() == datetime.timedelta(0)
+    assert abs(datetime.datetime.now(datetime.timezone.utc) - stamp) < datetime.timedelta(minutes=1)
+    assert event["pid"] == os.getpid()
+    assert event["host"] == socket.gethostname()
+    assert "rank" not in event
+    assert "local_rank" not in event
+    assert (event["kernel"], event["kwarg"], event["policy"]) == ("log_add", "out", "warn")
+    assert event["reason"] == "log_add does not accept 'out' (signature)"
+    assert re.fullmatch(rf"{re.escape(__file__)}:\d+", event["where"])
+    assert event["level"] == "warning"
+
+
+def test_where_is_the_callers_line() -> None:
+    out = io.StringIO()
+    configure_logging(file=out)
+    log_split(torch.ones(1), num_splits=4)
+    line = sys._getframe().f_lineno - 1
+    (event,) = json_lines(out.getvalue())
+    assert event["where"] == f"{__file__}:{line}"
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"RANK": "3"}, {"rank": 3}),
+        ({"LOCAL_RANK": "1"}, {"local_rank": 1}),
+        ({"RANK": "5", "LOCAL_RANK": "1"}, {"rank": 5, "local_rank": 1}),
+        ({"RANK": "worker-a"}, {"rank": "worker-a"}),
+    ],
+    ids=["rank", "local-rank", "both", "non-numeric"],
+)
+def test_rank_fields_come_from_the_launchers_variables(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], expected: dict[str, Any]
+) -> None:
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    out = io.StringIO()
+    configure_logging(file=out)
+    fall_back()
+    (event,) = json_lines(out.getvalue())
+    assert {k: event[k] for k in ("rank", "local_rank") if k in event} == expected
+
+
+def test_console_format_is_one_readable_line() -> None:
+    out = io.StringIO()
+    configure_logging(format="console", file=out)
+    fall_back()
+    (line,) = out.getvalue().splitlines()
+    assert "kernel_fallback.kwarg_dropped" in line
+    assert "kernel=log_add" in line
+    assert "kwarg=out" in line
+    assert f"pid={os.getpid()}" in line
+    assert "\x1b[" not in line  # no colour codes outside a terminal
+
+
+def test_file_placeholders_are_expanded_and_directories_made(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("RANK", "2")
+    configure_logging(file=tmp_path / "logs" / "kf-{rank}-{pid}-{host}.jsonl")
+    fall_back(2)
+    kernel_fallback._events.flush()
+    path = tmp_path / "logs" / f"kf-2-{os.getpid()}-{socket.gethostname()}.jsonl"
+    events = json_lines(path.read_text())
+    assert [e["event"] for e in events] == ["kernel_fallback.kwarg_dropped", "kernel_fallback.summary"]
+    assert events[1]["count"] == 2
+
+
+def test_rank_placeholder_falls_back_to_local_rank_then_zero(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("RANK", raising=False)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert expand_log_path("r{rank}.jsonl") == "r0.jsonl"
+    monkeypatch.setenv("LOCAL_RANK", "4")
+    assert expand_log_path("r{rank}.jsonl") == "r4.jsonl"
+    monkeypatch.setenv("RANK", "12")
+    assert expand_log_path("r{rank}-{pid}.jsonl") == f"r12-{os.getpid()}.jsonl"
+
+
+def test_lines_appended_by_many_writers_stay_whole(tmp_path: Path) -> None:
+    # Two loggers on one file stand for two processes; threads write at once.
+    path = tmp_path / "shared.jsonl"
+    writers = [_logging._LineWriter(str(path), None) for _ in range(2)]
+    payload = "x" * 20000  # longer than any stdio buffer, so a torn line would show
+
+    def write(writer: _logging._LineWriter, n: int) -> None:
+        for i in range(200):
+            writer.msg(json.dumps({"writer": n, "i": i, "payload": payload}))
+
+    threads = [threading.Thread(target=write, args=(w, n)) for n, w in enumerate(writers * 2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for writer in writers:
+        writer.close()
+    lines = json_lines(path.read_text())
+    assert len(lines) == 800
+    assert all(line["payload"] == payload for line in lines)
+
+
+def test_level_filters_events() -> None:
+    out = io.StringIO()
+    configure_logging(file=out, level="error")
+    fall_back()
+    assert out.getvalue() == ""
+    configure_logging(file=out, level=logging.WARNING)
+    kernel_fallback.reset_stats()
+    fall_back()
+    assert len(json_lines(out.getvalue())) == 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "name", "message"),
+    [
+        ({"format": "jsn"}, "format", r"format='jsn'.*json, console.*Did you mean 'json'"),
+        ({"level": "warnig"}, "level", r"level='warnig'.*debug, info, warning.*Did you mean 'warning'"),
+        ({"level": True}, "level", r"level=True"),
+        ({"file": "kf-{rnak}.jsonl"}, "file", r"\{rnak\} is not a placeholder.*Did you mean '\{rank\}'"),
+        ({"file": ""}, "file", r"empty"),
+    ],
+    ids=["format", "level-name", "level-bool", "placeholder", "empty-file"],
+)
+def test_invalid_arguments_name_the_argument(kwargs: dict[str, Any], name: str, message: str) -> None:
+    with pytest.raises(PolicyConfigError, match=message) as info:
+        configure_logging(**kwargs)
+    assert info.value.name == name
+
+
+def test_a_file_argument_of_the_wrong_type_is_a_type_error() -> None:
+    with pytest.raises(TypeError, match=r"configure_logging\(file=42\)"):
+        configure_logging(file=42)  # type: ignore[arg-type]
+
+
+def test_an_unwritable_file_fails_at_configuration(tmp_path: Path) -> None:
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(OSError, match="a-file"):
+        configure_logging(file=tmp_path / "a-file" / "log.jsonl")
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "allowed"),
+    [
+        ("KERNEL_FALLBACK_LOG_FORMAT", "yaml", "json, console"),
+        ("KERNEL_FALLBACK_LOG_FILE", "/tmp/kf-{proc}.jsonl", "{pid}, {rank}, {host}"),
+    ],
+    ids=["format", "file-placeholder"],
+)
+def test_invalid_variables_raise_naming_variable_value_and_allowed(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str, allowed: str
+) -> None:
+    monkeypatch.setenv(name, value)
+    with pytest.raises(PolicyConfigError) as info:
+        kernel_fallback.reload_config()
+    assert (info.value.name, info.value.value) == (name, value)
+    assert name in str(info.value)
+    assert repr(value) in str(info.value)
+    assert allowed in str(info.value)
+    with pytest.raises(PolicyConfigError, match=name):
+        configure_logging()
+
+
+def test_variables_apply_at_the_first_event_not_on_import(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KERNEL_FALLBACK_LOG_FILE", str(tmp_path / "kf-{pid}.jsonl"))
+    kernel_fallback.reload_config()
+    path = tmp_path / f"kf-{os.getpid()}.jsonl"
+    assert not path.exists()
+    fall_back(4)
+    kernel_fallback._events.flush()
+    events = json_lines(path.read_text())
+    assert [(e["event"], e.get("count")) for e in events] == [
+        ("kernel_fallback.kwarg_dropped", None),
+        ("kernel_fallback.summary", 4),
+    ]
+
+
+def test_format_variable_alone_logs_json_to_stderr(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("KERNEL_FALLBACK_LOG_FORMAT", "JSON")
+    kernel_fallback.reload_config()
+    fall_back()
+    (event,) = json_lines(capsys.readouterr().err)
+    assert event["kernel"] == "log_add"
+
+
+def test_configure_logging_reads_the_variables_it_is_not_given(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("KERNEL_FALLBACK_LOG_FORMAT", "console")
+    monkeypatch.setenv("KERNEL_FALLBACK_LOG_FILE", str(tmp_path / "env.log"))
+    out = io.StringIO()
+    configure_logging(file=out)  # format from the environment, file from the argument
+    fall_back()
+    assert "kernel=log_add" in out.getvalue()
+    assert not (tmp_path / "env.log").exists()
+
+
+def test_an_installed_logger_wins_over_the_variables(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KERNEL_FALLBACK_LOG_FILE", str(tmp_path / "env.jsonl"))
+    kernel_fallback.reload_config()
+    out = io.StringIO()
+    configure_logging(file=out)
+    fall_back()
+    assert len(json_lines(out.getvalue())) == 1
+    assert not (tmp_path / "env.jsonl").exists()
+
+
+def test_configure_logging_touches_no_global_configuration() -> None:
+    import structlog
+
+    root_handlers = list(logging.getLogger().handlers)
+    configure_logging(file=io.StringIO())
+    assert not structlog.is_configured()
+    assert logging.getLogger().handlers == root_handlers
+
+
+def test_flush_logs_one_summary_per_key_with_exact_counts() -> None:
+    out = io.StringIO()
+    configure_logging(file=out)
+    fall_back(1000)
+    for _ in range(3):
+        log_split(torch.ones(1), num_splits=2)
+    assert kernel_fallback._events.flush() == 2
+    summaries = [e for e in json_lines(out.getvalue()) if e["event"] == "kernel_fallback.summary"]
+    assert [(s["kernel"], s.get("kwarg"), s["policy"], s["count"]) for s in summaries] == [
+        ("log_add", "out", "warn", 1000),
+        ("log_split", "num_splits", "warn", 3),
+    ]
+    for summary in summaries:
+        assert summary["kind"] == "kwarg"
+        assert summary["pid"] == os.getpid()
+        assert summary["where"].startswith(f"{__file__}:")
+        assert summary["first_seen"] <= summary["timestamp"].replace("Z", "+00:00")
+        assert summary["reason"].startswith(summary["kernel"])
+
+
+def test_flush_logs_nothing_when_nothing_was_counted() -> None:
+    out = io.StringIO()
+    configure_logging(file=out)
+    assert kernel_fallback._events.flush() == 0
+    fall_back()
+    kernel_fallback.reset_stats()
+    assert kernel_fallback._events.flush() == 0
+    assert [e["event"] for e in json_lines(out.getvalue())] == ["kernel_fallback.kwarg_dropped"]
+
+
+def test_provider_summaries_name_the_provider() -> None:
+    out = io.StringIO()
+    configure_logging(file=out)
+    _events.record(("provider", "attn", "torch", "auto"))
+    _events.flush()
+    summary = json_lines(out.getvalue())[-1]
+    assert (summary["kind"], summary["provider"], summary["count"]) == ("provider", "torch", 1)
+    assert "kwarg" not in summary
+
+
+def test_default_routing_adds_process_fields(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING, logger="kernel_fallback"):
+        fall_back()
+    (record,) = caplog.records
+    assert record.kernel_fallback["pid"] == os.getpid()  # type: ignore[attr-defined]
+    assert record.kernel_fallback["host"] == socket.gethostname()  # type: ignore[attr-defined]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_forked_child_summarises_only_its_own_counts(tmp_path: Path) -> None:
+    configure_logging(file=tmp_path / "kf-{pid}.jsonl")
+    fall_back(5)
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child writes its own file and leaves
+        try:
+            fall_back(1)
+            _events._flush_at_exit()  # what its exit hook runs
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    child = json_lines((tmp_path / f"kf-{pid}.jsonl").read_text())
+    assert [(e["event"], e["pid"], e.get("count")) for e in child] == [
+        ("kernel_fallback.kwarg_dropped", pid, None),
+        ("kernel_fallback.summary", pid, 1),
+    ]
+    _events.flush()
+    parent = json_lines((tmp_path / f"kf-{os.getpid()}.jsonl").read_text())
+    assert [e.get("count") for e in parent if e["event"] == "kernel_fallback.summary"] == [5]
+
+
+def test_real_processes_summarise_at_exit_without_double_counting(tmp_path: Path) -> None:
+    # One process, its multiprocessing 'fork' child, one shared file: the parent's
+    # summary comes from atexit, the child's from its multiprocessing finalizer.
+    env = {k: v for k, v in os.environ.items() if not k.startswith("KERNEL_FALLBACK_")}
+    env["KERNEL_FALLBACK_LOG_FILE"] = str(tmp_path / "shared.jsonl")
+    proc = subprocess.run(
+        [sys.executable, str(WORKLOAD), "--add", "3", "--fork-child", "2"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    events = json_lines((tmp_path / "shared.jsonl").read_text())
+    summaries = {e["pid"]: e["count"] for e in events if e["event"] == "kernel_fallback.summary"}
+    firsts = [e["pid"] for e in events if e["event"] == "kernel_fallback.kwarg_dropped"]
+    assert sorted(summaries.values()) == [2, 3]
+    assert sorted(firsts) == sorted(summaries)
+    assert len(events) == 4
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT[\d:.]+Z", e["timestamp"]) for e in events)
