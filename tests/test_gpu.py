@@ -1,0 +1,206 @@
+"""CUDA graphs and torch.compile on a real GPU (skipped without CUDA; CI has none).
+
+Run on a CUDA machine: ``python -m pytest -m gpu tests/test_gpu.py``.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import torch._dynamo
+from structlog.testing import capture_logs
+
+from kernel_fallback import UnsupportedKwargError, reload_config, stats, tolerant_kwargs
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
+]
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+
+
+def triton_kernels() -> Any:
+    pytest.importorskip("triton")
+    import triton_kernels as module  # examples/triton_kernels.py
+
+    return module
+
+
+def mm_no_out() -> Callable[..., torch.Tensor]:
+    return torch.ops.aten.mm.default
+
+
+def capture(step: Callable[[], Any]) -> tuple[torch.cuda.CUDAGraph, Any]:
+    """Warm up on a side stream (as CUDA graph capture requires), then capture ``step``."""
+    stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        result = step()
+    return graph, result
+
+
+KERNELS = ["aten-mm", "triton"]
+
+
+def kernel_and_reference(
+    which: str, policy: str
+) -> tuple[Any, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+    if which == "aten-mm":
+        return tolerant_kwargs(["out"], policy, name=f"mm_{policy}")(mm_no_out()), torch.mm
+    module = triton_kernels()
+    return tolerant_kwargs(["out"], policy, name=f"triton_{policy}")(module.scaled_add), torch.add
+
+
+@pytest.mark.parametrize("which", KERNELS)
+def test_copy_keeps_the_static_out_buffer_right_on_every_replay(which: str) -> None:
+    kernel, reference = kernel_and_reference(which, "copy")
+    x, y = torch.randn(256, 256, device="cuda"), torch.randn(256, 256, device="cuda")
+    out = torch.zeros(256, 256, device="cuda")
+    with capture_logs() as logs:
+        graph, _ = capture(lambda: kernel(x, y, out=out))
+    for _ in range(5):
+        x.copy_(torch.randn_like(x))
+        y.copy_(torch.randn_like(y))
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(out, reference(x, y))
+    (row,) = stats()
+    assert row["graph_captures"] == 1
+    assert row["count"] == 4  # 3 warm-up calls and the capture; replays never reach Python
+    captured = [e for e in logs if e.get("cuda_graph_capture")]
+    assert len(captured) == 1
+
+
+@pytest.mark.parametrize("which", KERNELS)
+def test_native_out_fast_path_under_graph(which: str) -> None:
+    if which == "aten-mm":
+        kernel = tolerant_kwargs(["out"], "raise")(torch.mm)
+        reference: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = torch.mm
+    else:
+        kernel = tolerant_kwargs(["out"], "raise")(triton_kernels().scaled_add_out)
+        reference = torch.add
+    assert kernel.tolerant.missing == ()
+    x, y = torch.randn(128, 128, device="cuda"), torch.randn(128, 128, device="cuda")
+    out = torch.zeros(128, 128, device="cuda")
+    graph, _ = capture(lambda: kernel(x, y, out=out))
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(out, reference(x, y))
+    assert stats() == []
+
+
+def test_warn_leaves_the_static_buffer_stale_and_says_so_at_capture() -> None:
+    kernel = tolerant_kwargs(["out"], "warn", name="mm_warn_graph")(mm_no_out())
+    x, y = torch.randn(64, 64, device="cuda"), torch.randn(64, 64, device="cuda")
+    out = torch.zeros(64, 64, device="cuda")
+    with capture_logs() as logs:
+        graph, result = capture(lambda: kernel(x, y, out=out))
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.cuda.synchronize()
+    # The graph's own result is right, the caller's static buffer was never written:
+    # the silent corruption users reported, here reported at capture time.
+    torch.testing.assert_close(result, x @ y)
+    assert torch.count_nonzero(out) == 0
+    (event,) = [e for e in logs if e.get("cuda_graph_capture")]
+    assert event["policy"] == "warn"
+    assert "replays without writing" in event["risk"]
+    assert stats()[0]["graph_captures"] == 1
+
+
+def test_raise_policy_refuses_before_capture_starts_work() -> None:
+    kernel = tolerant_kwargs(["out"], "raise", name="mm_raise_graph")(mm_no_out())
+    x = torch.randn(16, 16, device="cuda")
+    with pytest.raises(UnsupportedKwargError, match="mm_raise_graph does not accept the keyword 'out'"):
+        kernel(x, x, out=torch.empty_like(x))
+
+
+@pytest.mark.parametrize("policy", ["warn", "copy"])
+def test_the_library_never_synchronizes_the_device(policy: str) -> None:
+    kernel = tolerant_kwargs(["out"], policy, name=f"mm_sync_{policy}")(mm_no_out())
+    x, out = torch.randn(32, 32, device="cuda"), torch.empty(32, 32, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        with capture_logs():
+            for _ in range(3):
+                kernel(x, x, out=out)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.fixture
+def fresh_dynamo() -> Iterator[None]:
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+@pytest.mark.parametrize("policy", ["warn", "copy"])
+def test_inductor_on_cuda_fullgraph_no_recompiles(policy: str) -> None:
+    kernel = tolerant_kwargs(["out"], policy, name=f"mm_compile_{policy}")(mm_no_out())
+
+    @torch.compile(fullgraph=True, backend="inductor")
+    def step(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        return kernel(a, b, out=out) + 1.0
+
+    out = torch.zeros(64, 64, device="cuda")
+    with capture_logs():
+        for _ in range(100):
+            a, b = torch.randn(64, 64, device="cuda"), torch.randn(64, 64, device="cuda")
+            result = step(a, b, out)
+            torch.testing.assert_close(result, a @ b + 1.0)
+    if policy == "copy":
+        torch.testing.assert_close(out, a @ b)
+    else:
+        assert torch.count_nonzero(out) == 0
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
+    assert stats()[0]["compiled_traces"] == 1
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_reload_after_compilation_recompiles_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    kernel = tolerant_kwargs(["out"], "warn", name="mm_compile_reload")(mm_no_out())
+    step = torch.compile(lambda a, out: kernel(a, a, out=out), fullgraph=True, backend="inductor")
+    a, out = torch.randn(32, 32, device="cuda"), torch.zeros(32, 32, device="cuda")
+    with capture_logs():
+        step(a, out)
+        assert torch.count_nonzero(out) == 0
+        monkeypatch.setenv("KERNEL_FALLBACK_ON_DROP__MM_COMPILE_RELOAD", "copy")
+        reload_config()
+        for _ in range(10):
+            step(a, out)
+    torch.testing.assert_close(out, a @ a)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_copy_under_compiled_cuda_graphs_reduce_overhead() -> None:
+    # Inductor's CUDA-graph trees skip graphs that mutate inputs (writing `out` is one),
+    # exactly as for a native out= kernel; the results must be right either way.
+    kernel = tolerant_kwargs(["out"], "copy", name="mm_reduce_overhead")(mm_no_out())
+    step = torch.compile(
+        lambda a, b, out: kernel(a, b, out=out) * 2.0, mode="reduce-overhead", fullgraph=True
+    )
+    out = torch.zeros(64, 64, device="cuda")
+    with capture_logs():
+        for _ in range(6):
+            a, b = torch.randn(64, 64, device="cuda"), torch.randn(64, 64, device="cuda")
+            result = step(a, b, out)
+            torch.testing.assert_close(result, 2.0 * (a @ b))
+            torch.testing.assert_close(out, a @ b)
