@@ -176,6 +176,12 @@ def _allow_list(specs: Sequence[str]) -> AllowList:
 def _check(args: argparse.Namespace, out: TextIO) -> int:
     allow = _allow_list(args.allow)
     report = read_logs(args.files)
+    if report.unreadable_ours:
+        # A gate must not pass on fallbacks it could not read.
+        raise _UsageError(
+            f"{report.unreadable_ours} line(s) name kernel_fallback events but are not JSON; "
+            f"write the logs with {_config.ENV_LOG_FORMAT}=json (or configure_logging(format='json'))."
+        )
     denied = [r for r in report.rows if not allow.allows(r.kernel, r.subject)]
     accepted = [r for r in report.rows if r not in denied]
     unused = [
@@ -243,7 +249,10 @@ def _check_variable(name: str, raw: str, kernels: Sequence[Any]) -> tuple[str, s
         elif name.startswith(_config.ENV_PROVIDER_PREFIX):
             return "unchecked", "provider choices are checked by the kernel's provider chain when it resolves"
         else:
-            return "unknown", "not a variable kernel_fallback reads." + _unknown_hint(name, kernels)
+            _config.check_known_variables({name: raw})  # raises for a set, unknown name
+            return "unknown", "empty, and not a variable kernel_fallback reads." + _unknown_hint(
+                name, kernels
+            )
     except PolicyConfigError as exc:
         return "invalid", str(exc)
     return "ok", ""
@@ -264,13 +273,7 @@ def _check_per_kernel(name: str, raw: str, kernels: Sequence[Any]) -> tuple[str,
 
 def _unknown_hint(name: str, kernels: Sequence[Any]) -> str:
     """ " Did you mean ...?" for a name under the prefix that nothing reads."""
-    # KERNEL_FALLBACK_ON_DROP_X (one underscore) is a per-kernel variable misspelt:
-    # suggest its right spelling even when kernel X is not registered here.
-    for prefix in _config.PER_KERNEL_PREFIXES:
-        stem = prefix.rstrip("_")
-        if name.startswith(stem + "_") and not name.startswith(prefix):
-            return f" Did you mean {prefix + name[len(stem) :].lstrip('_')!r}?"
-    return _config.did_you_mean(name, _candidates(kernels))
+    return _config.unknown_variable_hint(name, _candidates(kernels))
 
 
 def _candidates(kernels: Sequence[Any]) -> list[str]:

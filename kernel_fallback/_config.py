@@ -31,12 +31,14 @@ __all__ = [
     "LOG_FORMATS",
     "POLICIES",
     "Snapshot",
+    "check_known_variables",
     "check_log_file",
     "env_suffix",
     "parse_bool",
     "parse_log_format",
     "parse_policy_spec",
     "snapshot",
+    "unknown_variable_hint",
 ]
 
 POLICIES: Final = ("warn", "copy", "raise")
@@ -78,6 +80,37 @@ def did_you_mean(value: str, candidates: Iterable[str]) -> str:
     """`` Did you mean 'x'?`` for the closest candidate, or an empty string."""
     close = difflib.get_close_matches(value, list(candidates), n=1, cutoff=0.6)
     return f" Did you mean {close[0]!r}?" if close else ""
+
+
+def unknown_variable_hint(name: str, candidates: Iterable[str] = ()) -> str:
+    """`` Did you mean ...?`` for a ``KERNEL_FALLBACK_*`` name that nothing reads."""
+    # KERNEL_FALLBACK_ON_DROP_X (one underscore) is a per-kernel variable misspelt:
+    # suggest its right spelling even when kernel X is not declared yet.
+    for prefix in PER_KERNEL_PREFIXES:
+        stem = prefix.rstrip("_")
+        if name.startswith(stem + "_") and not name.startswith(prefix):
+            return f" Did you mean {prefix + name[len(stem) :].lstrip('_')!r}?"
+    return did_you_mean(name, [*KNOWN_VARIABLES, *candidates])
+
+
+def check_known_variables(environ: Mapping[str, str]) -> None:
+    """Raise for a set ``KERNEL_FALLBACK_*`` variable that nothing reads: a typo there
+    (``KERNEL_FALLBACK_STICT=1``) must not silently leave the default in force."""
+    for name, value in environ.items():
+        if (
+            value
+            and name.startswith(ENV_PREFIX)
+            and name not in KNOWN_VARIABLES
+            and not name.startswith(PER_KERNEL_PREFIXES)
+        ):
+            per_kernel = ", ".join(p + "<NAME>" for p in PER_KERNEL_PREFIXES)
+            raise PolicyConfigError(
+                f"{name} is not a variable kernel_fallback reads.{unknown_variable_hint(name)} "
+                f"Known: {', '.join(KNOWN_VARIABLES)}, and {per_kernel}.",
+                name=name,
+                value=value,
+                allowed=tuple(KNOWN_VARIABLES),
+            )
 
 
 def parse_bool(name: str, raw: str) -> bool:
@@ -193,6 +226,7 @@ _reloaders: list[Callable[[Snapshot], Callable[[], None]]] = []
 
 def _read(environ: Mapping[str, str]) -> Snapshot:
     global _version
+    check_known_variables(environ)
     raw_default = environ.get(ENV_ON_DROP) or None
     default = check_policy(ENV_ON_DROP, raw_default.strip().lower()) if raw_default else None
     strict = parse_bool(ENV_STRICT, environ.get(ENV_STRICT, ""))

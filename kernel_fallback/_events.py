@@ -33,8 +33,9 @@ import socket
 import sys
 import threading
 import types
+import weakref
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Final, final
 
 import structlog
@@ -69,10 +70,10 @@ SUMMARY_EVENT: Final = "kernel_fallback.summary"
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 # Frames of torch itself (Dynamo tracing, functools wrappers) are not the caller.
 _SKIP_DIRS = (
-    _PACKAGE_DIR,
-    os.path.dirname(os.path.abspath(torch.__file__)),
-    os.path.dirname(functools.__file__),
+    _PACKAGE_DIR + os.sep,
+    os.path.dirname(os.path.abspath(torch.__file__)) + os.sep,
 )
+_SKIP_FILES = frozenset({functools.__file__, contextlib.__file__})
 
 #: (kind, kernel, subject, policy): kind is "kwarg", "provider" or "dispatch";
 #: subject the keyword or the provider chosen.
@@ -112,12 +113,18 @@ class _Entry:
     graph_captures: int = 0
     first_seen: str = ""
     where: str = ""
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 _lock = threading.Lock()
 _entries: dict[Key, _Entry] = {}
-_static_fields: dict[Key, Mapping[str, Any]] = {}
+
+
+class StaticFields(dict[str, Any]):
+    """A kernel's static event fields. The kernel holds them; this module only weakly,
+    so that kernels made and dropped dynamically leave nothing behind."""
+
+
+_static_fields: weakref.WeakValueDictionary[Key, StaticFields] = weakref.WeakValueDictionary()
 _listeners: list[Callable[[FallbackEvent], None]] = []
 _logger_override: Any = None
 _log_errors = 0
@@ -145,19 +152,27 @@ def _caller_location() -> str:
     frame: types.FrameType | None = sys._getframe(1)
     while frame is not None:
         filename = frame.f_code.co_filename
-        if not filename.startswith(_SKIP_DIRS):
+        if not filename.startswith(_SKIP_DIRS) and filename not in _SKIP_FILES:
             return f"{filename}:{frame.f_lineno}"
         frame = frame.f_back
     return "<unknown>"
 
 
-def describe_key(key: Key, fields: Mapping[str, Any]) -> None:
+def describe_key(key: Key, fields: Mapping[str, Any]) -> StaticFields:
     """Register the static fields logged with ``key`` (event name, source, reason...).
 
-    Done once when a kernel's policies are resolved, so that recording a repeat
-    costs no allocation.
+    Done when a kernel's policies are resolved, so that recording a repeat costs no
+    allocation. The caller must keep the returned object alive as long as it may
+    record ``key``. A key already counted takes the new fields (its ``source`` after
+    ``reload_config()``, say).
     """
-    _static_fields[key] = fields
+    held = StaticFields(fields)
+    with _lock:
+        _static_fields[key] = held
+        entry = _entries.get(key)
+        if entry is not None:
+            entry.fields = held
+    return held
 
 
 def record(key: Key, *, compiled: bool = False, captured: bool = False) -> None:
@@ -177,6 +192,10 @@ def record(key: Key, *, compiled: bool = False, captured: bool = False) -> None:
             entry.where = _caller_location()
     if count == 1 and _exit_armed_pid != os.getpid():
         _arm_exit_flush()
+    # A CUDA graph capture is logged every time, not only first: each capture bakes the
+    # fallback into a graph that replays it with no Python (and so no count) at all.
+    if count == 1 or captured:
+        _log_first(entry, compiled=compiled, captured=captured)
     if _listeners:
         event = FallbackEvent(
             entry.kind,
@@ -189,11 +208,10 @@ def record(key: Key, *, compiled: bool = False, captured: bool = False) -> None:
             captured=captured,
         )
         for listener in tuple(_listeners):
-            listener(event)
-    # A CUDA graph capture is logged every time, not only first: each capture bakes the
-    # fallback into a graph that replays it with no Python (and so no count) at all.
-    if count == 1 or captured:
-        _log_first(entry, compiled=compiled, captured=captured)
+            try:
+                listener(event)
+            except Exception as exc:  # noqa: BLE001 - an observer (metrics...) must not break a kernel call
+                _observer_failed(f"listener {listener!r}", exc)
 
 
 def _new_entry(key: Key) -> _Entry:
@@ -246,7 +264,6 @@ note_traced._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 def emit(event: str, fields: Mapping[str, Any]) -> None:
     """Log one event at warning level; a failing handler never reaches the caller."""
-    global _log_errors
     try:
         logger = _logger_override
         if logger is None:
@@ -255,11 +272,17 @@ def emit(event: str, fields: Mapping[str, Any]) -> None:
             logger = structlog.get_logger(LOGGER_NAME) if structlog.is_configured() else _stdlib_logger()
         logger.warning(event, **{k: v for k, v in fields.items() if k != "event"})
     except Exception as exc:  # noqa: BLE001 - a log handler must not break a kernel call
-        _log_errors += 1
-        if _log_errors == 1:
-            # If stderr itself is gone there is nothing left to tell.
-            with contextlib.suppress(Exception):
-                sys.stderr.write(f"kernel_fallback: logging {event} failed: {exc!r}\n")
+        _observer_failed(f"logging {event}", exc)
+
+
+def _observer_failed(what: str, exc: Exception) -> None:
+    """Count a failing log handler or listener; tell stderr about the first one."""
+    global _log_errors
+    _log_errors += 1
+    if _log_errors == 1:
+        # If stderr itself is gone there is nothing left to tell.
+        with contextlib.suppress(Exception):
+            sys.stderr.write(f"kernel_fallback: {what} failed: {exc!r}\n")
 
 
 def _render_for_stdlib(

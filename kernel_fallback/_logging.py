@@ -200,10 +200,11 @@ def configure_logging(
     if format is None:
         raw = os.environ.get(_config.ENV_LOG_FORMAT)
         format = _config.parse_log_format(_config.ENV_LOG_FORMAT, raw) if raw else "json"
-    elif not isinstance(format, str) or format not in _config.LOG_FORMATS:
+    elif isinstance(format, str):
+        format = _config.parse_log_format("format", format)
+    else:
         raise PolicyConfigError(
-            f"configure_logging(format={format!r}): use one of {', '.join(_config.LOG_FORMATS)}."
-            + (_config.did_you_mean(format, _config.LOG_FORMATS) if isinstance(format, str) else ""),
+            f"configure_logging(format={format!r}): use one of {', '.join(_config.LOG_FORMATS)}.",
             name="format",
             value=format,
             allowed=_config.LOG_FORMATS,

@@ -117,6 +117,9 @@ class LogReport:
     events: int
     ignored: int
     processes: int
+    #: Ignored lines that still name one of our events (a console-format log, say):
+    #: fallbacks this reader could not count.
+    unreadable_ours: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         """The report as JSON-ready data."""
@@ -126,6 +129,7 @@ class LogReport:
             "lines": self.lines,
             "events": self.events,
             "ignored_lines": self.ignored,
+            "unreadable_event_lines": self.unreadable_ours,
             "processes": self.processes,
         }
 
@@ -254,7 +258,7 @@ class _Merger:
         self.ranks: dict[Key, set[Any]] = {}
         self.hosts: dict[Key, set[str]] = {}
         self.processes: set[tuple[str, str]] = set()
-        self.lines = self.events = self.ignored = 0
+        self.lines = self.events = self.ignored = self.unreadable_ours = 0
 
     def add_file(self, path: str) -> None:
         shown = "<stdin>" if path == "-" else path
@@ -267,6 +271,7 @@ class _Merger:
                 obj = json.loads(text)
             except ValueError:
                 self.ignored += 1
+                self.unreadable_ours += "kernel_fallback." in text
                 continue
             event = _our_event(obj)
             if event is None:
@@ -342,7 +347,9 @@ class _Merger:
             row.hosts = sorted(self.hosts.get(key, ()))
             rows.append(row)
         rows.sort(key=lambda r: (r.kernel, r.kind, r.subject, r.policy))
-        return LogReport(rows, files, self.lines, self.events, self.ignored, len(self.processes))
+        return LogReport(
+            rows, files, self.lines, self.events, self.ignored, len(self.processes), self.unreadable_ours
+        )
 
 
 def read_logs(paths: Iterable[str | os.PathLike[str]]) -> LogReport:

@@ -54,6 +54,9 @@ class KwargSupport:
 
 
 _UNKNOWN = KwargSupport(frozenset(), True, "unknown")
+_BINDING_ONLY = frozenset(
+    {"dtype", "layout", "device", "pin_memory", "requires_grad", "memory_format", "non_blocking", "names"}
+)
 _KEYWORD_KINDS = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
 
 
@@ -108,7 +111,10 @@ def _from_builtin(fn: Any) -> KwargSupport:
             names = {arg.name for schema in schemas for arg in schema.arguments}
             if "self" in names:
                 names.add("input")  # the Python binding's spelling of aten's `self`
-            return KwargSupport(frozenset(names), False, f"schema:aten::{name}")
+            # The Python binding also takes tensor options no aten schema lists
+            # (torch.zeros(..., requires_grad=True)); counting them as accepted errs on
+            # the side of passing a keyword through, never of dropping a real one.
+            return KwargSupport(frozenset(names | _BINDING_ONLY), False, f"schema:aten::{name}")
     return _from_pybind11_doc(name, getattr(fn, "__doc__", None))
 
 
@@ -126,8 +132,13 @@ def _from_pybind11_doc(name: str, doc: str | None) -> KwargSupport:
     names: set[str] = set()
     open_kw = False
     matched = False
-    for text in doc.splitlines():
-        m = line.match(text.strip())
+    lines = [text.strip() for text in doc.splitlines()]
+    if "Overloaded function." in lines:
+        # pybind11 heads an overload set with `f(*args, **kwargs)`; the numbered lines
+        # below it are the real signatures.
+        lines = [text for text in lines if re.match(r"^\d+\. ", text)]
+    for text in lines:
+        m = line.match(text)
         if m is None:
             continue
         matched = True

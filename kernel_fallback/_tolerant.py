@@ -11,11 +11,12 @@ kernel always reaches the caller unchanged.
 from __future__ import annotations
 
 import functools
+import inspect
 import keyword
 import re
 import weakref
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any, Final, Protocol, TypeVar, final
+from typing import Any, Final, NoReturn, Protocol, TypeVar, final
 
 import torch
 
@@ -32,14 +33,17 @@ Resolved = tuple[str, str]
 
 EVENT: Final = "kernel_fallback.kwarg_dropped"
 _PLAIN = (type(None), bool, int, float, str)
+_NOT_PLAIN: Final = object()
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _registry: weakref.WeakSet[TolerantKernel] = weakref.WeakSet()
 
 
-def _is_plain(value: object) -> bool:
-    if isinstance(value, tuple):
-        return all(_is_plain(v) for v in value)
-    return isinstance(value, _PLAIN)
+def _plain(value: object) -> object:
+    """``value`` with lists as tuples if it is made of plain values only, else a marker."""
+    if isinstance(value, (tuple, list)):
+        items = tuple(_plain(v) for v in value)
+        return _NOT_PLAIN if _NOT_PLAIN in items else items
+    return value if isinstance(value, _PLAIN) else _NOT_PLAIN
 
 
 def _capturing(value: object) -> bool:
@@ -53,8 +57,10 @@ def _is_neutral(value: object, neutral: object) -> bool:
         return True
     if isinstance(value, torch.Tensor):  # the common case, answered first
         return False
-    # Only plain values compare safely: `tensor == x` is elementwise.
-    return _is_plain(value) and _is_plain(neutral) and bool(value == neutral)
+    # Only plain values compare safely (`tensor == x` is elementwise); a list and a tuple
+    # of the same items mean the same to a kernel (window_size=[-1, -1]).
+    plain = _plain(value)
+    return plain is not _NOT_PLAIN and plain == _plain(neutral)
 
 
 @final
@@ -67,6 +73,7 @@ class TolerantKernel:
 
     __slots__ = (
         "__weakref__",
+        "_fields",
         "env",
         "kernel",
         "missing",
@@ -131,12 +138,13 @@ class TolerantKernel:
         return resolved
 
     def _commit(self, resolved: dict[str, Resolved]) -> None:
+        fields = []
         for kwarg in self.missing:
             policy, source = resolved[kwarg]
             if policy == "raise":
                 continue
             action = "copied into the caller's buffer" if policy == "copy" else "dropped"
-            _events.describe_key(
+            described = _events.describe_key(
                 ("kwarg", self.name, kwarg, policy),
                 {
                     "event": EVENT,
@@ -148,6 +156,10 @@ class TolerantKernel:
                     "reason": f"{self.name} does not accept {kwarg!r} ({self.support.source})",
                 },
             )
+            fields.append(described)
+        self._fields = fields  # the events module holds them only weakly
+        if any(policy == "raise" for policy, _ in resolved.values()):
+            _make_refuser()  # now, outside any compiled region
         self.policies = resolved
 
     def call_dropping(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -173,19 +185,20 @@ class TolerantKernel:
                 copy_into = (kwarg, value)
             elif policy == "raise":
                 why = f"its policy is 'raise' (from {source})"
-                if torch.compiler.is_dynamo_compiling():
-                    _raise_at_trace(self.name, kwarg, why)
+                if torch.compiler.is_dynamo_compiling() and _refuse_under_compile is not None:
+                    _refuse_under_compile(self, kwarg, value, why)
                 raise self._unsupported(kwarg, value, why)
             dropped.append((kwarg, policy, value))
+        result = self.kernel(*args, **kwargs)
+        if copy_into is not None:
+            result = self._copy_back(copy_into[0], copy_into[1], result)
+        # Recorded once the call did what the policy says (a failed copy is no fallback).
         for kwarg, policy, value in dropped:
             if torch.compiler.is_dynamo_compiling():
                 _events.note_traced("kwarg", self.name, kwarg, policy)
             else:
                 _events.record(("kwarg", self.name, kwarg, policy), captured=_capturing(value))
-        result = self.kernel(*args, **kwargs)
-        if copy_into is None:
-            return result
-        return self._copy_back(copy_into[0], copy_into[1], result)
+        return result
 
     def _copy_back(self, kwarg: str, out: torch.Tensor, result: Any) -> Any:
         first = result[0] if isinstance(result, (tuple, list)) and result else result
@@ -245,17 +258,29 @@ class TolerantKernel:
         return f"<TolerantKernel {self.name} missing={list(self.missing)}>"
 
 
-def _raise_at_trace(name: str, kwarg: str, why: str) -> None:
-    """Raise UnsupportedKwargError while torch.compile traces the call.
+_refuse_under_compile: Callable[[TolerantKernel, str, object, str], NoReturn] | None = None
 
-    Run by Dynamo at trace time (like ``note_traced``), so the compilation fails
-    with our error as its cause instead of an opaque graph-break message.
+
+def _make_refuser() -> None:
+    """Make ``_refuse_under_compile``: a raiser that torch.compile never traces.
+
+    Without ``fullgraph`` Dynamo breaks the graph there and the error reaches the
+    caller as the UnsupportedKwargError it is; with ``fullgraph=True`` compilation
+    fails, naming this reason. Made when a kernel first resolves a ``raise`` policy,
+    never inside a traced region (Dynamo does not trace ``torch.compiler.disable``),
+    and only then, since it imports torch._dynamo (about a second).
     """
-    plan = next(p for p in _registry if p.name == name)
-    raise plan._unsupported(kwarg, "<traced value>", why)
+    global _refuse_under_compile
+    if _refuse_under_compile is not None:
+        return
 
+    def refuse(plan: TolerantKernel, kwarg: str, value: object, why: str) -> NoReturn:
+        raise plan._unsupported(kwarg, value, why)
 
-_raise_at_trace._dynamo_marked_constant = True  # type: ignore[attr-defined]
+    options = {}
+    if "reason" in inspect.signature(torch.compiler.disable).parameters:  # newer torch names it
+        options["reason"] = "kernel_fallback: a keyword the kernel lacks was passed under the 'raise' policy"
+    _refuse_under_compile = torch.compiler.disable(refuse, **options)  # type: ignore[no-untyped-call]
 
 
 class TolerantFunction(Protocol[R_co]):

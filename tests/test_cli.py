@@ -355,14 +355,14 @@ def test_config_json(kernel_module: str, capsys: pytest.CaptureFixture[str]) -> 
 @pytest.mark.parametrize(
     ("name", "value", "status", "message"),
     [
-        ("KERNEL_FALLBACK_STICT", "1", "unknown", "Did you mean 'KERNEL_FALLBACK_STRICT'?"),
+        ("KERNEL_FALLBACK_STICT", "1", "invalid", "Did you mean 'KERNEL_FALLBACK_STRICT'?"),
         (
             "KERNEL_FALLBACK_ON_DROP_CLI_ATTN",
             "warn",
-            "unknown",
+            "invalid",
             "Did you mean 'KERNEL_FALLBACK_ON_DROP__CLI_ATTN'?",
         ),
-        ("KERNEL_FALLBACK_LOGFILE", "x.jsonl", "unknown", "Did you mean 'KERNEL_FALLBACK_LOG_FILE'?"),
+        ("KERNEL_FALLBACK_LOGFILE", "x.jsonl", "invalid", "Did you mean 'KERNEL_FALLBACK_LOG_FILE'?"),
         ("KERNEL_FALLBACK_STRICT", "maybe", "invalid", "use one of true, false, 1, 0, yes, no, on, off"),
         ("KERNEL_FALLBACK_ON_DROP", "warm", "invalid", "use one of warn, copy, raise. Did you mean 'warn'?"),
         ("KERNEL_FALLBACK_LOG_FORMAT", "yaml", "invalid", "use one of json, console"),
@@ -503,3 +503,17 @@ def test_provider_and_dispatch_events_merge_with_their_summaries(
         ("dispatch", "fa2", "route:sinks", 3, True),
         ("provider", "torch", "fallback", 3, True),
     ]
+
+
+def test_check_refuses_console_logs_that_show_fallbacks(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "console.log"
+    path.write_text(
+        "startup ok\n"
+        "2026-01-01T00:00:00Z [warning  ] kernel_fallback.kwarg_dropped  kernel=fa3 kwarg=out policy=warn\n"
+    )
+    code, out, err = run(["check", str(path)], capsys)
+    assert code == 2
+    assert "1 line(s) name kernel_fallback events but are not JSON" in err
+    assert "ok" not in out

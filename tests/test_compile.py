@@ -87,11 +87,19 @@ def test_policy_change_after_compilation_takes_effect_by_recompiling(monkeypatch
     assert frames_compiled() == 2, "Dynamo guards on the resolved policy and recompiles once"
 
 
-def test_raise_policy_fails_compilation_with_our_error_in_the_message() -> None:
-    kernel = tolerant_kwargs(["out"], "raise", name="axpy_raise")(axpy)
+def test_raise_policy_under_compile_raises_our_error_unchanged() -> None:
+    kernel = tolerant_kwargs(["out"], "raise", name="axpy_raise", env="AXPY_ON_DROP")(axpy)
+    step = torch.compile(lambda x, buf: kernel(x, x, out=buf) * 2.0, backend="eager")
+    with pytest.raises(UnsupportedKwargError, match="axpy_raise does not accept the keyword 'out'") as info:
+        step(torch.randn(4), torch.zeros(4))
+    assert type(info.value) is UnsupportedKwargError
+    assert info.value.env_vars[1] == "AXPY_ON_DROP"
+
+
+def test_raise_policy_under_fullgraph_fails_compilation_saying_why() -> None:
+    kernel = tolerant_kwargs(["out"], "raise", name="axpy_raise_fg")(axpy)
     step = compiled_step(kernel, "eager")
-    # Raised at trace time: torch.compile wraps it, keeping our type name and message.
     with pytest.raises(
-        Exception, match=f"{UnsupportedKwargError.__name__}: axpy_raise does not accept the keyword 'out'"
+        torch._dynamo.exc.Unsupported, match="a keyword the kernel lacks was passed under the 'raise' policy"
     ):
         step(torch.randn(4), torch.randn(4), torch.zeros(4))

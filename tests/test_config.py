@@ -11,8 +11,9 @@ from typing import Any
 
 import pytest
 import torch
+from structlog.testing import capture_logs
 
-from kernel_fallback import PolicyConfigError, UnsupportedKwargError, reload_config, tolerant_kwargs
+from kernel_fallback import PolicyConfigError, UnsupportedKwargError, reload_config, stats, tolerant_kwargs
 from kernel_fallback._config import env_suffix, parse_bool, parse_policy_spec
 
 
@@ -147,6 +148,37 @@ def test_invalid_values_are_errors_not_defaults(
 
     with pytest.raises(PolicyConfigError, match=message):
         load_and_decorate()
+
+
+@pytest.mark.parametrize(
+    ("name", "message"),
+    [
+        (
+            "KERNEL_FALLBACK_STICT",
+            r"KERNEL_FALLBACK_STICT is not a variable kernel_fallback reads\. Did you mean 'KERNEL_FALLBACK_STRICT'\?",
+        ),
+        ("KERNEL_FALLBACK_ON_DROP_FA3", r"Did you mean 'KERNEL_FALLBACK_ON_DROP__FA3'\?"),
+    ],
+    ids=["typo", "single-underscore"],
+)
+def test_unknown_variable_under_the_prefix_is_an_error(
+    monkeypatch: pytest.MonkeyPatch, name: str, message: str
+) -> None:
+    monkeypatch.setenv(name, "1")
+    with pytest.raises(PolicyConfigError, match=message):
+        reload_config()
+
+
+def test_source_in_stats_follows_reload(monkeypatch: pytest.MonkeyPatch) -> None:
+    wrapped = tolerant_kwargs(["out"], "warn", name="attn")(kernel)
+    x = torch.ones(2)
+    with capture_logs():
+        wrapped(x, x, out=torch.zeros(2))
+        monkeypatch.setenv("KERNEL_FALLBACK_ON_DROP__ATTN", "warn")
+        reload_config()
+        wrapped(x, x, out=torch.zeros(2))
+    (row,) = stats()
+    assert (row["count"], row["source"]) == (2, "KERNEL_FALLBACK_ON_DROP__ATTN")
 
 
 @pytest.mark.parametrize(

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import functools
+import gc
 import json
 import logging
 import os
 import subprocess
 import sys
 import textwrap
+from typing import Any
 
 import pytest
 import structlog
@@ -172,3 +175,45 @@ def test_stats_rows_are_complete_and_reset_clears_them() -> None:
     assert row["where"].startswith(__file__)
     reset_stats()
     assert stats() == []
+
+
+def test_a_failing_listener_never_breaks_the_call_nor_hides_the_warning(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    def metrics_down(event: _events.FallbackEvent) -> None:
+        raise ConnectionError("metrics backend down")
+
+    _events.add_listener(metrics_down)
+    try:
+        wrapped = tolerant_kwargs(["out"], name="k3")(kernel)
+        with capture_logs() as logs:
+            for _ in range(3):
+                torch.testing.assert_close(wrapped(torch.ones(2), out=torch.zeros(2)), torch.full((2,), 2.0))
+    finally:
+        _events.remove_listener(metrics_down)
+    assert [e["event"] for e in logs] == ["kernel_fallback.kwarg_dropped"]
+    assert [row["count"] for row in stats()] == [3]
+    assert _events.log_errors() == 3
+    assert "ConnectionError('metrics backend down')" in capsys.readouterr().err
+
+
+def test_where_names_a_caller_inside_an_installed_package() -> None:
+    # In system and docker Pythons, site-packages lies inside the standard library's
+    # folder: a caller there is still the caller.
+    wrapped = tolerant_kwargs(["out"], name="k4")(kernel)
+    fake = os.path.join(os.path.dirname(functools.__file__), "site-packages", "sglang", "attn.py")
+    namespace: dict[str, Any] = {"wrapped": wrapped, "torch": torch}
+    exec(
+        compile("def forward():\n    return wrapped(torch.ones(1), out=torch.zeros(1))\n", fake, "exec"),
+        namespace,
+    )
+    with capture_logs() as logs:
+        namespace["forward"]()
+    assert logs[0]["where"] == f"{fake}:2"
+
+
+def test_dropped_kernels_leave_no_static_fields_behind() -> None:
+    for i in range(2000):
+        tolerant_kwargs(["out"], name=f"dyn{i}")(kernel)
+    gc.collect()
+    assert len(_events._static_fields) < 100

@@ -127,6 +127,13 @@ def test_packet_accepts_out_through_its_out_overload() -> None:
     torch.testing.assert_close(buf, a @ b)
 
 
+def test_torch_builtin_binding_only_keywords_are_accepted() -> None:
+    # requires_grad is in the Python binding of torch.zeros, in no aten schema.
+    support = kwarg_support(torch.zeros)
+    assert support.accepts("requires_grad")
+    assert torch.zeros(2, requires_grad=True).requires_grad
+
+
 def test_torch_builtin_spells_self_as_input() -> None:
     support = kwarg_support(torch.add)
     assert support.accepts("input")
@@ -194,7 +201,7 @@ def test_real_pybind11_function_doc() -> None:
         (
             "f(*args, **kwargs)\nOverloaded function.\n\n1. f(x: int) -> int\n\n2. f(x: int, y: Dict[str, int] = {'a': 1}) -> int\n",
             {"x", "y"},
-            True,
+            False,
         ),
         ("f(a: Tuple[int, int] = (1, 2), b: str = 'x,y') -> None", {"a", "b"}, False),
     ],
