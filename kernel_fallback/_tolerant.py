@@ -158,8 +158,6 @@ class TolerantKernel:
             )
             fields.append(described)
         self._fields = fields  # the events module holds them only weakly
-        if any(policy == "raise" for policy, _ in resolved.values()):
-            _make_refuser()  # now, outside any compiled region
         self.policies = resolved
 
     def call_dropping(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
@@ -185,8 +183,9 @@ class TolerantKernel:
                 copy_into = (kwarg, value)
             elif policy == "raise":
                 why = f"its policy is 'raise' (from {source})"
-                if torch.compiler.is_dynamo_compiling() and _refuse_under_compile is not None:
-                    _refuse_under_compile(self, kwarg, value, why)
+                if torch.compiler.is_dynamo_compiling():
+                    _make_refuser()  # runs at trace time, not traced
+                    _refuse_under_compile(self, kwarg, value, why)  # type: ignore[misc]
                 raise self._unsupported(kwarg, value, why)
             dropped.append((kwarg, policy, value))
         result = self.kernel(*args, **kwargs)
@@ -261,18 +260,18 @@ class TolerantKernel:
 _refuse_under_compile: Callable[[TolerantKernel, str, object, str], NoReturn] | None = None
 
 
-def _make_refuser() -> None:
+def _make_refuser() -> bool:
     """Make ``_refuse_under_compile``: a raiser that torch.compile never traces.
 
     Without ``fullgraph`` Dynamo breaks the graph there and the error reaches the
     caller as the UnsupportedKwargError it is; with ``fullgraph=True`` compilation
-    fails, naming this reason. Made when a kernel first resolves a ``raise`` policy,
-    never inside a traced region (Dynamo does not trace ``torch.compiler.disable``),
-    and only then, since it imports torch._dynamo (about a second).
+    fails, naming this reason. Called while Dynamo traces a refusal: marked like
+    ``note_traced`` so that Dynamo runs it then instead of tracing it (it could not
+    trace ``torch.compiler.disable``), and so nothing imports torch._dynamo early.
     """
     global _refuse_under_compile
     if _refuse_under_compile is not None:
-        return
+        return True
 
     def refuse(plan: TolerantKernel, kwarg: str, value: object, why: str) -> NoReturn:
         raise plan._unsupported(kwarg, value, why)
@@ -281,6 +280,11 @@ def _make_refuser() -> None:
     if "reason" in inspect.signature(torch.compiler.disable).parameters:  # newer torch names it
         options["reason"] = "kernel_fallback: a keyword the kernel lacks was passed under the 'raise' policy"
     _refuse_under_compile = torch.compiler.disable(refuse, **options)  # type: ignore[no-untyped-call]
+    return True
+
+
+# Same marker as `torch._dynamo.assume_constant_result` (see _events.note_traced).
+_make_refuser._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 class TolerantFunction(Protocol[R_co]):
