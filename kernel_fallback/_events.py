@@ -292,7 +292,9 @@ def _render_for_stdlib(
     return (str(rendered),), {"extra": {"kernel_fallback": dict(event_dict)}}
 
 
-_KV = structlog.processors.KeyValueRenderer(key_order=["event", "kernel", "kwarg", "policy"])
+_KV = structlog.processors.KeyValueRenderer(
+    key_order=["event", "kernel", "kwarg", "policy"], drop_missing=True
+)
 _stdlib_bound: Any = None
 
 

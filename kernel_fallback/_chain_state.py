@@ -1,0 +1,524 @@
+"""The state of a kernel chain: selection, loading, fallback events and per-call routing.
+
+One :class:`KernelChain` per :func:`~kernel_fallback.kernel_chain`-decorated function
+(``function.chain``). The function's fast path reads ``_fast`` (the active provider's
+callable, the route keywords it lacks, its name); everything else happens here, once
+per choice or once per route, under the chain's lock.
+
+Under torch.compile the choice and each route are made at trace time by functions
+Dynamo runs instead of tracing (``_activate``, ``_route``): the graph then calls the
+chosen provider directly, and a ``reload_config()`` or ``reset()`` retraces it.
+"""
+
+from __future__ import annotations
+
+import itertools
+import threading
+import weakref
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Final, final
+
+import torch
+
+from kernel_fallback import _config, _events
+from kernel_fallback._describe import describe_chain, render_table
+from kernel_fallback._gates import BoolFlag, Gate
+from kernel_fallback._providers import (
+    AUTO,
+    Loaded,
+    Provider,
+    Unavailable,
+    declare_provider,
+    lookup_provider,
+    open_provider,
+)
+from kernel_fallback._tolerant import _capturing, _is_neutral
+from kernel_fallback.exceptions import PolicyConfigError, ProviderUnavailableError, UnsupportedKwargError
+
+__all__ = ["KernelChain", "Selection", "activate", "chains", "route"]
+
+PROVIDER_EVENT: Final = "kernel_fallback.provider_fallback"
+DISPATCH_EVENT: Final = "kernel_fallback.dispatch"
+_registry: weakref.WeakValueDictionary[str, KernelChain] = weakref.WeakValueDictionary()
+_tokens = itertools.count()
+_generations = itertools.count()
+
+
+def _not_active(*args: object, **kwargs: object) -> None:
+    raise AssertionError("kernel_fallback: a chain was called before choosing its provider")
+
+
+_NOT_ACTIVE: Final = (_not_active, frozenset[str](), "")
+
+
+@final
+@dataclass(frozen=True, slots=True)
+class Selection:
+    """Which providers a chain tries, in order, and what decided it."""
+
+    order: tuple[str, ...]
+    explicit: str | None
+    source: str
+    strict: bool
+    excluded: Mapping[str, str]
+
+
+@final
+class KernelChain:
+    """The state of one chain, exposed as ``function.chain`` (see :func:`kernel_chain`).
+
+    ``provider()`` declares implementations, ``use()`` picks one explicitly, ``active``
+    says which one serves, ``describe()`` and ``describe_table()`` say why.
+    """
+
+    __slots__ = (
+        "__weakref__",
+        "_active",
+        "_event_fields",
+        "_fast",
+        "_generation",
+        "_impls",
+        "_loads",
+        "_lock",
+        "_max_positional",
+        "_neutral",
+        "_policies",
+        "_positional",
+        "_providers",
+        "_route_keys",
+        "_routes",
+        "_selection",
+        "_state",
+        "_token",
+        "_use",
+        "default_provider",
+        "explicit_may_fall_back",
+        "flags",
+        "logical",
+        "name",
+    )
+
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        *,
+        name: str,
+        neutral: dict[str, object],
+        route_keys: tuple[str, ...],
+        policies: dict[str, str],
+        flags: tuple[BoolFlag, ...],
+        provider: str | None,
+        explicit_may_fall_back: bool,
+        positional: tuple[str, ...],
+        max_positional: int,
+    ) -> None:
+        self.logical = fn
+        self.name = name
+        self.flags = flags
+        self.default_provider = provider
+        self.explicit_may_fall_back = explicit_may_fall_back
+        self._neutral = neutral
+        self._route_keys = route_keys
+        self._policies = policies
+        self._positional = positional
+        self._max_positional = max_positional
+        self._providers: dict[str, Provider] = {}
+        self._loads: dict[str, Loaded | Unavailable] = {}
+        self._impls: dict[str, Callable[..., Any]] = {}
+        self._routes: dict[tuple[str, tuple[str, ...]], tuple[str, str]] = {}
+        self._selection: Selection | None = None
+        self._active: tuple[str, tuple[str, ...], dict[str, str]] | None = None
+        self._fast: tuple[Callable[..., Any], frozenset[str], str] | None = None
+        self._state: tuple[Callable[..., Any], frozenset[str], str] = _NOT_ACTIVE
+        self._use: str | None = None
+        self._event_fields: dict[tuple[str, str, str, str], object] = {}
+        self._generation = ""
+        self._lock = threading.RLock()
+        self._token = f"{name}#{next(_tokens)}"
+        _registry[self._token] = self
+
+    # -- calls (the fast path is the function kernel_chain returns) ----------------
+
+    def _dispatch(
+        self, impl: Callable[..., Any], active: str, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any:
+        """The slow path: the call passes a route keyword the active provider lacks."""
+        if len(args) > self._max_positional:
+            raise self._too_many_positional(len(args))
+        neutral = self._neutral
+        needed = tuple(k for k in self._route_keys if k in kwargs and not _is_neutral(kwargs[k], neutral[k]))
+        target, policy = route(self._token, active, needed)
+        if not target:
+            return impl(*args, **kwargs)
+        if torch.compiler.is_dynamo_compiling():
+            _events.note_traced("dispatch", self.name, target, policy)
+        else:
+            # Under CUDA graph capture the route is baked into the graph: say so.
+            captured = bool(args) and _capturing(args[0])
+            _events.record(("dispatch", self.name, target, policy), captured=captured)
+        return self._impls[target](*args, **kwargs)
+
+    def _too_many_positional(self, given: int) -> TypeError:
+        return TypeError(
+            f"{self.name}() takes at most {self._max_positional} positional arguments "
+            f"({', '.join(self._positional)}) but {given} were given; pass the others by keyword, "
+            "so that the chain sees every keyword a provider may lack."
+        )
+
+    # -- declaration -----------------------------------------------------------------
+
+    def provider(
+        self,
+        name: str,
+        target: str | None = None,
+        *,
+        loader: Callable[[], Callable[..., Any]] | None = None,
+        gate: Gate | Sequence[Gate] = (),
+        on_drop: str | Mapping[str, str] | None = None,
+        unsupported: Iterable[str] = (),
+    ) -> None:
+        """Declare the next provider of the chain, loaded lazily on first need.
+
+        ``target`` is an import path ``"pkg.module:attr"``; or ``loader`` is a callable
+        returning the kernel (raise ImportError, OSError or RuntimeError from it to say
+        "unavailable here"). ``gate`` is one or more :class:`Gate` checked before loading.
+        ``on_drop`` overrides the chain's policy for this provider. ``unsupported`` lists
+        route or drop keywords the kernel accepts but does not honour (it ignores them):
+        they are handled as if its signature lacked them.
+        """
+        spec = declare_provider(
+            f"{self.name}.provider({name!r})",
+            name,
+            target,
+            loader=loader,
+            gate=gate,
+            on_drop=on_drop,
+            unsupported=unsupported,
+            neutral=self._neutral,
+        )
+        with self._lock:
+            if any(n.lower() == name.lower() for n in self._providers):
+                raise PolicyConfigError(
+                    f"{self.name}.provider({name!r}): a provider of that name is already declared.",
+                    name="name",
+                    value=name,
+                )
+            self._providers[name] = spec
+            self._reset(None)
+
+    def use(self, name: str | None) -> None:
+        """Choose a provider explicitly (stronger than the environment); None undoes it.
+
+        ``use("auto")`` forces the automatic order even when the environment names one.
+        """
+        if name is not None and name.strip().lower() != AUTO:
+            name = lookup_provider(f"{self.name}.use(name)", name, self._providers)
+        with self._lock:
+            self._use = AUTO if name is not None and name.strip().lower() == AUTO else name
+            self._reset(None)
+
+    def reset(self) -> None:
+        """Forget every load result (also failures) and the choice; the next call loads again."""
+        with self._lock:
+            self._loads.clear()
+            self._impls.clear()
+            self._reset(None)
+
+    def _reset(self, selection: Selection | None) -> None:
+        self._selection = selection
+        self._active = None
+        self._routes = {}
+        self._fast = None
+        # Read by a call that finds no active provider, so a graph compiled then is
+        # guarded on it and retraced after a reset instead of calling a stale provider.
+        # A string: torch.compile may turn an int that changes into a dynamic value.
+        self._generation = str(next(_generations))
+
+    # -- selection -------------------------------------------------------------------
+
+    @property
+    def providers(self) -> tuple[str, ...]:
+        """The declared provider names, in declaration order."""
+        return tuple(self._providers)
+
+    @property
+    def env_var(self) -> str:
+        """The variable that names this chain's provider explicitly."""
+        return _config.ENV_PROVIDER_PREFIX + _config.env_suffix(self.name)
+
+    @property
+    def active(self) -> str:
+        """The provider that serves calls (choosing and loading it if not done yet)."""
+        self._activate()
+        assert self._active is not None
+        return self._active[0]
+
+    def select(self, snap: _config.Snapshot) -> Selection:
+        """The providers to try under ``snap``, in order; raises on an invalid variable."""
+        names = tuple(self._providers)
+        if not names:
+            raise ProviderUnavailableError(
+                f"{self.name}: no provider is declared; add one with {self.name}.provider(...).",
+                kernel=self.name,
+                reasons={},
+            )
+        auto, auto_source = self._automatic(snap)
+        var = self.env_var
+        raw = snap.get(var)
+        explicit: str | None = None
+        source = ""
+        if self._use is not None:
+            source = f"{self.name}.use({self._use!r})"
+            explicit = None if self._use == AUTO else self._use
+        elif raw is not None:
+            source = f"{var}={raw!r}"
+            explicit = None if raw.strip().lower() == AUTO else lookup_provider(var, raw, names)
+        elif self.default_provider is not None:
+            source = f"kernel_chain(provider={self.default_provider!r})"
+            explicit = lookup_provider("kernel_chain(provider)", self.default_provider, names)
+        if explicit is None:
+            order, source = auto, (f"{source}, so {auto_source}" if source else auto_source)
+        elif self.explicit_may_fall_back:
+            order = (explicit, *(n for n in auto if n != explicit))
+        else:
+            order = (explicit,)
+        excluded = {
+            n: (f"{source} chose {explicit!r}" if explicit else f"not in the order {source} selects")
+            for n in names
+            if n not in order
+        }
+        return Selection(order, explicit, source, snap.strict, excluded)
+
+    def _automatic(self, snap: _config.Snapshot) -> tuple[tuple[str, ...], str]:
+        if not self.flags:
+            return tuple(self._providers), "declaration order"
+        decided: tuple[BoolFlag, bool, str] | None = None
+        for flag in self.flags:  # every set flag is validated, the first one decides
+            value = flag.read(snap)
+            if value is not None and decided is None:
+                decided = (flag, value, f"{flag.var}={snap.get(flag.var)!r}")
+        if decided is None:
+            first = self.flags[0]
+            decided = (first, first.default, f"{first.var} unset (default {str(first.default).lower()})")
+        flag, value, source = decided
+        order = flag.order(value)
+        for n in order:
+            if n not in self._providers:
+                raise PolicyConfigError(
+                    f"{self.name}: {flag!r} lists {n!r}, which is not a declared provider "
+                    f"({', '.join(self._providers)}).{_config.did_you_mean(n, self._providers)}",
+                    name=flag.var,
+                    value=n,
+                    allowed=tuple(self._providers),
+                )
+        return order, source
+
+    def _load(self, name: str) -> Loaded | Unavailable:
+        got = self._loads.get(name)
+        if got is None:
+            got = open_provider(
+                self._providers[name],
+                chain=self.name,
+                positional=self._positional,
+                neutral=self._neutral,
+                route_keys=frozenset(self._route_keys),
+                policies=self._policies,
+            )
+            self._loads[name] = got
+            if isinstance(got, Loaded):
+                self._impls[name] = got.impl
+        return got
+
+    def _activate(self) -> tuple[Callable[..., Any], frozenset[str], str]:
+        """Choose and open the active provider, unless done; raise when none can serve."""
+        with self._lock:
+            if self._fast is not None:
+                return self._fast
+            sel = self._selection
+            if sel is None:
+                sel = self._selection = self.select(_config.snapshot())
+            skipped: dict[str, str] = {}
+            first_error: BaseException | None = None
+            chosen: Loaded | None = None
+            for name in sel.order:
+                got = self._load(name)
+                if isinstance(got, Loaded):
+                    chosen = got
+                    break
+                skipped[name] = got.reason
+                first_error = first_error or got.error
+            if chosen is None:
+                raise self._unavailable(sel, skipped) from first_error
+            if skipped:
+                self._fell_back(sel, chosen.name, skipped, first_error)
+            self._active = (chosen.name, sel.order, skipped)
+            self._routes = {}
+            self._fast = self._state = (chosen.impl, chosen.route_lacking, chosen.name)
+            return self._fast
+
+    def _unavailable(self, sel: Selection, skipped: dict[str, str]) -> ProviderUnavailableError:
+        if sel.explicit is not None and len(sel.order) == 1:
+            return ProviderUnavailableError(
+                f"{self.name}: provider {sel.explicit!r} was requested by {sel.source} but cannot be "
+                f"used: {skipped[sel.explicit]}. Unset it (or set {self.env_var}=auto) to let the chain "
+                f"choose among {', '.join(self._providers)}, or declare the chain with "
+                "explicit_may_fall_back=True.",
+                kernel=self.name,
+                reasons=dict(skipped),
+            )
+        reasons = {**skipped, **{n: f"not selected: {why}" for n, why in sel.excluded.items()}}
+        listed = "; ".join(f"{n}: {why}" for n, why in reasons.items())
+        return ProviderUnavailableError(
+            f"{self.name}: no provider can be used (order from {sel.source}): {listed}.",
+            kernel=self.name,
+            reasons=reasons,
+        )
+
+    def _fell_back(
+        self, sel: Selection, chosen: str, skipped: dict[str, str], error: BaseException | None
+    ) -> None:
+        wanted = sel.order[0]
+        if sel.strict:
+            raise ProviderUnavailableError(
+                f"{self.name}: {_config.ENV_STRICT} is set and the chain would fall back from "
+                f"{wanted!r} to {chosen!r} ({wanted}: {skipped[wanted]}). Choose {chosen!r} "
+                f"explicitly with {self.env_var}={chosen}, or unset {_config.ENV_STRICT}.",
+                kernel=self.name,
+                reasons=dict(skipped),
+            ) from error
+        key = ("provider", self.name, chosen, "fallback")
+        # The events module holds static fields weakly: the chain keeps them alive.
+        self._event_fields[key] = _events.describe_key(
+            key,
+            {
+                "event": PROVIDER_EVENT,
+                "kernel": self.name,
+                "wanted": wanted,
+                "chosen": chosen,
+                "reason": skipped[wanted],
+                "skipped": dict(skipped),
+                "mode": "explicit" if sel.explicit else "automatic",
+                "source": sel.source,
+                "policy": "fallback",
+            },
+        )
+        _events.record(key)
+
+    def route_for(self, active: str, needed: tuple[str, ...]) -> tuple[str, str]:
+        """Where a call passing the non-neutral route keywords ``needed`` goes: (provider, policy).
+
+        ``("", "")`` means the active provider itself (its ``on_drop`` policy applies).
+        Computed once per (active, keywords) and cached; may open later providers.
+        """
+        key = (active, needed)
+        hit = self._routes.get(key)
+        if hit is not None:
+            return hit
+        with self._lock:
+            loaded = self._loads.get(active)
+            if not isinstance(loaded, Loaded):  # reset() while this call was in flight
+                return ("", "")
+            missing = tuple(k for k in needed if k in loaded.route_lacking)
+            result = ("", "")
+            if missing:
+                order = self._active[1] if self._active is not None else (active,)
+                for name in order:
+                    got = self._load(name) if name != active else loaded
+                    if isinstance(got, Loaded) and got.route_lacking.isdisjoint(needed):
+                        result = self._describe_route(loaded, name, missing)
+                        break
+            self._routes[key] = result
+            return result
+
+    def _describe_route(self, active: Loaded, target: str, missing: tuple[str, ...]) -> tuple[str, str]:
+        shown = ", ".join(missing)
+        sel = self._selection
+        if sel is not None and sel.strict:
+            raise UnsupportedKwargError(
+                f"{self.name}: the active provider {active.name!r} lacks {shown} and provider "
+                f"{target!r} takes it, but {_config.ENV_STRICT} forbids re-routing calls. Choose "
+                f"{target!r} with {self.env_var}={target}, or unset {_config.ENV_STRICT}.",
+                kernel=self.name,
+                kwarg=missing[0],
+                env_vars=(_config.ENV_STRICT, self.env_var),
+            )
+        policy = "route:" + "+".join(missing)
+        key = ("dispatch", self.name, target, policy)
+        self._event_fields[key] = _events.describe_key(
+            key,
+            {
+                "event": DISPATCH_EVENT,
+                "kernel": self.name,
+                "active": active.name,
+                "chosen": target,
+                "kwargs": list(missing),
+                "policy": policy,
+                "source": active.signature_source,
+                "reason": f"{active.name} lacks {shown} ({active.signature_source}); {target} takes it",
+            },
+        )
+        return target, policy
+
+    # -- introspection ---------------------------------------------------------------
+
+    def describe(self, *, load: bool = True) -> dict[str, Any]:
+        """This chain as data: providers in order, the active one, why others were skipped.
+
+        With ``load`` (the default) the active provider is chosen first, as a call would;
+        a configuration or availability error is reported under ``"error"``, not raised.
+        """
+        error = None
+        if load:
+            try:
+                self._activate()
+            except (PolicyConfigError, ProviderUnavailableError) as exc:
+                error = f"{type(exc).__name__}: {exc}"
+        with self._lock:
+            return describe_chain(self, error)
+
+    def describe_table(self, *, load: bool = True) -> str:
+        """:meth:`describe` as a table for people."""
+        return render_table([self.describe(load=load)])
+
+    def __repr__(self) -> str:
+        active = f" active={self._active[0]!r}" if self._active is not None else ""
+        return f"<KernelChain {self.name} providers={list(self._providers)}{active}>"
+
+
+def activate(token: str, generation: str) -> bool:
+    """Choose and open a chain's provider; under torch.compile run at trace time, not traced."""
+    del generation  # only there to be guarded on (see KernelChain._reset)
+    _registry[token]._activate()
+    return True
+
+
+def route(token: str, active: str, needed: tuple[str, ...]) -> tuple[str, str]:
+    """:meth:`KernelChain.route_for` by token; run by Dynamo at trace time, not traced."""
+    return _registry[token].route_for(active, needed)
+
+
+# Same marker as `torch._dynamo.assume_constant_result` (see _events.note_traced): the
+# choice is made once at trace time and the graph calls the chosen provider directly.
+activate._dynamo_marked_constant = True  # type: ignore[attr-defined]
+route._dynamo_marked_constant = True  # type: ignore[attr-defined]
+
+
+def chains() -> list[KernelChain]:
+    """Every live chain, sorted by name."""
+    return sorted(_registry.values(), key=lambda chain: chain.name)
+
+
+def _prepare_reload(snap: _config.Snapshot) -> Callable[[], None]:
+    live = [chain for chain in chains() if chain.providers]
+    selections = [chain.select(snap) for chain in live]
+
+    def commit() -> None:
+        for chain, selection in zip(live, selections, strict=True):
+            with chain._lock:
+                chain._reset(selection)
+
+    return commit
+
+
+_config.on_reload(_prepare_reload)

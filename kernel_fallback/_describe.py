@@ -1,0 +1,105 @@
+"""What a kernel chain decided, as data and as a table for people."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from kernel_fallback._providers import Loaded, Unavailable
+
+if TYPE_CHECKING:
+    from kernel_fallback._chain_state import KernelChain
+
+__all__ = ["describe_chain", "render_table"]
+
+#: Provider states, in the words describe() uses.
+ACTIVE = "active"
+AVAILABLE = "available"
+UNAVAILABLE = "unavailable"
+NOT_TRIED = "not tried"
+NOT_SELECTED = "not selected"
+NOT_LOADED = "not loaded"
+
+
+def describe_chain(chain: KernelChain, error: str | None) -> dict[str, Any]:
+    """The state of ``chain`` (its lock held by the caller) as plain data."""
+    selection = chain._selection
+    active = chain._active[0] if chain._active is not None else None
+    order = selection.order if selection is not None else ()
+    providers: list[dict[str, Any]] = []
+    for name, spec in chain._providers.items():
+        got = chain._loads.get(name)
+        reason: str | None = None
+        if name == active:
+            status = ACTIVE
+        elif isinstance(got, Unavailable):
+            status, reason = UNAVAILABLE, got.reason
+        elif isinstance(got, Loaded):
+            status = AVAILABLE
+        elif selection is not None and name not in order:
+            status, reason = NOT_SELECTED, selection.excluded.get(name)
+        elif selection is not None:
+            status = NOT_TRIED
+        else:
+            status = NOT_LOADED
+        row: dict[str, Any] = {
+            "name": name,
+            "position": order.index(name) + 1 if name in order else None,
+            "source": spec.source,
+            "gates": [gate.description for gate in spec.gates],
+            "status": status,
+            "reason": reason,
+            "signature": None,
+            "lacks": None,
+            "on_drop": None,
+        }
+        if isinstance(got, Loaded):
+            row["signature"] = got.signature_source
+            row["lacks"] = sorted(got.lacking)
+            if got.tolerant is not None:  # the policy each lacked keyword gets when passed
+                row["on_drop"] = {k: got.tolerant.policies[k][0] for k in row["lacks"]}
+        providers.append(row)
+    providers.sort(key=lambda row: (row["position"] is None, row["position"] or 0))
+    return {
+        "kernel": chain.name,
+        "active": active,
+        "mode": None if selection is None else ("explicit" if selection.explicit else "automatic"),
+        "selected_by": selection.source if selection is not None else None,
+        "order": list(order),
+        "strict": selection.strict if selection is not None else None,
+        "env_var": chain.env_var,
+        "error": error,
+        "providers": providers,
+    }
+
+
+def _detail(row: dict[str, Any]) -> str:
+    if row["reason"]:
+        return str(row["reason"])
+    if row["lacks"] is not None:
+        lacks = ", ".join(row["lacks"]) or "nothing"
+        return f"{row['source']} ({row['signature']}); lacks {lacks}"
+    return str(row["source"])
+
+
+def render_table(described: Sequence[dict[str, Any]]) -> str:
+    """Chains as returned by ``describe()``, one block each, aligned columns."""
+    blocks: list[str] = []
+    for chain in described:
+        head = f"{chain['kernel']}: active {chain['active'] or '-'}"
+        if chain["mode"]:
+            head += f" ({chain['mode']}: {chain['selected_by']})"
+        lines = [head]
+        if chain["error"]:
+            lines.append(f"  error: {chain['error']}")
+        rows = [("#", "provider", "status", "detail")]
+        for row in chain["providers"]:
+            position = str(row["position"]) if row["position"] is not None else "-"
+            rows.append((position, row["name"], row["status"], _detail(row)))
+        widths = [max(len(r[i]) for r in rows) for i in range(3)]
+        for r in rows:
+            lines.append(
+                "  " + "  ".join(c.ljust(w) for c, w in zip(r[:3], widths, strict=True)) + "  " + r[3]
+            )
+        blocks.append("\n".join(line.rstrip() for line in lines))
+    return "\n\n".join(blocks)
