@@ -19,6 +19,7 @@ import importlib
 import json
 import os
 import sys
+import textwrap
 from collections.abc import Sequence
 from typing import Any, TextIO
 
@@ -247,7 +248,7 @@ def _check_variable(name: str, raw: str, kernels: Sequence[Any]) -> tuple[str, s
         elif name.startswith(_config.ENV_ON_DROP_PREFIX):
             return _check_per_kernel(name, raw, kernels)
         elif name.startswith(_config.ENV_PROVIDER_PREFIX):
-            return "unchecked", "provider choices are checked by the kernel's provider chain when it resolves"
+            return _check_provider(name)
         else:
             _config.check_known_variables({name: raw})  # raises for a set, unknown name
             return "unknown", "empty, and not a variable kernel_fallback reads." + _unknown_hint(
@@ -269,6 +270,20 @@ def _check_per_kernel(name: str, raw: str, kernels: Sequence[Any]) -> tuple[str,
     known = [_config.ENV_ON_DROP_PREFIX + _config.env_suffix(k.name) for k in kernels]
     hint = _config.did_you_mean(name, known)
     return "unchecked", f"no kernel named {suffix!r} is registered in this process (--import MODULE).{hint}"
+
+
+def _check_provider(name: str) -> tuple[str, str]:
+    """Check a KERNEL_FALLBACK_PROVIDER__<NAME> against the chain of that name, if declared."""
+    from kernel_fallback._chain import chains  # here: `report` and `check` need no chains
+
+    declared = chains()
+    matching = [c for c in declared if c.env_var == name]
+    for chain in matching:
+        chain.select(_config.snapshot())  # raises for a provider the chain does not have
+    if matching:
+        return "ok", ""
+    hint = _config.did_you_mean(name, [c.env_var for c in declared])
+    return "unchecked", f"no chain with this variable is declared in this process (--import MODULE).{hint}"
 
 
 def _unknown_hint(name: str, kernels: Sequence[Any]) -> str:
@@ -328,15 +343,29 @@ def _show_config(args: argparse.Namespace, out: TextIO) -> int:
     problems = [v for v in variables if v["status"] in ("invalid", "unknown")]
     described = [k.describe() for k in kernels]
     ok = not problems and not import_errors
+    # Chains are described without loading providers when the configuration is invalid.
+    chain_rows = kernel_fallback.describe(load=ok)
     if args.format == "json":
         json.dump(
-            {"ok": ok, "variables": variables, "import_errors": import_errors, "kernels": described},
+            {
+                "ok": ok,
+                "variables": variables,
+                "import_errors": import_errors,
+                "kernels": described,
+                "chains": chain_rows,
+            },
             out,
             indent=2,
+            default=str,
         )
         print(file=out)
     else:
         _print_config(variables, import_errors, described, out)
+        if chain_rows:
+            print(f"Chains ({len(chain_rows)} declared in this process):", file=out)
+            print(textwrap.indent(kernel_fallback.describe_table(load=ok), "  "), file=out)
+    # Loading providers to describe them is not a workload: no exit summary of it.
+    kernel_fallback.reset_stats()
     for problem in problems:
         print(
             f"{PROG}: {problem['status']} variable {problem['name']}: {problem['message']}", file=sys.stderr

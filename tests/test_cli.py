@@ -517,3 +517,25 @@ def test_check_refuses_console_logs_that_show_fallbacks(
     assert code == 2
     assert "1 line(s) name kernel_fallback events but are not JSON" in err
     assert "ok" not in out
+
+
+@pytest.mark.parametrize(
+    ("value", "code", "expected"),
+    [
+        ("torch", 0, "active torch"),
+        (
+            "torhc",
+            1,
+            "'torhc' is not a provider of this chain; use one of hub, sgl_kernel, flash_attn, torch, auto. Did you mean 'torch'?",
+        ),
+    ],
+    ids=["valid", "typo"],
+)
+def test_config_checks_provider_variables_against_declared_chains(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, value: str, code: int, expected: str
+) -> None:
+    monkeypatch.setenv("KERNEL_FALLBACK_PROVIDER__FLASH_ATTN_VARLEN_FUNC", value)
+    got, out, err = run(["config", "--import", "kernel_fallback.integrations.flash_attn"], capsys)
+    assert got == code
+    assert expected in out + err
+    assert "Chains (2 declared in this process):" in out
