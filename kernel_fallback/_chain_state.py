@@ -157,7 +157,23 @@ class KernelChain:
             # Under CUDA graph capture the route is baked into the graph: say so.
             captured = bool(args) and _capturing(args[0])
             _events.record(("dispatch", self.name, target, policy), captured=captured)
-        return self._impls[target](*args, **kwargs)
+        target_impl = self._impls.get(target)
+        if target_impl is None:  # reset() while this call was in flight: open it again
+            target_impl = self._open(target)
+        return target_impl(*args, **kwargs)
+
+    def _open(self, name: str) -> Callable[..., Any]:
+        """The callable of a provider a route chose, loading it if a reset forgot it."""
+        with self._lock:
+            got = self._load(name)
+        if not isinstance(got, Loaded):
+            raise ProviderUnavailableError(
+                f"{self.name}: provider {name!r} was chosen for this call but can no longer be "
+                f"used: {got.reason}.",
+                kernel=self.name,
+                reasons={name: got.reason},
+            )
+        return got.impl
 
     def _too_many_positional(self, given: int) -> TypeError:
         return TypeError(
@@ -263,6 +279,7 @@ class KernelChain:
                 kernel=self.name,
                 reasons={},
             )
+        _config.check_near_misses(snap, _config.ENV_PROVIDER_PREFIX, [c.env_var for c in chains()])
         auto, auto_source = self._automatic(snap)
         var = self.env_var
         raw = snap.get(var)
@@ -416,13 +433,18 @@ class KernelChain:
         if hit is not None:
             return hit
         with self._lock:
-            loaded = self._loads.get(active)
-            if not isinstance(loaded, Loaded):  # reset() while this call was in flight
+            # A reset() or reload_config() while this call was in flight forgot the loads
+            # and the choice: take them up again rather than send the call where it fails.
+            loaded = self._loads.get(active) or self._load(active)
+            if not isinstance(loaded, Loaded):
                 return ("", "")
             missing = tuple(k for k in needed if k in loaded.route_lacking)
             result = ("", "")
             if missing:
-                order = self._active[1] if self._active is not None else (active,)
+                if self._active is None:
+                    self._activate()
+                assert self._active is not None
+                order = self._active[1]
                 for name in order:
                     got = self._load(name) if name != active else loaded
                     if isinstance(got, Loaded) and got.route_lacking.isdisjoint(needed):

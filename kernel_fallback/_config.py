@@ -33,6 +33,7 @@ __all__ = [
     "Snapshot",
     "check_known_variables",
     "check_log_file",
+    "check_near_misses",
     "env_suffix",
     "parse_bool",
     "parse_log_format",
@@ -111,6 +112,26 @@ def check_known_variables(environ: Mapping[str, str]) -> None:
                 value=value,
                 allowed=tuple(KNOWN_VARIABLES),
             )
+
+
+def check_near_misses(snap: Snapshot, prefix: str, declared: Iterable[str]) -> None:
+    """Raise for a set ``<prefix><NAME>`` variable that names nothing declared but is
+    close to a declared one: ``..._PROVIDER__FLASH_ATTN_VARLEN`` for ``..._VARLEN_FUNC``
+    would otherwise leave an explicit request silently unmet. A name close to nothing
+    may belong to a kernel declared later, and is left alone."""
+    names = list(declared)
+    # Compare what follows the prefix: the shared prefix would make every name "close".
+    suffixes = [n[len(prefix) :] for n in names if n.startswith(prefix)]
+    for name in snap.environ:
+        if name.startswith(prefix) and name not in names and snap.get(name) is not None:
+            close = difflib.get_close_matches(name[len(prefix) :], suffixes, n=1, cutoff=0.8)
+            if close:
+                raise PolicyConfigError(
+                    f"{name} names no declared kernel. Did you mean {prefix + close[0]!r}?",
+                    name=name,
+                    value=snap.get(name),
+                    allowed=tuple(names),
+                )
 
 
 def parse_bool(name: str, raw: str) -> bool:

@@ -904,3 +904,59 @@ def test_compiles_fullgraph_first_call_included_and_recompiles_only_on_reload(
     assert torch.equal(step(x, y), x + 2 * y)
     assert chain.describe()["active"] == "other"
     assert unique_graphs() == 3
+
+
+@pytest.mark.parametrize("disturb", ["reset", "reload_config"])
+def test_routed_calls_survive_a_reset_or_reload_in_flight(disturb: str) -> None:
+    def fast(x: torch.Tensor) -> torch.Tensor:
+        return x
+
+    def reference(x: torch.Tensor, *, sinks: torch.Tensor | None = None) -> torch.Tensor:
+        return x + (0 if sinks is None else sinks)
+
+    @kernel_chain(route=["sinks"], name=f"race_{disturb}")
+    def toy(x: torch.Tensor, *, sinks: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    toy.provider("fast", loader=lambda: fast)
+    toy.provider("torch", loader=lambda: reference)
+    x, s = torch.ones(1), torch.ones(1)
+    stop = threading.Event()
+    action = toy.reset if disturb == "reset" else kernel_fallback.reload_config
+
+    def disturber() -> None:
+        while not stop.is_set():
+            action()
+
+    errors: list[str] = []
+    thread = threading.Thread(target=disturber)
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    with capture_logs():
+        thread.start()
+        try:
+            for _ in range(20_000):
+                try:
+                    assert float(toy(x, sinks=s)) == 2.0
+                except Exception as exc:  # noqa: BLE001 - collected, to report every kind at once
+                    errors.append(f"{type(exc).__name__}: {exc}"[:100])
+        finally:
+            stop.set()
+            thread.join()
+            sys.setswitchinterval(old)
+    assert errors == []
+
+
+def test_a_misspelt_provider_variable_is_an_error_not_a_silent_fallback(env: pytest.MonkeyPatch) -> None:
+    chain = make_chain("near_miss_kernel")
+    chain.provider("torch", loader=lambda: add)
+    env.setenv("KERNEL_FALLBACK_PROVIDER__NEAR_MISS_KERNL", "torch")
+    with pytest.raises(
+        PolicyConfigError,
+        match=r"KERNEL_FALLBACK_PROVIDER__NEAR_MISS_KERNL names no declared kernel\. Did you mean 'KERNEL_FALLBACK_PROVIDER__NEAR_MISS_KERNEL'\?",
+    ):
+        kernel_fallback.reload_config()
+    env.setenv("KERNEL_FALLBACK_PROVIDER__SOMETHING_ELSE_ENTIRELY", "torch")  # may be declared later
+    env.delenv("KERNEL_FALLBACK_PROVIDER__NEAR_MISS_KERNL")
+    kernel_fallback.reload_config()
+    assert chain.chain.active == "torch"
