@@ -538,4 +538,6 @@ def test_config_checks_provider_variables_against_declared_chains(
     got, out, err = run(["config", "--import", "kernel_fallback.integrations.flash_attn"], capsys)
     assert got == code
     assert expected in out + err
-    assert "Chains (2 declared in this process):" in out
+    # Chains other tests declared may still be alive: look for the FA ones.
+    assert re.search(r"Chains \(\d+ declared in this process\):", out)
+    assert "flash_attn_varlen_func: " in out
