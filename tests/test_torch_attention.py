@@ -7,6 +7,7 @@ implementation written as explicit per-(head, query, key) loops.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pytest
@@ -33,12 +34,14 @@ def _ref_sequence(
     scale: float,
     causal: bool = False,
     window: tuple[int, int] = (-1, -1),
+    chunk: int = 0,
     softcap: float = 0.0,
     sinks: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Float64 attention of one sequence by plain loops.
 
     q (Lq, Hq, D), k (Lk, Hkv, D), v (Lk, Hkv, Dv) -> out (Lq, Hq, Dv), lse (Hq, Lq).
+    ``chunk`` > 0 is FA3's ``attention_chunk``: keys before the query's chunk are hidden.
     """
     q, k, v = q.double(), k.double(), v.double()
     lq, hq, _ = q.shape
@@ -59,6 +62,8 @@ def _ref_sequence(
                 if right >= 0 and j - diag > right:
                     continue
                 if left >= 0 and diag - j > left:
+                    continue
+                if chunk > 0 and j < diag - diag % chunk:  # before the start of diag's chunk
                     continue
                 s = scale * float(torch.dot(q[i, h], k[j, kv_head]))
                 if softcap > 0:
@@ -103,6 +108,7 @@ class Case:
     softcap: float = 0.0
     use_sinks: bool = False
     scale: float | None = None
+    chunk: int = 0
     extra: dict[str, int] = field(default_factory=dict)
 
 
@@ -125,6 +131,19 @@ VARLEN_CASES = [
             [7, 5], [11, 6], hq=8, hkv=2, d=8, dv=12, causal=True, window=(4, -1), softcap=5.0, use_sinks=True
         ),
         id="everything",
+    ),
+    # attention_chunk (Llama-4 chunked local attention), with Lq != Lk in most sequences.
+    pytest.param(Case([7, 20, 3], [23, 20, 9], causal=True, chunk=4), id="chunk4-causal"),
+    pytest.param(Case([9, 21, 5], [37, 21, 18], causal=True, chunk=16), id="chunk16-causal"),
+    pytest.param(Case([6, 10, 4], [19, 10, 13], chunk=4), id="chunk4-noncausal"),
+    pytest.param(Case([8, 30], [40, 33], chunk=16), id="chunk16-noncausal"),
+    pytest.param(Case([12, 5], [6, 5], causal=True, chunk=4), id="chunk4-causal-lq-gt-lk"),
+    pytest.param(Case([12, 3], [6, 17], chunk=4), id="chunk4-noncausal-lq-gt-lk"),
+    pytest.param(Case([9, 6], [26, 6], causal=True, window=(5, -1), chunk=4), id="chunk4-causal-window"),
+    pytest.param(Case([10, 17], [35, 20], window=(20, 2), chunk=16), id="chunk16-window-right2"),
+    pytest.param(
+        Case([11, 4], [29, 18], hq=8, hkv=2, causal=True, softcap=4.0, use_sinks=True, chunk=16),
+        id="chunk16-causal-gqa-softcap-sinks",
     ),
 ]
 
@@ -151,6 +170,7 @@ def test_varlen_matches_reference(case: Case) -> None:
         softmax_scale=case.scale,
         causal=case.causal,
         window_size=case.window,
+        attention_chunk=case.chunk,
         softcap=case.softcap,
         sinks=sinks,
         return_softmax_lse=True,
@@ -169,6 +189,7 @@ def test_varlen_matches_reference(case: Case) -> None:
             scale=scale,
             causal=case.causal,
             window=case.window,
+            chunk=case.chunk,
             softcap=case.softcap,
             sinks=sinks,
         )
@@ -186,11 +207,42 @@ def test_varlen_matches_reference(case: Case) -> None:
         softmax_scale=case.scale,
         causal=case.causal,
         window_size=case.window,
+        attention_chunk=case.chunk,
         softcap=case.softcap,
         sinks=sinks,
     )
     assert isinstance(plain, Tensor)
     assert torch.equal(plain, out)
+    if case.chunk:  # the chunk cases must exercise the chunk mask
+        unchunked = flash_attn_varlen_func(
+            q,
+            k,
+            v,
+            _cu(case.lens_q),
+            _cu(case.lens_k),
+            softmax_scale=case.scale,
+            causal=case.causal,
+            window_size=case.window,
+            softcap=case.softcap,
+            sinks=sinks,
+        )
+        assert isinstance(unchunked, Tensor)
+        assert not torch.allclose(unchunked, out)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_attention_chunk_mask_support(causal: bool) -> None:
+    # Identity values make out[i, h] the attention row of query i, so its support is the mask.
+    # Lq=3, Lk=10: rows sit at positions 7, 8, 9; with C=4 their chunks start at 4, 8, 8.
+    gen = torch.Generator().manual_seed(8)
+    q, k, v = _randn(gen, 3, 2, 8), _randn(gen, 10, 2, 8), torch.eye(10)[:, None, :].repeat(1, 2, 1)
+    out = flash_attn_varlen_func(q, k, v, _cu([3]), _cu([10]), causal=causal, attention_chunk=4)
+    assert isinstance(out, Tensor)
+    want = [[4, 5, 6, 7], [8], [8, 9]] if causal else [[4, 5, 6, 7, 8, 9], [8, 9], [8, 9]]
+    for i, keys in enumerate(want):
+        for h in range(2):
+            assert (out[i, h] > 0).nonzero().flatten().tolist() == keys
+        assert torch.allclose(out[i].sum(-1), torch.ones(2))
 
 
 def test_fully_masked_rows_are_zero_with_neg_inf_lse() -> None:
@@ -452,6 +504,82 @@ def test_kvcache_varlen_q_paged() -> None:
     _assert_close(lse, torch.cat([s0, s1], dim=1), "lse")
 
 
+CHUNK_MASKS = [
+    pytest.param(False, (-1, -1), id="noncausal"),
+    pytest.param(True, (-1, -1), id="causal"),
+    pytest.param(True, (6, -1), id="causal-window"),
+]
+
+
+@pytest.mark.parametrize(("causal", "window"), CHUNK_MASKS)
+@pytest.mark.parametrize("chunk", [4, 16], ids=["chunk4", "chunk16"])
+@pytest.mark.parametrize("sq", [1, 5], ids=["decode", "extend"])
+def test_kvcache_attention_chunk(causal: bool, window: tuple[int, int], chunk: int, sq: int) -> None:
+    gen = torch.Generator().manual_seed(41)
+    bsz, s_cache, s_new, hq, hkv, d = 3, 40, 2, 8, 2, 16
+    q = _randn(gen, bsz, sq, hq, d)
+    k_cache, v_cache = _randn(gen, bsz, s_cache, hkv, d), _randn(gen, bsz, s_cache, hkv, d)
+    k_new, v_new = _randn(gen, bsz, s_new, hkv, d), _randn(gen, bsz, s_new, hkv, d)
+    seqlens = [35, 17, 3]  # Lk = seqlens + s_new: chunk boundaries fall inside the queries' range
+    keys = [torch.cat([k_cache[b, :n], k_new[b]]) for b, n in enumerate(seqlens)]
+    values = [torch.cat([v_cache[b, :n], v_new[b]]) for b, n in enumerate(seqlens)]
+    out, lse = flash_attn_with_kvcache(
+        q,
+        k_cache,
+        v_cache,
+        k=k_new,
+        v=v_new,
+        cache_seqlens=torch.tensor(seqlens, dtype=torch.int32),
+        causal=causal,
+        window_size=window,
+        attention_chunk=chunk,
+        return_softmax_lse=True,
+    )
+    ref_out, ref_lse = _cache_reference(
+        q, keys, values, scale=d**-0.5, causal=causal, window=window, chunk=chunk
+    )
+    _assert_close(out, ref_out, "out")
+    _assert_close(lse, ref_lse, "lse")
+    unchunked, _ = _cache_reference(q, keys, values, scale=d**-0.5, causal=causal, window=window)
+    assert not torch.allclose(unchunked, ref_out)
+
+
+@pytest.mark.parametrize("chunk", [4, 16], ids=["chunk4", "chunk16"])
+def test_kvcache_attention_chunk_varlen_q_paged(chunk: int) -> None:
+    gen = torch.Generator().manual_seed(42)
+    page_size, max_blocks, hq, hkv, d = 4, 8, 4, 2, 8
+    k_cache, v_cache, page_table, logical_k, logical_v = _paged_setup(gen, 2, page_size, max_blocks, hkv, d)
+    lens_q, seqlens = [7, 2], [30, 19]
+    q = _randn(gen, sum(lens_q), hq, d)
+    sinks = _randn(gen, hq)
+    out, lse = flash_attn_with_kvcache(
+        q,
+        k_cache,
+        v_cache,
+        cache_seqlens=torch.tensor(seqlens, dtype=torch.int32),
+        page_table=page_table,
+        cu_seqlens_q=_cu(lens_q),
+        causal=True,
+        attention_chunk=chunk,
+        sinks=sinks,
+        return_softmax_lse=True,
+    )
+    refs = [
+        _ref_sequence(
+            q[q0 : q0 + lq],
+            logical_k[b][:n],
+            logical_v[b][:n],
+            scale=d**-0.5,
+            causal=True,
+            chunk=chunk,
+            sinks=sinks,
+        )
+        for b, (q0, lq, n) in enumerate(zip([0, lens_q[0]], lens_q, seqlens, strict=True))
+    ]
+    _assert_close(out, torch.cat([o for o, _ in refs]), "out")
+    _assert_close(lse, torch.cat([s for _, s in refs], dim=1), "lse")
+
+
 def _varlen_inputs() -> dict[str, object]:
     gen = torch.Generator().manual_seed(5)
     return {
@@ -495,6 +623,11 @@ VARLEN_ERRORS = [
     pytest.param({"sinks": torch.ones(2)}, r"sinks must have shape \(8,\)", id="sinks-shape"),
     pytest.param({"window_size": (-2, 0)}, r"window_size must be a pair", id="window-bad"),
     pytest.param({"softcap": -1.0}, r"softcap must be >= 0", id="softcap-negative"),
+    pytest.param(
+        {"attention_chunk": -4},
+        r"attention_chunk must be an int >= 0 .*got -4",
+        id="attention-chunk-negative",
+    ),
     pytest.param(
         {"seqused_k": torch.tensor([3, 3])}, r"seqused_k must have dtype torch\.int32", id="seqused-dtype"
     ),
@@ -563,6 +696,11 @@ KVCACHE_ERRORS = [
     ),
     pytest.param({"cu_seqlens_q": _cu([1, 1])}, r"q must be \(total_q, Hq, D\)", id="varlen-q-needs-3d"),
     pytest.param({"q": torch.ones(2, 1, 3, 8)}, r"query heads \(3\)", id="heads-not-divisible"),
+    pytest.param(
+        {"attention_chunk": -1},
+        r"attention_chunk must be an int >= 0 .*got -1",
+        id="attention-chunk-negative",
+    ),
 ]
 
 
@@ -571,3 +709,21 @@ def test_kvcache_invalid_inputs(override: dict[str, object], match: str) -> None
     kwargs = _cache_inputs() | override
     with pytest.raises(ValueError, match=match):
         flash_attn_with_kvcache(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("fn", "inputs"),
+    [
+        pytest.param(flash_attn_varlen_func, _varlen_inputs, id="varlen"),
+        pytest.param(flash_attn_with_kvcache, _cache_inputs, id="kvcache"),
+    ],
+)
+def test_attention_chunk_none_and_zero_mean_off(
+    fn: Callable[..., tuple[Tensor, Tensor]], inputs: Callable[[], dict[str, object]]
+) -> None:
+    kwargs = inputs() | {"causal": True, "window_size": (1, -1), "return_softmax_lse": True}
+    out, lse = fn(**kwargs)
+    for off in (None, 0):
+        out_off, lse_off = fn(**kwargs, attention_chunk=off)
+        assert torch.equal(out_off, out)
+        assert torch.equal(lse_off, lse)

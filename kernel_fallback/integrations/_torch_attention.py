@@ -14,6 +14,9 @@ Semantics shared by both entry points:
 * Masks are aligned to the bottom right: with ``shift = Lk - Lq``, query ``i``
   may attend key ``j`` iff ``i + shift - left <= j <= i + shift + right``, where
   a window side of ``-1`` is unbounded and ``causal`` forces ``right = 0``.
+* ``attention_chunk`` ``C > 0`` (chunked local attention, as in Llama-4) further
+  restricts query ``i`` to keys of its own chunk: ``j >= ((i + shift) // C) * C``.
+  The right bound is unchanged; ``0`` and ``None`` turn it off.
 * ``sinks`` (one logit per query head, natural-log units, neither scaled nor
   capped) adds a virtual key to the softmax denominator that carries no value.
   As in FlashAttention, the returned log-sum-exp includes the sink term.
@@ -40,6 +43,15 @@ def _check_window(window_size: tuple[int, int], causal: bool) -> tuple[int, int]
         raise ValueError(f"window_size must be a pair of ints >= -1 (-1 = unbounded), got {window_size!r}")
     left, right = window_size
     return left, 0 if causal else right
+
+
+def _check_chunk(attention_chunk: int | None) -> int:
+    """Validate ``attention_chunk`` and return the chunk size, 0 when off (0 or None)."""
+    if attention_chunk is None:
+        return 0
+    if not isinstance(attention_chunk, int) or attention_chunk < 0:
+        raise ValueError(f"attention_chunk must be an int >= 0 (0 or None = off), got {attention_chunk!r}")
+    return attention_chunk
 
 
 def _check_common(
@@ -97,11 +109,15 @@ def _attend(
     v: Tensor,
     scale: float,
     window: tuple[int, int],
+    chunk: int,
     softcap: float,
     sinks: Tensor | None,
     dtype: torch.dtype,
 ) -> tuple[Tensor, Tensor]:
     """Attend one sequence: q (Lq, Hq, D), k (Lk, Hkv, D), v (Lk, Hkv, Dv).
+
+    ``window`` is ``(left, right)`` with causal applied; ``chunk`` the attention chunk
+    size, 0 for none.
 
     Returns ``out`` (Lq, Hq, Dv) and ``lse`` (Hq, Lq), both in ``dtype``.
     """
@@ -116,7 +132,7 @@ def _attend(
     if softcap > 0:
         scores = softcap * torch.tanh(scores / softcap)
     left, right = window
-    if left >= 0 or right >= 0:
+    if left >= 0 or right >= 0 or chunk > 0:
         rows = torch.arange(lq, device=q.device).unsqueeze(1) + (lk - lq)
         cols = torch.arange(lk, device=q.device).unsqueeze(0)
         allowed = torch.ones(lq, lk, dtype=torch.bool, device=q.device)
@@ -124,6 +140,8 @@ def _attend(
             allowed &= cols <= rows + right
         if left >= 0:
             allowed &= cols >= rows - left
+        if chunk > 0:  # keys from the start of the query's own chunk on
+            allowed &= cols >= torch.div(rows, chunk, rounding_mode="floor") * chunk
         scores = scores.masked_fill(~allowed, -math.inf)
     if sinks is not None:
         sink_col = sinks.to(device=q.device, dtype=dtype).view(hkv, g, 1, 1).expand(hkv, g, lq, 1)
@@ -150,6 +168,7 @@ def flash_attn_varlen_func(
     softmax_scale: float | None = None,
     causal: bool = False,
     window_size: tuple[int, int] = (-1, -1),
+    attention_chunk: int | None = 0,
     softcap: float = 0.0,
     sinks: Tensor | None = None,
     return_softmax_lse: bool = False,
@@ -171,6 +190,9 @@ def flash_attn_varlen_func(
         softmax_scale: Score scale, default ``1 / sqrt(D)``.
         causal: Bottom-right aligned causal mask.
         window_size: (left, right) local window, -1 for unbounded.
+        attention_chunk: Chunk size ``C`` of chunked local attention: query row ``i``,
+            at position ``p = i + Lk - Lq``, sees only keys ``j >= (p // C) * C`` (on top
+            of ``causal`` and ``window_size``). 0 or None turns it off.
         softcap: Apply ``softcap * tanh(s / softcap)`` to scaled scores when > 0.
         sinks: Optional (Hq,) per-head sink logits.
         return_softmax_lse: Also return the float32 log-sum-exp, shaped (Hq, total_q).
@@ -186,6 +208,7 @@ def flash_attn_varlen_func(
         raise ValueError(f"k and v must have the same number of rows, got {k.shape[0]} and {v.shape[0]}")
     _check_common(q, k, v, softcap, sinks)
     window = _check_window(window_size, causal)
+    chunk = _check_chunk(attention_chunk)
     cu_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0])
     cu_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0])
     batch = len(cu_q) - 1
@@ -213,7 +236,7 @@ def flash_attn_varlen_func(
         if lq == 0:
             continue
         o, s = _attend(
-            q[q0 : q0 + lq], k[k0 : k0 + lk], v[k0 : k0 + lk], scale, window, softcap, sinks, dtype
+            q[q0 : q0 + lq], k[k0 : k0 + lk], v[k0 : k0 + lk], scale, window, chunk, softcap, sinks, dtype
         )
         out[q0 : q0 + lq] = o.to(q.dtype)
         lse[:, q0 : q0 + lq] = s.float()
@@ -233,6 +256,7 @@ def flash_attn_with_kvcache(
     softmax_scale: float | None = None,
     causal: bool = False,
     window_size: tuple[int, int] = (-1, -1),
+    attention_chunk: int | None = 0,
     softcap: float = 0.0,
     sinks: Tensor | None = None,
     return_softmax_lse: bool = False,
@@ -254,6 +278,9 @@ def flash_attn_with_kvcache(
         softmax_scale: Score scale, default ``1 / sqrt(D)``.
         causal: Bottom-right aligned causal mask (Lq = query length, Lk = keys used).
         window_size: (left, right) local window, -1 for unbounded.
+        attention_chunk: Chunk size ``C`` of chunked local attention: query row ``i``,
+            at position ``p = i + Lk - Lq``, sees only keys ``j >= (p // C) * C`` (on top
+            of ``causal`` and ``window_size``). 0 or None turns it off.
         softcap: Apply ``softcap * tanh(s / softcap)`` to scaled scores when > 0.
         sinks: Optional (Hq,) per-head sink logits.
         return_softmax_lse: Also return the float32 lse, shaped (B, Hq, Sq), or
@@ -277,6 +304,7 @@ def flash_attn_with_kvcache(
         )
     _check_common(q, k_cache, v_cache, softcap, sinks, "k_cache and v_cache")
     window = _check_window(window_size, causal)
+    chunk = _check_chunk(attention_chunk)
     if cu_seqlens_q is not None:
         cu_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0])
         batch = len(cu_q) - 1
@@ -348,7 +376,7 @@ def flash_attn_with_kvcache(
         if q1 == q0:
             continue
         idx = positions(b, 0, cached[b] + s_new)
-        o, s = _attend(q_rows[q0:q1], k_cache[idx], v_cache[idx], scale, window, softcap, sinks, dtype)
+        o, s = _attend(q_rows[q0:q1], k_cache[idx], v_cache[idx], scale, window, chunk, softcap, sinks, dtype)
         out[q0:q1] = o.to(device=q.device, dtype=q.dtype)
         lse[:, q0:q1] = s.to(device=q.device, dtype=torch.float32)
     if not varlen_q:

@@ -233,7 +233,7 @@ def flash_attn_varlen_func(
     k_descale: Tensor | None = None,
     v_descale: Tensor | None = None,
     window_size: tuple[int, int] = (-1, -1),
-    attention_chunk: int = 0,
+    attention_chunk: int | None = None,
     softcap: float = 0.0,
     num_splits: int = 1,
     pack_gqa: bool | None = None,
@@ -312,7 +312,7 @@ def flash_attn_with_kvcache(
     softmax_scale: float | None = None,
     causal: bool = False,
     window_size: tuple[int, int] = (-1, -1),
-    attention_chunk: int = 0,
+    attention_chunk: int | None = None,
     softcap: float = 0.0,
     rotary_interleaved: bool = True,
     scheduler_metadata: Tensor | None = None,
@@ -330,7 +330,9 @@ def flash_attn_with_kvcache(
     ``v_cache`` (B, S_cache, Hkv, D[v]) or paged (num_blocks, page_size, Hkv, D[v]) with
     ``page_table``. ``k``/``v`` are appended in place at ``cache_seqlens``. Returns
     ``out`` shaped like q with head dim Dv, or ``(out, lse)`` with ``return_softmax_lse``.
-    ``attention_chunk``'s neutral value is FA3's 0 (sglang's wrapper defaults to None).
+    The ``torch`` provider implements ``attention_chunk``; None and 0 both mean off. None
+    is the neutral value (sglang's default), so an explicit 0 on a provider that lacks the
+    keyword (FA2) is routed to one that has it.
     """
     raise NotImplementedError  # never called: the chain calls its providers
 
