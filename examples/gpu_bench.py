@@ -133,7 +133,7 @@ def fast_path(rows: list[dict[str, Any]], repeats: int) -> None:
                 "decorated": partial(chain_kvcache, qc, kc, vc),
             },
             iters=20,
-            repeats=max(5, repeats // 3),
+            repeats=max(5, repeats // 2),
         )
         rows.append({"kernel": "FA chain (torch provider) flash_attn_with_kvcache", "batch": batch, **ms})
     for row in rows:
@@ -236,6 +236,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--json", type=Path, help="write the measurements as JSON here")
     parser.add_argument("--markdown", type=Path, help="write the tables as Markdown here")
+    parser.add_argument("--only", choices=("fast", "copy"), help="measure one part only (default: both)")
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("gpu_bench: no CUDA device here; nothing to measure.")
@@ -245,8 +246,10 @@ def main() -> int:
     env = environment()
     fast: list[dict[str, Any]] = []
     copy: list[dict[str, Any]] = []
-    fast_path(fast, args.repeats)
-    copy_cost(copy, args.repeats)
+    if args.only != "copy":
+        fast_path(fast, args.repeats)
+    if args.only != "fast":
+        copy_cost(copy, args.repeats)
     table = markdown(env, fast, copy)
     print(table)
     if args.json:

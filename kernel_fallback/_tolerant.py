@@ -14,6 +14,7 @@ import functools
 import inspect
 import keyword
 import re
+import types
 import weakref
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final, NoReturn, Protocol, TypeVar, final
@@ -435,6 +436,7 @@ def tolerant_kwargs(
         missing = frozenset(plan.missing)
         call_dropping = plan.call_dropping
 
+        wrapper: Any
         if missing:
 
             def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -442,17 +444,24 @@ def tolerant_kwargs(
                     return call_dropping(args, kwargs)
                 return fn(*args, **kwargs)
 
-        else:
+        elif isinstance(fn, types.FunctionType):
 
-            def wrapper(*args: Any, **kwargs: Any) -> Any:
+            def wrapper(*args: Any, **kwargs: Any) -> Any:  # a function: it may be a method
                 return fn(*args, **kwargs)
+
+        else:
+            # Nothing to drop, and no method binding to keep (builtins, torch ops and
+            # callable objects are no descriptors): a C-level forwarder costs next to
+            # nothing on launch-bound calls (torch.mm(out=) on decode shapes).
+            wrapper = functools.partial(fn)
 
         try:
             functools.update_wrapper(wrapper, fn)
         except AttributeError:  # objects without a __dict__ (torch ops) copy what they have
-            wrapper.__wrapped__ = fn  # type: ignore[attr-defined]
+            wrapper.__wrapped__ = fn
         wrapper.__name__ = getattr(fn, "__name__", plan.name)
-        wrapper.tolerant = plan  # type: ignore[attr-defined]
-        return wrapper  # type: ignore[return-value]  # a function carrying `tolerant`
+        wrapper.tolerant = plan
+        result: TolerantFunction[R] = wrapper  # a function carrying `tolerant`
+        return result
 
     return decorate

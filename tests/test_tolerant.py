@@ -526,3 +526,18 @@ def test_random_signatures_and_keyword_sets(
     expected = {k: v for k, v in values.items() if k in accepted}
     assert {k: v for k, v in received.items() if k in values} == expected
     assert {r["kwarg"]: r["count"] for r in stats()} == dict.fromkeys(refused, 1)
+
+
+def test_nothing_missing_keeps_methods_bound_and_builtins_callable() -> None:
+    class Backend:
+        @tolerant_kwargs(["out"])
+        def forward(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+            return x * 2 if out is None else out.copy_(x * 2)
+
+    x, buf = rand(3), torch.empty(3)
+    assert Backend().forward(x, out=buf) is buf
+    torch.testing.assert_close(buf, x * 2)
+    mm = tolerant_kwargs(["out"], "raise")(torch.mm)
+    a, b, o = rand(2, 3), rand(3, 2), torch.empty(2, 2)
+    assert mm(a, b, out=o) is o
+    assert (mm.__name__, mm.__wrapped__, mm.tolerant.missing) == ("mm", torch.mm, ())
