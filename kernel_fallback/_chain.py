@@ -37,10 +37,11 @@ import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ParamSpec, Protocol, TypeVar
 
+from kernel_fallback import _config
 from kernel_fallback._chain_state import KernelChain, activate, chains
 from kernel_fallback._describe import render_table
 from kernel_fallback._gates import BoolFlag, Gate
-from kernel_fallback._providers import check_on_drop, check_provider_name, neutral_spec
+from kernel_fallback._providers import check_provider_name, neutral_spec
 from kernel_fallback.exceptions import PolicyConfigError
 
 __all__ = ["ChainFunction", "KernelChain", "chains", "describe", "describe_table", "kernel_chain"]
@@ -171,7 +172,7 @@ def kernel_chain(
             )
         neutral = {**routed, **dropped}
         where = f"kernel_chain({name or fn.__name__})"
-        checked = check_on_drop(where, on_drop, neutral)
+        checked = _config.check_on_drop(where, on_drop, neutral)
         policies = dict.fromkeys(routed, "raise")
         if isinstance(checked, str):
             policies = dict.fromkeys(neutral, checked)

@@ -34,6 +34,7 @@ __all__ = [
     "check_known_variables",
     "check_log_file",
     "check_near_misses",
+    "check_on_drop",
     "env_suffix",
     "parse_bool",
     "parse_log_format",
@@ -195,6 +196,34 @@ def check_policy(name: str, value: object) -> str:
         value=value,
         allowed=POLICIES,
     )
+
+
+def check_on_drop(where: str, on_drop: object, neutral: Mapping[str, object]) -> str | dict[str, str] | None:
+    """A valid ``on_drop`` (a policy, or keyword -> policy over ``neutral``'s keywords), or raise."""
+    if on_drop is None:
+        return None
+    if isinstance(on_drop, str):
+        return check_policy(f"{where}: on_drop", on_drop)
+    if not isinstance(on_drop, Mapping):
+        raise PolicyConfigError(
+            f"{where}: on_drop={on_drop!r}: use a policy ({', '.join(POLICIES)}) or a mapping "
+            "keyword -> policy.",
+            name="on_drop",
+            value=on_drop,
+            allowed=POLICIES,
+        )
+    checked: dict[str, str] = {}
+    for kwarg, policy in on_drop.items():
+        if kwarg not in neutral:
+            raise PolicyConfigError(
+                f"{where}: on_drop names {kwarg!r}, which is not one of its keywords "
+                f"({', '.join(neutral)}).{did_you_mean(str(kwarg), neutral)}",
+                name="on_drop",
+                value=kwarg,
+                allowed=tuple(neutral),
+            )
+        checked[kwarg] = check_policy(f"{where}: on_drop[{kwarg!r}]", policy)
+    return checked
 
 
 def parse_policy_spec(name: str, raw: str, kwargs: Iterable[str]) -> str | dict[str, str]:

@@ -37,7 +37,6 @@ __all__ = [
     "Loaded",
     "Provider",
     "Unavailable",
-    "check_on_drop",
     "check_provider_name",
     "declare_provider",
     "import_target",
@@ -79,34 +78,6 @@ def lookup_provider(option: str, raw: str, names: Iterable[str]) -> str:
         value=raw,
         allowed=allowed,
     )
-
-
-def check_on_drop(where: str, on_drop: object, neutral: Mapping[str, object]) -> str | dict[str, str] | None:
-    """A valid ``on_drop`` (a policy, or keyword -> policy over ``neutral``'s keywords), or raise."""
-    if on_drop is None:
-        return None
-    if isinstance(on_drop, str):
-        return _config.check_policy(f"{where}: on_drop", on_drop)
-    if not isinstance(on_drop, Mapping):
-        raise PolicyConfigError(
-            f"{where}: on_drop={on_drop!r}: use a policy ({', '.join(_config.POLICIES)}) or a mapping "
-            "keyword -> policy.",
-            name="on_drop",
-            value=on_drop,
-            allowed=_config.POLICIES,
-        )
-    checked: dict[str, str] = {}
-    for kwarg, policy in on_drop.items():
-        if kwarg not in neutral:
-            raise PolicyConfigError(
-                f"{where}: on_drop names {kwarg!r}, which is not a route or drop keyword "
-                f"({', '.join(neutral)}).{_config.did_you_mean(str(kwarg), neutral)}",
-                name="on_drop",
-                value=kwarg,
-                allowed=tuple(neutral),
-            )
-        checked[kwarg] = _config.check_policy(f"{where}: on_drop[{kwarg!r}]", policy)
-    return checked
 
 
 def neutral_spec(option: str, spec: object, sig: inspect.Signature) -> dict[str, object]:
@@ -197,7 +168,7 @@ def declare_provider(
                 value=kwarg,
                 allowed=tuple(neutral),
             )
-    policy = check_on_drop(where, on_drop, neutral)
+    policy = _config.check_on_drop(where, on_drop, neutral)
     return Provider(name, target, loader, gates, policy, declared)
 
 

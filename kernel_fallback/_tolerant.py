@@ -348,29 +348,7 @@ def _check_options(
                 name="drop",
                 value=kwarg,
             )
-    policy: str | dict[str, str] | None
-    if on_drop is None or isinstance(on_drop, str):
-        policy = None if on_drop is None else _config.check_policy("on_drop", on_drop)
-    elif isinstance(on_drop, Mapping):
-        policy = {}
-        for kwarg, value in on_drop.items():
-            if kwarg not in neutral:
-                raise PolicyConfigError(
-                    f"tolerant_kwargs(on_drop=...): {kwarg!r} is not in drop "
-                    f"({', '.join(map(repr, neutral))}).{_config.did_you_mean(str(kwarg), neutral)}",
-                    name="on_drop",
-                    value=kwarg,
-                    allowed=tuple(neutral),
-                )
-            policy[kwarg] = _config.check_policy(f"on_drop[{kwarg!r}]", value)
-    else:
-        raise PolicyConfigError(
-            f"tolerant_kwargs(on_drop={on_drop!r}): use a policy "
-            f"({', '.join(_config.POLICIES)}) or a mapping keyword -> policy.",
-            name="on_drop",
-            value=on_drop,
-            allowed=_config.POLICIES,
-        )
+    policy = _config.check_on_drop("tolerant_kwargs", on_drop, neutral)
     if name is not None and (not isinstance(name, str) or not name.strip()):
         raise PolicyConfigError(
             f"tolerant_kwargs(name={name!r}): name must be a non-empty string.", name="name", value=name

@@ -200,7 +200,7 @@ PROVIDER_ERRORS = [
     pytest.param(
         {"name": "p", "loader": lambda: add, "on_drop": {"alpha": "warn"}},
         PolicyConfigError,
-        "not a route or drop keyword",
+        "which is not one of its keywords",
         id="on-drop-key",
     ),
 ]
