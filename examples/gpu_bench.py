@@ -85,7 +85,14 @@ def environment() -> dict[str, str]:
         ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         driver = "unknown"
+    try:
+        import triton
+
+        triton_version = str(triton.__version__)
+    except ImportError:
+        triton_version = "not installed"
     return {
+        "triton": triton_version,
         "gpu": torch.cuda.get_device_name(),
         "driver": driver,
         "torch": torch.__version__,
@@ -207,7 +214,7 @@ def copy_cost(rows: list[dict[str, Any]], repeats: int) -> None:
 def markdown(env: dict[str, str], fast: list[dict[str, Any]], copy: list[dict[str, Any]]) -> str:
     lines = [
         f"Measured on {env['gpu']}, driver {env['driver']}, torch {env['torch']}, CUDA {env['cuda']}, "
-        f"Python {env['python']}.",
+        f"Triton {env['triton']}, Python {env['python']}.",
         "",
         "| fast path (eager) | batch | direct ms | decorated ms | ratio |",
         "| --- | ---: | ---: | ---: | ---: |",

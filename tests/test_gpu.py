@@ -222,3 +222,57 @@ def test_flash_attn_chain_on_cuda_matches_the_cpu_result() -> None:
         got = flash_attn_varlen_func(qc, kc, vc, cuc, cuc, max(lens), max(lens), causal=True, out=buf)
     assert got is buf
     torch.testing.assert_close(buf.cpu(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_every_capture_holding_a_fallback_is_counted_and_logged() -> None:
+    kernel = tolerant_kwargs(["out"], "copy", name="mm_two_graphs")(mm_no_out())
+    x = torch.randn(32, 32, device="cuda")
+    out = torch.zeros(32, 32, device="cuda")
+    with capture_logs() as logs:
+        capture(lambda: kernel(x, x, out=out))
+        capture(lambda: kernel(x, x, out=out))
+    assert stats()[0]["graph_captures"] == 2
+    assert len([e for e in logs if e.get("cuda_graph_capture")]) == 2
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+@pytest.mark.parametrize("fullgraph", [False, True], ids=["graph-break", "fullgraph"])
+def test_raise_policy_under_inductor_on_cuda(fullgraph: bool) -> None:
+    kernel = tolerant_kwargs(["out"], "raise", name=f"mm_compile_raise_{fullgraph}")(mm_no_out())
+    step = torch.compile(lambda a, out: kernel(a, a, out=out) + 1.0, fullgraph=fullgraph, backend="inductor")
+    a, out = torch.randn(16, 16, device="cuda"), torch.zeros(16, 16, device="cuda")
+    if fullgraph:
+        with pytest.raises(torch._dynamo.exc.Unsupported, match="under the 'raise' policy"):
+            step(a, out)
+    else:
+        with pytest.raises(UnsupportedKwargError, match="does not accept the keyword 'out'"):
+            step(a, out)
+
+
+def test_a_routed_chain_call_under_capture_replays_right_and_is_reported() -> None:
+    from kernel_fallback import kernel_chain
+
+    def fast(x: torch.Tensor) -> torch.Tensor:
+        return x * 2
+
+    def with_sinks(x: torch.Tensor, *, sinks: torch.Tensor | None = None) -> torch.Tensor:
+        return x * 2 + (0 if sinks is None else sinks)
+
+    @kernel_chain(route=["sinks"], name="graph_routed")
+    def toy(x: torch.Tensor, *, sinks: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    toy.provider("fast", loader=lambda: fast)
+    toy.provider("ref", loader=lambda: with_sinks)
+    x, s = torch.randn(64, device="cuda"), torch.randn(64, device="cuda")
+    with capture_logs() as logs:
+        graph, result = capture(lambda: toy(x, sinks=s))
+    for _ in range(3):
+        x.copy_(torch.randn_like(x))
+        s.copy_(torch.randn_like(s))
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(result, x * 2 + s)
+    (event,) = [e for e in logs if e.get("cuda_graph_capture")]
+    assert event["event"] == "kernel_fallback.dispatch"
+    assert [r["graph_captures"] for r in stats() if r["kind"] == "dispatch"] == [1]
