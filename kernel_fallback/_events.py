@@ -128,6 +128,7 @@ _static_fields: weakref.WeakValueDictionary[Key, StaticFields] = weakref.WeakVal
 _listeners: list[Callable[[FallbackEvent], None]] = []
 _logger_override: Any = None
 _log_errors = 0
+_epoch = 0
 # The atexit registry is inherited by a forked child, so this is not reset at fork.
 _atexit_registered = False
 _exit_armed_pid = 0
@@ -233,6 +234,8 @@ def _log_first(entry: _Entry, *, compiled: bool, captured: bool) -> None:
         return
     # `kind` lets log readers tell keyword, provider and dispatch events apart.
     extra: dict[str, Any] = {"kind": entry.kind, "where": entry.where}
+    if _epoch:
+        extra["epoch"] = _epoch
     if compiled:
         extra["compiled"] = True
     if captured:
@@ -374,6 +377,7 @@ def _summary_fields(entry: _Entry) -> dict[str, Any]:
         "graph_captures": entry.graph_captures,
         "first_seen": entry.first_seen,
         "where": entry.where,
+        **({"epoch": _epoch} if _epoch else {}),
     }
 
 
@@ -462,8 +466,13 @@ def log_errors() -> int:
 
 
 def reset_stats() -> None:
-    """Clear every count and re-arm first-occurrence logging."""
-    global _log_errors
+    """Clear every count and re-arm first-occurrence logging.
+
+    Later events carry ``epoch`` (how many resets came before), so that log readers add
+    up the counts of a process across resets instead of keeping only the last ones.
+    """
+    global _log_errors, _epoch
     with _lock:
         _entries.clear()
         _log_errors = 0
+        _epoch += 1

@@ -11,8 +11,8 @@ that names the file and line: a CI gate must not pass on a log it could not read
 
 How counts are merged: a process is identified by ``host`` and ``pid`` (by its file
 when an event has no pid). Per process and key (kernel, keyword or provider, policy),
-the latest ``kernel_fallback.summary`` event is authoritative: its count is
-exact and cumulative. A process that logged the first occurrence but no summary
+the latest ``kernel_fallback.summary`` event of each ``epoch`` (resets before it) is
+authoritative: its count is exact and cumulative within the epoch, and epochs add up. A process that logged the first occurrence but no summary
 (killed before exit, or ``flush()`` never reached) counts as at least the number of
 first-occurrence events it logged, and the merged count is marked inexact. Events
 below warning level (``level`` info or debug) are ours but not fallbacks.
@@ -252,7 +252,7 @@ class _Merger:
     """Accumulates events file by file, then merges per key."""
 
     def __init__(self) -> None:
-        self.per: dict[Key, dict[tuple[str, str], _PerProcess]] = {}
+        self.per: dict[Key, dict[tuple[str, str, str], _PerProcess]] = {}
         self.info: dict[Key, dict[str, Any]] = {}
         self.kinds: dict[Key, tuple[str, bool]] = {}
         self.ranks: dict[Key, set[Any]] = {}
@@ -292,7 +292,10 @@ class _Merger:
         host = event.get("host")
         process = (str(host or ""), str(pid)) if pid is not None else ("", f"file:{path}")
         self.processes.add(process)
-        state = self.per.setdefault(key, {}).setdefault(process, _PerProcess())
+        # Counts restart at each reset_stats(): a process's summaries of different
+        # epochs add up, and only the latest of one epoch is authoritative.
+        epoch = event.get("epoch", 0)
+        state = self.per.setdefault(key, {}).setdefault((*process, str(epoch)), _PerProcess())
         info = self.info.setdefault(key, {})
         for name in ("reason", "source"):
             if isinstance(event.get(name), str):
@@ -339,7 +342,7 @@ class _Merger:
                     row.where = state.where
             if row.count == 0:  # only summaries saying 0 (after reset_stats): nothing happened
                 continue
-            row.processes = len(processes)
+            row.processes = len({state_key[:2] for state_key in processes})
             row.first_seen = format_time(earliest)
             row.reason = self.info[key].get("reason")
             row.source = self.info[key].get("source")

@@ -541,3 +541,23 @@ def test_config_checks_provider_variables_against_declared_chains(
     # Chains other tests declared may still be alive: look for the FA ones.
     assert re.search(r"Chains \(\d+ declared in this process\):", out)
     assert "flash_attn_varlen_func: " in out
+
+
+def test_report_adds_up_counts_across_reset_stats(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    log = tmp_path / "kf.jsonl"
+    script = textwrap.dedent(
+        """
+        import torch, kernel_fallback
+        kernel_fallback.configure_logging(format="json", file=__import__("sys").argv[1])
+        k = kernel_fallback.tolerant_kwargs(["out"], name="fa3")(lambda x: x * 2)
+        for _ in range(100):
+            k(torch.ones(1), out=torch.zeros(1))
+        kernel_fallback.flush()
+        kernel_fallback.reset_stats()
+        for _ in range(5):
+            k(torch.ones(1), out=torch.zeros(1))
+        """
+    )
+    subprocess.run([sys.executable, "-c", script, str(log)], env=clean_env(), check=True, timeout=120)
+    (row,) = report_json([log], capsys)["fallbacks"]
+    assert (row["count"], row["exact"], row["processes"]) == (105, True, 1)
