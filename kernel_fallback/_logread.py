@@ -12,7 +12,8 @@ that names the file and line: a CI gate must not pass on a log it could not read
 How counts are merged: a process is identified by ``host`` and ``pid`` (by its file
 when an event has no pid). Per process and key (kernel, keyword or provider, policy),
 the latest ``kernel_fallback.summary`` event of each ``epoch`` (resets before it) is
-authoritative: its count is exact and cumulative within the epoch, and epochs add up. A process that logged the first occurrence but no summary
+authoritative: its count is exact and cumulative within the epoch, and epochs add up.
+A process that logged the first occurrence but no summary
 (killed before exit, or ``flush()`` never reached) counts as at least the number of
 first-occurrence events it logged, and the merged count is marked inexact. Events
 below warning level (``level`` info or debug) are ours but not fallbacks.
