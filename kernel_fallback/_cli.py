@@ -221,12 +221,8 @@ def _check(args: argparse.Namespace, out: TextIO) -> int:
 
 def _check_policy_values(name: str, raw: str) -> None:
     """Check the policies in ``warn`` or ``kwarg=policy,...`` without knowing the kernel."""
-    if "=" not in raw:
-        _config.check_policy(name, raw.strip().lower())
-        return
-    for item in raw.split(","):
-        kwarg, _, policy = item.partition("=")
-        _config.check_policy(f"{name} ({kwarg.strip()})", policy.strip().lower())
+    # The keywords it names are the only ones we know of: let the one parser check it.
+    _config.parse_policy_spec(name, raw, [item.partition("=")[0].strip() for item in raw.split(",")])
 
 
 def _check_variable(name: str, raw: str, kernels: Sequence[Any]) -> tuple[str, str]:

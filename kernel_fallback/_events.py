@@ -45,6 +45,7 @@ from kernel_fallback import _config
 
 __all__ = [
     "FallbackEvent",
+    "OVERFLOW_EVENT",
     "SUMMARY_EVENT",
     "add_listener",
     "add_process_info",
@@ -66,6 +67,7 @@ MAX_ENTRIES: Final = 4096
 OVERFLOW_KERNEL: Final = "<overflow>"
 #: Name of the events ``flush()`` logs, one per counted key.
 SUMMARY_EVENT: Final = "kernel_fallback.summary"
+OVERFLOW_EVENT: Final = "kernel_fallback.stats_overflow"
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 # Frames of torch itself (Dynamo tracing, functools wrappers) are not the caller.
@@ -230,7 +232,7 @@ def _new_entry(key: Key) -> _Entry:
 
 def _log_first(entry: _Entry, *, compiled: bool, captured: bool) -> None:
     if entry.kind == "overflow":
-        emit("kernel_fallback.stats_overflow", {"max_entries": MAX_ENTRIES, **entry.fields})
+        emit(OVERFLOW_EVENT, {"max_entries": MAX_ENTRIES, **entry.fields})
         return
     # `kind` lets log readers tell keyword, provider and dispatch events apart.
     extra: dict[str, Any] = {"kind": entry.kind, "where": entry.where}

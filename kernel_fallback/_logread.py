@@ -32,12 +32,11 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any, Final, final
 
+from kernel_fallback._events import OVERFLOW_EVENT, OVERFLOW_KERNEL, SUMMARY_EVENT
 from kernel_fallback.exceptions import KernelFallbackError
 
 __all__ = ["FallbackRow", "LogInputError", "LogReport", "read_logs"]
 
-SUMMARY_EVENT: Final = "kernel_fallback.summary"
-OVERFLOW_EVENT: Final = "kernel_fallback.stats_overflow"
 _NOT_FALLBACK_LEVELS: Final = frozenset({"debug", "info", "notset"})
 _SUBJECT_FIELDS: Final = ("kwarg", "provider", "chosen", "subject")
 
@@ -208,7 +207,7 @@ def _key_of(event: dict[str, Any], where: str) -> tuple[Key, str, bool] | None:
     if isinstance(level, str) and level.lower() in _NOT_FALLBACK_LEVELS:
         return None
     if name == OVERFLOW_EVENT:
-        return ("<overflow>", "", ""), "overflow", True
+        return (OVERFLOW_KERNEL, "", ""), "overflow", True
     if "kernel" not in event:
         return None
     kernel = event["kernel"]
