@@ -41,7 +41,7 @@ def _ref_sequence(
     """Float64 attention of one sequence by plain loops.
 
     q (Lq, Hq, D), k (Lk, Hkv, D), v (Lk, Hkv, Dv) -> out (Lq, Hq, Dv), lse (Hq, Lq).
-    ``chunk`` > 0 is FA3's ``attention_chunk``: keys before the query's chunk are hidden.
+    ``chunk`` > 0 is FA3's ``attention_chunk``: keys outside the query's chunk are hidden.
     """
     q, k, v = q.double(), k.double(), v.double()
     lq, hq, _ = q.shape
@@ -63,7 +63,8 @@ def _ref_sequence(
                     continue
                 if left >= 0 and diag - j > left:
                     continue
-                if chunk > 0 and j < diag - diag % chunk:  # before the start of diag's chunk
+                # attention_chunk: only keys of diag's own chunk, on both sides (hopper/mask.h)
+                if chunk > 0 and not diag - diag % chunk <= j < diag - diag % chunk + chunk:
                     continue
                 s = scale * float(torch.dot(q[i, h], k[j, kv_head]))
                 if softcap > 0:
@@ -238,7 +239,8 @@ def test_attention_chunk_mask_support(causal: bool) -> None:
     q, k, v = _randn(gen, 3, 2, 8), _randn(gen, 10, 2, 8), torch.eye(10)[:, None, :].repeat(1, 2, 1)
     out = flash_attn_varlen_func(q, k, v, _cu([3]), _cu([10]), causal=causal, attention_chunk=4)
     assert isinstance(out, Tensor)
-    want = [[4, 5, 6, 7], [8], [8, 9]] if causal else [[4, 5, 6, 7, 8, 9], [8, 9], [8, 9]]
+    # Without causal the chunk still bounds both sides: row 0 (position 7) stops at key 7.
+    want = [[4, 5, 6, 7], [8], [8, 9]] if causal else [[4, 5, 6, 7], [8, 9], [8, 9]]
     for i, keys in enumerate(want):
         for h in range(2):
             assert (out[i, h] > 0).nonzero().flatten().tolist() == keys

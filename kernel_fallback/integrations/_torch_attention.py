@@ -1,4 +1,4 @@
-"""Pure-torch reference implementation of the FlashAttention-3 entry points.
+"""Exact pure-torch reference (the oracle) of the FlashAttention-3 entry points.
 
 Mirrors ``sgl_kernel.flash_attn.flash_attn_varlen_func`` and
 ``sgl_kernel.flash_attn.flash_attn_with_kvcache`` (sgl-kernel 0.3.21) for the
@@ -15,8 +15,11 @@ Semantics shared by both entry points:
   may attend key ``j`` iff ``i + shift - left <= j <= i + shift + right``, where
   a window side of ``-1`` is unbounded and ``causal`` forces ``right = 0``.
 * ``attention_chunk`` ``C > 0`` (chunked local attention, as in Llama-4) further
-  restricts query ``i`` to keys of its own chunk: ``j >= ((i + shift) // C) * C``.
-  The right bound is unchanged; ``0`` and ``None`` turn it off.
+  restricts query ``i`` to keys of its own chunk, on both sides:
+  ``c <= j < c + C`` with ``c = ((i + shift) // C) * C`` (as FA3's ``hopper/mask.h``,
+  causal or not); ``0`` and ``None`` turn it off.
+* ``window_size`` may be a pair of ints, a pair of 0-d integer tensors or a
+  2-element integer tensor (as upstream's tests pass it).
 * ``sinks`` (one logit per query head, natural-log units, neither scaled nor
   capped) adds a virtual key to the softmax denominator that carries no value.
   As in FlashAttention, the returned log-sum-exp includes the sink term.
@@ -34,14 +37,44 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["flash_attn_varlen_func", "flash_attn_with_kvcache"]
+__all__ = ["WindowSize", "flash_attn_varlen_func", "flash_attn_with_kvcache"]
+
+#: What ``window_size`` may be: a pair of ints, a pair of 0-d integer tensors, or a
+#: 2-element integer tensor.
+WindowSize = tuple[int, int] | tuple[Tensor, Tensor] | Tensor
 
 
-def _check_window(window_size: tuple[int, int], causal: bool) -> tuple[int, int]:
-    """Validate ``window_size`` and return ``(left, right)`` with causal applied."""
-    if len(window_size) != 2 or any(not isinstance(w, int) or w < -1 for w in window_size):
-        raise ValueError(f"window_size must be a pair of ints >= -1 (-1 = unbounded), got {window_size!r}")
-    left, right = window_size
+def _window_side(value: object) -> int | None:
+    """One side of ``window_size`` as an int, or None when it is not an integer."""
+    if isinstance(value, Tensor):
+        # Upstream's tests pass 0-d (or one-element) integer tensors; FA3 accepts them.
+        if value.numel() != 1 or value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
+            return None
+        return int(value.item())
+    if isinstance(value, bool) or not isinstance(value, int):
+        return None
+    return value
+
+
+def _check_window(window_size: object, causal: bool) -> tuple[int, int]:
+    """Validate ``window_size`` and return ``(left, right)`` with causal applied.
+
+    Accepts a pair of ints, a pair of 0-d integer tensors, or a 2-element integer tensor.
+    """
+    sides: list[object]
+    if isinstance(window_size, Tensor):
+        sides = list(window_size.reshape(-1)) if window_size.dim() == 1 else [window_size]
+    elif isinstance(window_size, tuple | list):
+        sides = list(window_size)
+    else:
+        sides = [window_size]
+    ints = [_window_side(w) for w in sides]
+    if len(ints) != 2 or any(w is None or w < -1 for w in ints):
+        raise ValueError(
+            f"window_size must be a pair of ints >= -1 (-1 = unbounded), or of 0-d integer "
+            f"tensors, got {window_size!r}"
+        )
+    left, right = (int(w) for w in ints if w is not None)
     return left, 0 if causal else right
 
 
@@ -140,8 +173,9 @@ def _attend(
             allowed &= cols <= rows + right
         if left >= 0:
             allowed &= cols >= rows - left
-        if chunk > 0:  # keys from the start of the query's own chunk on
-            allowed &= cols >= torch.div(rows, chunk, rounding_mode="floor") * chunk
+        if chunk > 0:  # only keys of the query's own chunk, on both sides (FA3's mask.h)
+            start = torch.div(rows, chunk, rounding_mode="floor") * chunk
+            allowed &= (cols >= start) & (cols < start + chunk)
         scores = scores.masked_fill(~allowed, -math.inf)
     if sinks is not None:
         sink_col = sinks.to(device=q.device, dtype=dtype).view(hkv, g, 1, 1).expand(hkv, g, lq, 1)
@@ -167,7 +201,7 @@ def flash_attn_varlen_func(
     seqused_k: Tensor | None = None,
     softmax_scale: float | None = None,
     causal: bool = False,
-    window_size: tuple[int, int] = (-1, -1),
+    window_size: WindowSize = (-1, -1),
     attention_chunk: int | None = 0,
     softcap: float = 0.0,
     sinks: Tensor | None = None,
@@ -191,8 +225,9 @@ def flash_attn_varlen_func(
         causal: Bottom-right aligned causal mask.
         window_size: (left, right) local window, -1 for unbounded.
         attention_chunk: Chunk size ``C`` of chunked local attention: query row ``i``,
-            at position ``p = i + Lk - Lq``, sees only keys ``j >= (p // C) * C`` (on top
-            of ``causal`` and ``window_size``). 0 or None turns it off.
+            at position ``p = i + Lk - Lq``, sees only keys of its own chunk,
+            ``(p // C) * C <= j < (p // C + 1) * C`` (on top of ``causal`` and
+            ``window_size``). 0 or None turns it off.
         softcap: Apply ``softcap * tanh(s / softcap)`` to scaled scores when > 0.
         sinks: Optional (Hq,) per-head sink logits.
         return_softmax_lse: Also return the float32 log-sum-exp, shaped (Hq, total_q).
@@ -255,7 +290,7 @@ def flash_attn_with_kvcache(
     max_seqlen_q: int | None = None,
     softmax_scale: float | None = None,
     causal: bool = False,
-    window_size: tuple[int, int] = (-1, -1),
+    window_size: WindowSize = (-1, -1),
     attention_chunk: int | None = 0,
     softcap: float = 0.0,
     sinks: Tensor | None = None,
@@ -279,8 +314,9 @@ def flash_attn_with_kvcache(
         causal: Bottom-right aligned causal mask (Lq = query length, Lk = keys used).
         window_size: (left, right) local window, -1 for unbounded.
         attention_chunk: Chunk size ``C`` of chunked local attention: query row ``i``,
-            at position ``p = i + Lk - Lq``, sees only keys ``j >= (p // C) * C`` (on top
-            of ``causal`` and ``window_size``). 0 or None turns it off.
+            at position ``p = i + Lk - Lq``, sees only keys of its own chunk,
+            ``(p // C) * C <= j < (p // C + 1) * C`` (on top of ``causal`` and
+            ``window_size``). 0 or None turns it off.
         softcap: Apply ``softcap * tanh(s / softcap)`` to scaled scores when > 0.
         sinks: Optional (Hq,) per-head sink logits.
         return_softmax_lse: Also return the float32 lse, shaped (B, Hq, Sq), or
