@@ -79,12 +79,12 @@ def _upstream_ref(
     if causal:
         right = 0
     masked = (~k_mask.view(k_mask.shape[0], 1, 1, -1)).expand(-1, 1, q.shape[1], -1).clone()
-    if left is not None or right is not None:  # construct_local_mask
-        if left is None:
-            masked |= col > diag + right
-        else:
-            masked |= col > (torch.minimum(diag + right, sk) if right is not None else sk)
-            masked |= col < diag - left
+    # construct_local_mask
+    if left is None and right is not None:
+        masked |= col > diag + right
+    elif left is not None:
+        masked |= col > (torch.minimum(diag + right, sk) if right is not None else sk)
+        masked |= col < diag - left
     if chunk > 0:  # construct_chunk_mask: both sides of the query's own chunk
         start = torch.div(diag, chunk, rounding_mode="floor") * chunk
         masked |= (col < start) | (col >= start + chunk)
@@ -145,7 +145,7 @@ def test_varlen_reference_matches_upstream_semantics(seqlen_q: int, seqlen_k: in
         cu_q,
         cu_k,
         causal=mode.causal,
-        window_size=window_arg,  # type: ignore[arg-type]
+        window_size=window_arg,
         attention_chunk=mode.chunk,
         softcap=mode.softcap,
         sinks=sinks,
