@@ -243,7 +243,9 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--json", type=Path, help="write the measurements as JSON here")
     parser.add_argument("--markdown", type=Path, help="write the tables as Markdown here")
-    parser.add_argument("--only", choices=("fast", "copy"), help="measure one part only (default: both)")
+    parser.add_argument(
+        "--only", choices=("fast", "copy", "attention"), help="measure one part only (default: both)"
+    )
     args = parser.parse_args()
     if not torch.cuda.is_available():
         print("gpu_bench: no CUDA device here; nothing to measure.")
@@ -253,14 +255,25 @@ def main() -> int:
     env = environment()
     fast: list[dict[str, Any]] = []
     copy: list[dict[str, Any]] = []
-    if args.only != "copy":
+    attention: list[dict[str, Any]] = []
+    if args.only in (None, "fast"):
         fast_path(fast, args.repeats)
-    if args.only != "fast":
+    if args.only in (None, "copy"):
         copy_cost(copy, args.repeats)
     table = markdown(env, fast, copy)
+    if args.only in (None, "attention"):
+        import attention_bench
+
+        attention_bench.prefill(attention, cuda_ms, args.repeats)
+        attention_bench.decode(attention, cuda_ms, args.repeats)
+        table += "\n" + attention_bench.markdown(attention)
     print(table)
     if args.json:
-        args.json.write_text(json.dumps({"environment": env, "fast_path": fast, "copy": copy}, indent=2))
+        args.json.write_text(
+            json.dumps(
+                {"environment": env, "fast_path": fast, "copy": copy, "attention": attention}, indent=2
+            )
+        )
     if args.markdown:
         args.markdown.write_text(table)
     return 0

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -52,8 +53,12 @@ def describe_chain(chain: KernelChain, error: str | None) -> dict[str, Any]:
             "signature": None,
             "lacks": None,
             "on_drop": None,
+            "backend": None,
         }
         if isinstance(got, Loaded):
+            # A provider may say which backend its last call took (the torch attention does).
+            backend = getattr(inspect.unwrap(got.impl), "kernel_fallback_backend", None)
+            row["backend"] = backend() if callable(backend) else None
             row["signature"] = got.signature_source
             row["lacks"] = sorted(got.lacking)
             if got.tolerant is not None:  # the policy each lacked keyword gets when passed
@@ -78,7 +83,8 @@ def _detail(row: dict[str, Any]) -> str:
         return str(row["reason"])
     if row["lacks"] is not None:
         lacks = ", ".join(row["lacks"]) or "nothing"
-        return f"{row['source']} ({row['signature']}); lacks {lacks}"
+        backend = f"; last call: {row['backend']}" if row.get("backend") else ""
+        return f"{row['source']} ({row['signature']}); lacks {lacks}{backend}"
     return str(row["source"])
 
 

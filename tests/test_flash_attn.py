@@ -101,10 +101,19 @@ def test_describe_lists_every_provider_with_its_reason() -> None:
         ["sgl_kernel", "flash_attn", "torch"],
     )
     rows = {row["name"]: row for row in data["providers"]}
-    assert [row["name"] for row in data["providers"]] == ["sgl_kernel", "flash_attn", "torch", "hub"]
+    assert [row["name"] for row in data["providers"]] == [
+        "sgl_kernel",
+        "flash_attn",
+        "torch",
+        "hub",
+        "reference",
+    ]
     assert rows["flash_attn"]["reason"] == "ModuleNotFoundError: No module named 'flash_attn'"
     assert rows["hub"]["status"] == "not selected"
-    assert rows["torch"]["source"] == "kernel_fallback.integrations._torch_attention:flash_attn_with_kvcache"
+    assert (
+        rows["torch"]["source"]
+        == "kernel_fallback.integrations._torch_fast_attention:flash_attn_with_kvcache"
+    )
     assert {"out", "qv", "rotary_cos", "scheduler_metadata"} <= set(rows["torch"]["lacks"])
     assert "page_table" not in rows["torch"]["lacks"]
     policies = rows["torch"]["on_drop"]
@@ -447,7 +456,7 @@ def test_fresh_process_falls_back_with_one_event(
             "PolicyConfigError",
             [
                 "'torhc' is not a provider of this chain",
-                "hub, sgl_kernel, flash_attn, torch, auto",
+                "hub, sgl_kernel, flash_attn, torch, reference, auto",
                 "'torch'?",
             ],
         ),

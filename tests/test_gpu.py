@@ -276,3 +276,111 @@ def test_a_routed_chain_call_under_capture_replays_right_and_is_reported() -> No
     (event,) = [e for e in logs if e.get("cuda_graph_capture")]
     assert event["event"] == "kernel_fallback.dispatch"
     assert [r["graph_captures"] for r in stats() if r["kind"] == "dispatch"] == [1]
+
+
+def _bf16_rule(fast: torch.Tensor, plain: torch.Tensor, oracle: torch.Tensor) -> None:
+    """Upstream's rule: error vs the float64 oracle at most 2x a plain bf16 computation's."""
+    fast_err = (fast.double().cpu() - oracle).abs().max()
+    plain_err = (plain.double().cpu() - oracle).abs().max()
+    atol = 2 * (oracle + 0.3 - 0.3 - oracle).abs().max()
+    assert fast_err <= 2 * plain_err + atol, f"error {float(fast_err):.3g} vs plain {float(plain_err):.3g}"
+
+
+ATTENTION_CASES = [
+    pytest.param({"causal": True}, id="causal"),
+    pytest.param({"window_size": (7, 3)}, id="window"),
+    pytest.param({"causal": True, "attention_chunk": 16}, id="chunk-causal"),
+    pytest.param({"attention_chunk": 16, "softcap": 30.0}, id="chunk-softcap"),
+    pytest.param({"causal": True, "window_size": (20, -1), "softcap": 5.0, "sinks": True}, id="sinks"),
+]
+
+
+@pytest.mark.parametrize("options", ATTENTION_CASES)
+def test_fast_varlen_on_cuda_within_upstreams_bf16_rule(options: dict[str, Any]) -> None:
+    from kernel_fallback.integrations import _torch_attention as ref
+    from kernel_fallback.integrations import _torch_fast_attention as fast
+
+    gen = torch.Generator().manual_seed(5)
+    lens_q, lens_k = [5, 130, 0, 77, 300], [9, 130, 4, 200, 300]
+    cu_q, cu_k = (
+        torch.tensor([0, *torch.tensor(x).cumsum(0).tolist()], dtype=torch.int32) for x in (lens_q, lens_k)
+    )
+    q, k, v = (
+        torch.randn(sum(n), h, 64, generator=gen).bfloat16()
+        for n, h in ((lens_q, 8), (lens_k, 2), (lens_k, 2))
+    )
+    opts = dict(options)
+    sinks = torch.randn(8, generator=gen) if opts.pop("sinks", False) else None
+    oracle, oracle_lse = ref.flash_attn_varlen_func(
+        q.double(), k.double(), v.double(), cu_q, cu_k, sinks=sinks, return_softmax_lse=True, **opts
+    )
+    # A plain PyTorch computation in bf16 arithmetic (upstream's upcast=False reference).
+    window = ref._check_window(opts.get("window_size", (-1, -1)), opts.get("causal", False))
+    plain = torch.zeros(q.shape[0], 8, 64, dtype=torch.bfloat16)
+    for b in range(len(lens_q)):
+        if lens_q[b]:
+            rows, keys = slice(cu_q[b], cu_q[b + 1]), slice(cu_k[b], cu_k[b + 1])
+            plain[rows] = ref._attend(
+                q[rows],
+                k[keys],
+                v[keys],
+                64**-0.5,
+                window,
+                opts.get("attention_chunk", 0),
+                opts.get("softcap", 0.0),
+                sinks,
+                torch.bfloat16,
+            )[0].bfloat16()
+    out, lse = fast.flash_attn_varlen_func(
+        q.cuda(),
+        k.cuda(),
+        v.cuda(),
+        cu_q.cuda(),
+        cu_k.cuda(),
+        sinks=None if sinks is None else sinks.cuda(),
+        return_softmax_lse=True,
+        **opts,
+    )
+    assert fast.last_backend("flash_attn_varlen_func") == "flex_attention (compiled)"
+    _bf16_rule(out, plain, oracle)
+    assert torch.equal(torch.isneginf(lse.cpu()), torch.isneginf(oracle_lse))
+    finite = torch.isfinite(oracle_lse)
+    torch.testing.assert_close(lse.cpu()[finite], oracle_lse[finite].float(), atol=1e-3, rtol=1e-3)
+
+
+@pytest.mark.parametrize("page", [1, 16, 256], ids=["page1", "page16", "page256"])
+def test_paged_decode_through_the_chain_captured_in_a_cuda_graph(page: int) -> None:
+    from kernel_fallback.integrations import _torch_attention as ref
+    from kernel_fallback.integrations.flash_attn import flash_attn_with_kvcache
+
+    batch, blocks_per_seq = 4, 512 // page
+    num_blocks = batch * blocks_per_seq + 3
+    k_cache = torch.randn(num_blocks, page, 2, 64, device="cuda", dtype=torch.bfloat16)
+    v_cache = torch.randn_like(k_cache)
+    page_table = torch.randperm(num_blocks, device="cuda")[: batch * blocks_per_seq].view(batch, -1).int()
+    q = torch.randn(batch, 1, 8, 64, device="cuda", dtype=torch.bfloat16)
+    k_new, v_new = (
+        torch.randn(batch, 1, 2, 64, device="cuda", dtype=torch.bfloat16),
+        torch.randn(batch, 1, 2, 64, device="cuda", dtype=torch.bfloat16),
+    )
+    seqlens = torch.tensor([0, 100, 300, 510], dtype=torch.int32, device="cuda")
+
+    def step() -> Any:
+        return flash_attn_with_kvcache(
+            q, k_cache, v_cache, k_new, v_new, cache_seqlens=seqlens, page_table=page_table, causal=True
+        )
+
+    with capture_logs():
+        graph, out = capture(step)
+        for lens in ([5, 200, 1, 400], [511, 0, 64, 7]):  # new inputs in the static buffers
+            q.normal_()
+            k_new.normal_()
+            v_new.normal_()
+            seqlens.copy_(torch.tensor(lens, dtype=torch.int32))
+            before_k, before_v = k_cache.clone(), v_cache.clone()
+            graph.replay()
+            expected = ref.flash_attn_with_kvcache(
+                q, before_k, before_v, k_new, v_new, cache_seqlens=seqlens, page_table=page_table, causal=True
+            )
+            torch.testing.assert_close(out, expected, atol=2e-2, rtol=2e-2)
+            torch.testing.assert_close(k_cache, before_k)  # both appended the same new keys

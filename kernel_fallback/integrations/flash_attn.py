@@ -23,8 +23,11 @@ false   ``hub``, ``sgl_kernel``, ``flash_attn``, ``torch``
   (``page_table``, ``seqused_*``, ``qv``, ``*_descale``, ``sinks``, ...; ``softcap`` and
   ``window_size`` too when the installed FA2 predates them), so calls that need them are
   routed on instead of silently computing something else.
-- ``torch``: :mod:`kernel_fallback.integrations._torch_attention`, a pure-torch
-  reference (CPU or GPU) for the arguments its signature lists.
+- ``torch``: :mod:`kernel_fallback.integrations._torch_fast_attention`, PyTorch's
+  fused attention (flex_attention / SDPA, CPU or GPU) for the arguments its signature
+  lists; ``describe_table()`` says which backend its last call took.
+- ``reference``: :mod:`kernel_fallback.integrations._torch_attention`, the exact
+  (slow, looping) oracle; in no automatic order, name it explicitly to use it.
 
 ``KERNEL_FALLBACK_PROVIDER__FLASH_ATTN_VARLEN_FUNC`` (and ``..._WITH_KVCACHE``) name a
 provider explicitly; one that cannot be used then raises ``ProviderUnavailableError``.
@@ -259,7 +262,10 @@ flash_attn_varlen_func.provider("hub", loader=_hub_loader("flash_attn_varlen_fun
 flash_attn_varlen_func.provider("sgl_kernel", "sgl_kernel.flash_attn:flash_attn_varlen_func", gate=_FA3_GATES)
 flash_attn_varlen_func.provider("flash_attn", loader=_load_fa2_varlen)
 flash_attn_varlen_func.provider(
-    "torch", "kernel_fallback.integrations._torch_attention:flash_attn_varlen_func"
+    "torch", "kernel_fallback.integrations._torch_fast_attention:flash_attn_varlen_func"
+)
+flash_attn_varlen_func.provider(
+    "reference", "kernel_fallback.integrations._torch_attention:flash_attn_varlen_func"
 )
 
 
@@ -343,5 +349,8 @@ flash_attn_with_kvcache.provider(
 )
 flash_attn_with_kvcache.provider("flash_attn", loader=_load_fa2_kvcache)
 flash_attn_with_kvcache.provider(
-    "torch", "kernel_fallback.integrations._torch_attention:flash_attn_with_kvcache"
+    "torch", "kernel_fallback.integrations._torch_fast_attention:flash_attn_with_kvcache"
+)
+flash_attn_with_kvcache.provider(
+    "reference", "kernel_fallback.integrations._torch_attention:flash_attn_with_kvcache"
 )

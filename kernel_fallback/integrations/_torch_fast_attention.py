@@ -1,0 +1,407 @@
+"""FlashAttention-3 entry points on PyTorch's fused attention: the ``torch`` provider.
+
+Same arguments and results as the exact reference in
+:mod:`kernel_fallback.integrations._torch_attention` (which documents the semantics),
+computed without a Python loop over sequences, without reading ``cu_seqlens``,
+``seqused_*``, ``cache_seqlens`` or ``page_table`` on the host, and without an
+Lq x Lk score matrix on CUDA:
+
+* Packed varlen batches, prefill and anything with softcap, sinks or a requested
+  log-sum-exp go to ``torch.nn.attention.flex_attention``, with a block-sparse mask
+  built on the device from per-query key intervals (document, causal, window,
+  ``attention_chunk``, ``seqused_*``) and cached per batch layout, so the layers of a
+  forward pass share it. On CUDA flex is compiled (Triton); on CPU it runs eagerly
+  (``torch.compile`` of flex on CPU cannot return the log-sum-exp), which materializes
+  the scores of one batch element at a time: correct, not fast.
+* Decode over a KV cache (at most 64 query rows per kv head, no softcap, sinks or lse)
+  goes to ``scaled_dot_product_attention`` with the query heads of a kv head folded into
+  the query length (no kv head replication) and a small boolean mask of cache lengths.
+* A paged cache is gathered through ``page_table`` into a (B, capacity) layout first.
+* Sinks fold in through the log-sum-exp: ``out *= sigmoid(lse - sink)``.
+
+Values are not validated (that would read them on the host): ``cu_seqlens`` must be
+well formed, ``cache_seqlens + Sk_new`` within capacity and ``page_table`` entries
+within ``num_blocks``, as for FA3; the reference checks them all.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.nn.attention import flex_attention as _flex_mod
+
+from kernel_fallback.integrations._attention_masks import MaskSpec, block_mask_for, row_intervals
+from kernel_fallback.integrations._torch_attention import (
+    WindowSize,
+    _check_chunk,
+    _check_common,
+    _check_window,
+)
+
+__all__ = ["flash_attn_varlen_func", "flash_attn_with_kvcache", "last_backend"]
+
+#: Most query rows per kv head the SDPA decode path takes (its mask is rows x capacity).
+SDPA_DECODE_MAX_ROWS = 64
+
+_last: dict[str, str] = {}
+
+
+def last_backend(entry: str) -> str | None:
+    """Which backend the last call of ``entry`` (an entry point's name) took, or None."""
+    return _last.get(entry)
+
+
+@functools.cache
+def _compiled_flex() -> Callable[..., Any]:
+    return torch.compile(_flex_mod.flex_attention)
+
+
+def _softcap_mod(softcap: float, device: torch.device) -> Callable[..., Tensor]:
+    # A device scalar: a Python float would be lifted to a CPU tensor the CUDA kernel cannot read.
+    cap = torch.full((), softcap, dtype=torch.float32, device=device)
+
+    def softcap_score(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        del b, h, q_idx, kv_idx
+        return cap * torch.tanh(score / cap)
+
+    return softcap_score
+
+
+def _flex(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    block_mask: _flex_mod.BlockMask,
+    scale: float,
+    softcap: float,
+    sinks: Tensor | None,
+    want_lse: bool,
+) -> tuple[Tensor, Tensor | None, str]:
+    """flex over (B, H, L, D) tensors; returns out, lse (B, Hq, Lq) float32 or None, backend."""
+    kwargs: dict[str, Any] = {
+        "score_mod": _softcap_mod(softcap, q.device) if softcap > 0 else None,
+        "block_mask": block_mask,
+        "scale": scale,
+        "enable_gqa": q.shape[1] != k.shape[1],
+    }
+    need_lse = want_lse or sinks is not None
+    if need_lse:
+        kwargs["return_aux"] = _flex_mod.AuxRequest(lse=True)
+    if q.device.type == "cuda":
+        result, backend = _compiled_flex()(q, k, v, **kwargs), "flex_attention (compiled)"
+    else:
+        with warnings.catch_warnings():  # eager flex warns that it is unfused: known, chosen
+            warnings.simplefilter("ignore", UserWarning)
+            result = _flex_mod.flex_attention(q, k, v, **kwargs)
+        backend = f"flex_attention (eager, {q.device.type})"
+    if not need_lse:
+        return result, None, backend
+    out, aux = result
+    lse = aux.lse.float()
+    if sinks is not None:
+        sink = sinks.to(device=lse.device, dtype=torch.float32).view(1, -1, 1)
+        with_sink = torch.logaddexp(lse, sink)
+        out = (out.float() * torch.exp(lse - with_sink).unsqueeze(-1)).to(out.dtype)
+        lse = with_sink
+    return out, lse, backend
+
+
+def _check_int32(name: str, t: Tensor, length: int | None = None) -> None:
+    if t.dtype != torch.int32:
+        raise ValueError(f"{name} must have dtype torch.int32, got {t.dtype}")
+    if t.dim() != 1 or (length is not None and t.shape[0] != length):
+        want = f"({length},)" if length is not None else "1-D"
+        raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
+
+
+def _check_cu(name: str, cu: Tensor) -> int:
+    _check_int32(name, cu)
+    if cu.shape[0] < 2:
+        raise ValueError(f"{name} must have batch_size + 1 >= 2 entries, got {cu.shape[0]}")
+    return cu.shape[0] - 1
+
+
+def _spec(window_size: WindowSize, causal: bool, attention_chunk: int | None) -> MaskSpec:
+    left, right = _check_window(window_size, causal)
+    return MaskSpec(left, right, _check_chunk(attention_chunk))
+
+
+def _packed_rows(cu_q: Tensor, total_q: int, lens_q: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """For each packed row: its sequence, its index within it, and whether it is used."""
+    rows = torch.arange(total_q, device=cu_q.device)
+    batch = cu_q.shape[0] - 1
+    doc = torch.searchsorted(cu_q[1:], rows, right=True).clamp_max(batch - 1)
+    pos = rows - cu_q[doc]
+    return doc, pos, (pos >= 0) & (pos < lens_q[doc])
+
+
+def flash_attn_varlen_func(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    cu_seqlens_q: Tensor,
+    cu_seqlens_k: Tensor,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    seqused_q: Tensor | None = None,
+    seqused_k: Tensor | None = None,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: WindowSize = (-1, -1),
+    attention_chunk: int | None = 0,
+    softcap: float = 0.0,
+    sinks: Tensor | None = None,
+    return_softmax_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Variable-length (packed) attention through flex_attention; FA3's arguments.
+
+    q (total_q, Hq, D), k/v (total_k, Hkv, D[v]), ``cu_seqlens_q/k`` int32 (batch + 1,).
+    Returns ``out`` (total_q, Hq, Dv) in q's dtype, or ``(out, lse)`` with lse float32
+    (Hq, total_q). Rows outside every sequence (or past ``seqused_q``) get zeros and lse
+    ``-inf``. See the module docstring for what is not validated.
+    """
+    del max_seqlen_q, max_seqlen_k  # launch hints of the CUDA kernel
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 3:
+            raise ValueError(f"{name} must be 3-D (total, heads, head_dim), got {tuple(t.shape)}")
+    if v.shape[0] != k.shape[0]:
+        raise ValueError(f"k and v must have the same number of rows, got {k.shape[0]} and {v.shape[0]}")
+    _check_common(q, k, v, softcap, sinks)
+    spec = _spec(window_size, causal, attention_chunk)
+    batch = _check_cu("cu_seqlens_q", cu_seqlens_q)
+    if _check_cu("cu_seqlens_k", cu_seqlens_k) != batch:
+        raise ValueError(
+            f"cu_seqlens_k has {cu_seqlens_k.shape[0]} entries but cu_seqlens_q has "
+            f"{cu_seqlens_q.shape[0]}; both must be batch_size + 1"
+        )
+    for name, used in (("seqused_q", seqused_q), ("seqused_k", seqused_k)):
+        if used is not None:
+            _check_int32(name, used, batch)
+    total_q, total_k = q.shape[0], k.shape[0]
+
+    def intervals() -> tuple[Tensor, Tensor]:
+        cu_q = cu_seqlens_q.to(device=q.device, dtype=torch.long)
+        cu_k = cu_seqlens_k.to(device=q.device, dtype=torch.long)
+        lens_q = cu_q[1:] - cu_q[:-1] if seqused_q is None else seqused_q.to(cu_q)
+        lens_k = cu_k[1:] - cu_k[:-1] if seqused_k is None else seqused_k.to(cu_k)
+        doc, pos, valid = _packed_rows(cu_q, total_q, lens_q)
+        lo, hi = row_intervals(pos, lens_q[doc], lens_k[doc], valid, spec)
+        return (lo + cu_k[doc]).unsqueeze(0), (hi + cu_k[doc]).unsqueeze(0)
+
+    mask = block_mask_for(
+        (cu_seqlens_q, cu_seqlens_k, seqused_q, seqused_k),
+        ("varlen", total_q, total_k, spec, q.device),
+        intervals,
+        total_k,
+    )
+    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    out, lse, backend = _flex(
+        q.transpose(0, 1).unsqueeze(0),
+        k.transpose(0, 1).unsqueeze(0),
+        v.transpose(0, 1).unsqueeze(0),
+        mask,
+        scale,
+        softcap,
+        sinks,
+        return_softmax_lse,
+    )
+    _last["flash_attn_varlen_func"] = backend
+    out = out[0].transpose(0, 1).contiguous()
+    return (out, lse[0]) if return_softmax_lse and lse is not None else out
+
+
+def _check_cache_args(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    k: Tensor | None,
+    v: Tensor | None,
+    page_table: Tensor | None,
+    cu_seqlens_q: Tensor | None,
+    cache_seqlens: Tensor | int | None,
+) -> tuple[int, int]:
+    """Shape and dtype checks of the cache entry point; returns (batch, Sk_new)."""
+    varlen_q = cu_seqlens_q is not None
+    if q.dim() != (3 if varlen_q else 4):
+        want = "(total_q, Hq, D) when cu_seqlens_q is given" if varlen_q else "(B, Sq, Hq, D)"
+        raise ValueError(f"q must be {want}, got shape {tuple(q.shape)}")
+    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D, got shape {tuple(t.shape)}")
+    if v_cache.shape[:3] != k_cache.shape[:3]:
+        raise ValueError(
+            f"v_cache shape {tuple(v_cache.shape)} must match k_cache shape "
+            f"{tuple(k_cache.shape)} except for the head dim"
+        )
+    batch = _check_cu("cu_seqlens_q", cu_seqlens_q) if cu_seqlens_q is not None else q.shape[0]
+    if page_table is not None:
+        if page_table.dtype != torch.int32 or page_table.dim() != 2 or page_table.shape[0] != batch:
+            raise ValueError(
+                f"page_table must be an int32 tensor of shape ({batch}, max_blocks_per_seq), "
+                f"got dtype {page_table.dtype} and shape {tuple(page_table.shape)}"
+            )
+    elif k_cache.shape[0] != batch:
+        raise ValueError(f"k_cache batch size ({k_cache.shape[0]}) must equal the batch size of q ({batch})")
+    if isinstance(cache_seqlens, Tensor):
+        _check_int32("cache_seqlens", cache_seqlens, batch)
+    if (k is None) != (v is None):
+        raise ValueError("k and v must be given together (both or neither)")
+    if k is None or v is None:
+        return batch, 0
+    if k.dim() != 4 or k.shape[0] != batch or k.shape[2:] != k_cache.shape[2:]:
+        raise ValueError(
+            f"k must have shape ({batch}, Sk_new, {k_cache.shape[2]}, {k_cache.shape[3]}), "
+            f"got {tuple(k.shape)}"
+        )
+    if v.shape != (*k.shape[:3], v_cache.shape[3]):
+        raise ValueError(f"v must have shape {(*k.shape[:3], v_cache.shape[3])}, got {tuple(v.shape)}")
+    return batch, k.shape[1]
+
+
+def _sdpa_decode(q: Tensor, k_log: Tensor, v_log: Tensor, lo: Tensor, hi: Tensor, scale: float) -> Tensor:
+    """SDPA with the G query heads of each kv head folded into the query length.
+
+    q (B, Sq, Hq, D), k_log/v_log (B, cap, Hkv, D[v]), lo/hi (B, Sq) -> (B, Sq, Hq, Dv).
+    """
+    batch, sq, hq, d = q.shape
+    hkv, cap = k_log.shape[2], k_log.shape[1]
+    g = hq // hkv
+    qg = q.reshape(batch, sq, hkv, g, d).permute(0, 2, 3, 1, 4).reshape(batch, hkv, g * sq, d)
+    cols = torch.arange(cap, device=q.device)
+    allowed = (cols >= lo.unsqueeze(-1)) & (cols < hi.unsqueeze(-1))  # (B, Sq, cap)
+    mask = allowed.unsqueeze(1).expand(batch, g, sq, cap).reshape(batch, 1, g * sq, cap)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        qg, k_log.transpose(1, 2), v_log.transpose(1, 2), attn_mask=mask, scale=scale
+    )
+    out = out.reshape(batch, hkv, g, sq, -1).permute(0, 3, 1, 2, 4).reshape(batch, sq, hq, -1)
+    # A row with no key is NaN in SDPA; FA3 gives zeros.
+    return torch.where(
+        (hi > lo).view(batch, sq, 1, 1), out, torch.zeros((), dtype=out.dtype, device=out.device)
+    )
+
+
+def flash_attn_with_kvcache(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    k: Tensor | None = None,
+    v: Tensor | None = None,
+    cache_seqlens: Tensor | int | None = None,
+    page_table: Tensor | None = None,
+    cu_seqlens_q: Tensor | None = None,
+    max_seqlen_q: int | None = None,
+    softmax_scale: float | None = None,
+    causal: bool = False,
+    window_size: WindowSize = (-1, -1),
+    attention_chunk: int | None = 0,
+    softcap: float = 0.0,
+    sinks: Tensor | None = None,
+    return_softmax_lse: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """Attention over a (paged) KV cache through SDPA (decode) or flex_attention; FA3's arguments.
+
+    Layouts and results as the reference's ``flash_attn_with_kvcache``: q (B, Sq, Hq, D)
+    or packed (total_q, Hq, D) with ``cu_seqlens_q``; ``k``/``v`` appended in place at
+    ``cache_seqlens``; lse (B, Hq, Sq), or (Hq, total_q) for packed q.
+    """
+    del max_seqlen_q  # launch hint of the CUDA kernel
+    batch, s_new = _check_cache_args(q, k_cache, v_cache, k, v, page_table, cu_seqlens_q, cache_seqlens)
+    _check_common(q, k_cache, v_cache, softcap, sinks, "k_cache and v_cache")
+    spec = _spec(window_size, causal, attention_chunk)
+    dev = k_cache.device
+    hkv = k_cache.shape[2]
+    page = k_cache.shape[1]
+    capacity = page_table.shape[1] * page if page_table is not None else page
+    if isinstance(cache_seqlens, Tensor):
+        cached = cache_seqlens.to(device=dev, dtype=torch.long)
+    else:
+        cached = torch.full((batch,), capacity if cache_seqlens is None else cache_seqlens, device=dev)
+    blocks = page_table.to(device=dev, dtype=torch.long) if page_table is not None else None
+    if k is not None and v is not None and s_new > 0:
+        pos = cached.unsqueeze(1) + torch.arange(s_new, device=dev)  # (B, Sk_new)
+        if blocks is not None:
+            index = (blocks.gather(1, pos // page), pos % page)
+        else:
+            index = (torch.arange(batch, device=dev).unsqueeze(1).expand_as(pos), pos)
+        k_cache.index_put_(index, k.to(device=dev, dtype=k_cache.dtype))
+        v_cache.index_put_(index, v.to(device=dev, dtype=v_cache.dtype))
+    lens_k = cached + s_new
+    if blocks is not None:  # the logical cache, (B, capacity, Hkv, D)
+        k_log = k_cache[blocks].flatten(1, 2)
+        v_log = v_cache[blocks].flatten(1, 2)
+    else:
+        k_log, v_log = k_cache, v_cache
+    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    layout = (cache_seqlens if isinstance(cache_seqlens, Tensor) else None, cu_seqlens_q)
+    params = (
+        "kvcache",
+        tuple(q.shape),
+        capacity,
+        s_new,
+        spec,
+        dev,
+        cache_seqlens if isinstance(cache_seqlens, int) else None,
+    )
+    hq = q.shape[-2]
+
+    if cu_seqlens_q is None:
+        sq = q.shape[1]
+
+        def intervals() -> tuple[Tensor, Tensor]:
+            pos_q = torch.arange(sq, device=dev).expand(batch, sq)
+            len_k = lens_k.unsqueeze(1).expand(batch, sq)
+            valid = torch.ones(batch, sq, dtype=torch.bool, device=dev)
+            return row_intervals(pos_q, torch.full_like(pos_q, sq), len_k, valid, spec)
+
+        simple = softcap == 0 and sinks is None and not return_softmax_lse
+        if simple and sq * (hq // hkv) <= SDPA_DECODE_MAX_ROWS:
+            lo, hi = intervals()
+            _last["flash_attn_with_kvcache"] = "sdpa (decode, gqa folded into rows)"
+            return _sdpa_decode(q, k_log, v_log, lo, hi, scale).to(q.dtype)
+        mask = block_mask_for(layout, params, intervals, capacity)
+        out, lse, backend = _flex(
+            q.transpose(1, 2),
+            k_log.transpose(1, 2),
+            v_log.transpose(1, 2),
+            mask,
+            scale,
+            softcap,
+            sinks,
+            return_softmax_lse,
+        )
+        _last["flash_attn_with_kvcache"] = backend
+        out = out.transpose(1, 2).contiguous()
+        return (out, lse) if return_softmax_lse and lse is not None else out
+
+    cu_q = cu_seqlens_q
+
+    def packed_intervals() -> tuple[Tensor, Tensor]:
+        cu = cu_q.to(device=dev, dtype=torch.long)
+        lens_q = cu[1:] - cu[:-1]
+        doc, pos, valid = _packed_rows(cu, q.shape[0], lens_q)
+        lo, hi = row_intervals(pos, lens_q[doc], lens_k[doc], valid, spec)
+        return (lo + doc * capacity).unsqueeze(0), (hi + doc * capacity).unsqueeze(0)
+
+    mask = block_mask_for(layout, params, packed_intervals, batch * capacity)
+    out, lse, backend = _flex(
+        q.transpose(0, 1).unsqueeze(0),
+        k_log.reshape(1, batch * capacity, hkv, -1).transpose(1, 2),
+        v_log.reshape(1, batch * capacity, hkv, -1).transpose(1, 2),
+        mask,
+        scale,
+        softcap,
+        sinks,
+        return_softmax_lse,
+    )
+    _last["flash_attn_with_kvcache"] = backend
+    out = out[0].transpose(0, 1).contiguous()
+    return (out, lse[0]) if return_softmax_lse and lse is not None else out
+
+
+flash_attn_varlen_func.kernel_fallback_backend = functools.partial(last_backend, "flash_attn_varlen_func")  # type: ignore[attr-defined]
+flash_attn_with_kvcache.kernel_fallback_backend = functools.partial(last_backend, "flash_attn_with_kvcache")  # type: ignore[attr-defined]

@@ -1,0 +1,220 @@
+"""The fast ``torch`` provider (``_torch_fast_attention``) against the exact reference.
+
+Random cases over causal, window, softcap, attention_chunk, GQA, sinks, lse, seqused,
+empty sequences, paged caches (page sizes 1 to 256) with appends and packed queries.
+On CPU flex_attention runs eagerly; tests/test_gpu.py covers the compiled CUDA path.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor
+
+from kernel_fallback.integrations import _attention_masks
+from kernel_fallback.integrations import _torch_attention as ref
+from kernel_fallback.integrations import _torch_fast_attention as fast
+from kernel_fallback.integrations.flash_attn import flash_attn_varlen_func as chain_varlen
+
+
+def _cu(lens: list[int]) -> Tensor:
+    return torch.tensor([0, *torch.tensor(lens).cumsum(0).tolist()], dtype=torch.int32)
+
+
+def _close(got: Any, want: Any, atol: float = 2e-5) -> None:
+    got, want = (got, want) if isinstance(got, tuple) else ((got,), (want,))
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape
+        assert g.dtype == w.dtype
+        assert torch.equal(torch.isneginf(g), torch.isneginf(w)), "-inf rows differ"
+        finite = torch.isfinite(w)
+        torch.testing.assert_close(g[finite], w[finite], atol=atol, rtol=1e-4)
+
+
+VARLEN = [
+    pytest.param({"causal": True}, id="causal"),
+    pytest.param({"causal": True, "return_softmax_lse": True, "hkv": 1}, id="causal-mqa-lse"),
+    pytest.param({"window_size": (5, 3), "return_softmax_lse": True}, id="window-lse"),
+    pytest.param({"window_size": (torch.tensor(9), torch.tensor(0))}, id="window-0d-tensors"),
+    pytest.param({"causal": True, "attention_chunk": 16}, id="chunk-causal"),
+    pytest.param({"attention_chunk": 8, "return_softmax_lse": True}, id="chunk-noncausal-lse"),
+    pytest.param({"softcap": 30.0, "causal": True}, id="softcap"),
+    pytest.param({"sinks": True, "return_softmax_lse": True}, id="sinks-lse"),
+    pytest.param(
+        {"sinks": True, "causal": True, "window_size": (20, -1), "softcap": 5.0}, id="sinks-window-softcap"
+    ),
+    pytest.param({"seqused": True, "causal": True, "return_softmax_lse": True}, id="seqused-lse"),
+    pytest.param({"softmax_scale": 0.3, "causal": True}, id="scale"),
+]
+
+
+@pytest.mark.parametrize("options", VARLEN)
+@pytest.mark.parametrize("seed", [0, 1], ids=["seed0", "seed1"])
+def test_varlen_matches_reference(options: dict[str, Any], seed: int) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    opts = dict(options)
+    hkv = opts.pop("hkv", 2)
+    # Random lengths with an empty sequence, Lq > Lk and Lq < Lk, across 128-row blocks.
+    lens_q = [int(x) for x in torch.randint(1, 150, (4,), generator=gen)] + [0]
+    lens_k = [int(x) for x in torch.randint(1, 260, (4,), generator=gen)] + [7]
+    q = torch.randn(sum(lens_q), 4, 32, generator=gen)
+    k = torch.randn(sum(lens_k), hkv, 32, generator=gen)
+    v = torch.randn(sum(lens_k), hkv, 16, generator=gen)
+    if opts.pop("sinks", False):
+        opts["sinks"] = torch.randn(4, generator=gen)
+    if opts.pop("seqused", False):
+        opts["seqused_q"] = torch.tensor([n // 2 for n in lens_q], dtype=torch.int32)
+        opts["seqused_k"] = torch.tensor([n - 3 if n > 3 else n for n in lens_k], dtype=torch.int32)
+    want = ref.flash_attn_varlen_func(q, k, v, _cu(lens_q), _cu(lens_k), **opts)
+    got = fast.flash_attn_varlen_func(q, k, v, _cu(lens_q), _cu(lens_k), **opts)
+    _close(got, want)
+    assert fast.last_backend("flash_attn_varlen_func") == "flex_attention (eager, cpu)"
+
+
+def test_bfloat16_within_upstreams_rule_on_cpu() -> None:
+    gen = torch.Generator().manual_seed(3)
+    lens = [70, 5, 140]
+    q, k, v = (torch.randn(sum(lens), h, 32, generator=gen).bfloat16() for h in (4, 2, 2))
+    oracle = ref.flash_attn_varlen_func(q.double(), k.double(), v.double(), _cu(lens), _cu(lens), causal=True)
+    plain = ref.flash_attn_varlen_func(q, k, v, _cu(lens), _cu(lens), causal=True)  # fp32 math, bf16 out
+    got = fast.flash_attn_varlen_func(q, k, v, _cu(lens), _cu(lens), causal=True)
+    assert isinstance(got, Tensor)
+    assert isinstance(oracle, Tensor)
+    assert isinstance(plain, Tensor)
+    assert got.dtype == torch.bfloat16
+    atol = 2 * (oracle + 0.3 - 0.3 - oracle).abs().max()
+    assert (got.double() - oracle).abs().max() <= 2 * (plain.double() - oracle).abs().max() + atol
+
+
+CACHE = [
+    pytest.param({"page": 1}, id="page1-decode"),
+    pytest.param({"page": 16, "return_softmax_lse": True}, id="page16-decode-lse"),
+    pytest.param({"page": 256, "sq": 3}, id="page256-sq3"),
+    pytest.param({"page": 4, "sq": 2, "append": 2}, id="page4-append"),
+    pytest.param(
+        {"page": 8, "sq": 40, "append": 3, "return_softmax_lse": True}, id="page8-extend-append-lse"
+    ),
+    pytest.param({"sq": 1, "append": 1}, id="contiguous-append"),
+    pytest.param({"sq": 2, "softcap": 20.0, "sinks": True}, id="contiguous-softcap-sinks"),
+    pytest.param({"page": 4, "window_size": (6, 0), "append": 1}, id="window-decode"),
+    pytest.param({"page": 4, "attention_chunk": 8, "sq": 5, "causal": False}, id="chunk-noncausal"),
+    pytest.param({"page": 4, "packed": True, "append": 0, "return_softmax_lse": True}, id="packed-q-lse"),
+    pytest.param({"sq": 2, "cache_seqlens": 9}, id="int-seqlens"),
+    pytest.param({"sq": 2, "cache_seqlens": None}, id="full-cache"),
+]
+
+
+@pytest.mark.parametrize("options", CACHE)
+def test_kvcache_matches_reference(options: dict[str, Any]) -> None:
+    gen = torch.Generator().manual_seed(11)
+    opts = {"causal": True, **options}
+    page, sq, s_new = opts.pop("page", None), opts.pop("sq", 1), opts.pop("append", 0)
+    batch, capacity, hkv = 3, max(48, page or 0), 2
+    seqlens = torch.tensor([0, 13, capacity - s_new], dtype=torch.int32)
+    cache_seqlens = opts.pop("cache_seqlens", seqlens)
+    if page is not None:
+        blocks = batch * (capacity // page)
+        k_cache, v_cache = (torch.randn(blocks + 2, page, hkv, 16, generator=gen) for _ in range(2))
+        opts["page_table"] = torch.randperm(blocks + 2, generator=gen)[:blocks].view(batch, -1).int()
+    else:
+        k_cache, v_cache = (torch.randn(batch, capacity, hkv, 16, generator=gen) for _ in range(2))
+    if opts.pop("packed", False):
+        q = torch.randn(7, 4, 16, generator=gen)
+        opts["cu_seqlens_q"] = _cu([3, 0, 4])
+    else:
+        q = torch.randn(batch, sq, 4, 16, generator=gen)
+    if s_new:
+        opts["k"], opts["v"] = (torch.randn(batch, s_new, hkv, 16, generator=gen) for _ in range(2))
+    if opts.pop("sinks", False):
+        opts["sinks"] = torch.randn(4, generator=gen)
+    caches = k_cache.clone(), v_cache.clone()
+    want = ref.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=cache_seqlens, **opts)
+    got = fast.flash_attn_with_kvcache(q, *caches, cache_seqlens=cache_seqlens, **opts)
+    _close(got, want)
+    assert torch.equal(caches[0], k_cache)  # appended the same keys in place
+    assert torch.equal(caches[1], v_cache)
+
+
+def test_decode_without_lse_takes_sdpa_and_the_rest_flex() -> None:
+    q, cache = torch.randn(2, 1, 4, 16), torch.randn(2, 8, 2, 16)
+    fast.flash_attn_with_kvcache(q, cache, cache, cache_seqlens=3)
+    assert fast.last_backend("flash_attn_with_kvcache") == "sdpa (decode, gqa folded into rows)"
+    fast.flash_attn_with_kvcache(q, cache, cache, cache_seqlens=3, return_softmax_lse=True)
+    assert fast.last_backend("flash_attn_with_kvcache") == "flex_attention (eager, cpu)"
+
+
+def test_block_mask_is_built_once_per_layout_and_rebuilt_when_it_changes() -> None:
+    _attention_masks.cache_clear()
+    cu = _cu([40, 200])
+    q, k = torch.randn(240, 4, 16), torch.randn(240, 2, 16)
+    for _ in range(3):  # layers of one forward pass
+        fast.flash_attn_varlen_func(q, k, k, cu, cu, causal=True)
+    assert len(_attention_masks._cache) == 1
+    first = next(iter(_attention_masks._cache.values())).mask
+    cu.copy_(_cu([200, 40]))  # same tensor, new values: its version changes
+    out = fast.flash_attn_varlen_func(q, k, k, cu, cu, causal=True)
+    assert next(reversed(_attention_masks._cache.values())).mask is not first
+    _close(out, ref.flash_attn_varlen_func(q, k, k, cu, cu, causal=True))
+
+
+def test_block_mask_full_and_partial_blocks_are_exact() -> None:
+    # One 300-row causal sequence: blocks below the diagonal are full, on it partial.
+    lo = torch.zeros(1, 300, dtype=torch.long)
+    hi = torch.arange(1, 301).view(1, -1)
+    mask = _attention_masks._build(lo, hi, 300, 128)
+    assert mask.kv_num_blocks.flatten().tolist() == [1, 1, 1]
+    assert mask.full_kv_num_blocks is not None
+    assert mask.full_kv_num_blocks.flatten().tolist() == [0, 1, 2]
+    dense = mask.to_dense()[0, 0]  # partial or full, per (q block, kv block)
+    assert dense.tolist() == [[1, 0, 0], [1, 1, 0], [1, 1, 1]]
+
+
+def test_describe_table_names_the_backend_of_the_last_call() -> None:
+    cu = _cu([3, 4])
+    chain_varlen(torch.randn(7, 4, 16), torch.randn(7, 2, 16), torch.randn(7, 2, 16), cu, cu, causal=True)
+    table = chain_varlen.chain.describe_table()
+    assert "last call: flex_attention (eager, cpu)" in table
+    row = {r["name"]: r for r in chain_varlen.chain.describe()["providers"]}["torch"]
+    assert row["backend"] == "flex_attention (eager, cpu)"
+    assert row["source"] == "kernel_fallback.integrations._torch_fast_attention:flash_attn_varlen_func"
+
+
+@pytest.mark.parametrize(
+    ("override", "match"),
+    [
+        pytest.param(
+            {"cu_seqlens_q": torch.tensor([0, 3, 7])},
+            r"cu_seqlens_q must have dtype torch\.int32",
+            id="cu-dtype",
+        ),
+        pytest.param(
+            {"cu_seqlens_k": _cu([7])}, r"cu_seqlens_k has 2 entries but cu_seqlens_q has 3", id="batch"
+        ),
+        pytest.param({"window_size": (-3, 0)}, r"window_size must be a pair of ints >= -1", id="window"),
+        pytest.param({"attention_chunk": -1}, r"attention_chunk must be an int >= 0", id="chunk"),
+        pytest.param(
+            {"seqused_k": torch.tensor([1, 2])}, r"seqused_k must have dtype torch\.int32", id="seqused"
+        ),
+        pytest.param({"softcap": -1.0}, r"softcap must be >= 0", id="softcap"),
+    ],
+)
+def test_varlen_bad_input_is_refused(override: dict[str, Any], match: str) -> None:
+    args: dict[str, Any] = {
+        "q": torch.ones(7, 4, 8),
+        "k": torch.ones(7, 2, 8),
+        "v": torch.ones(7, 2, 8),
+        "cu_seqlens_q": _cu([3, 4]),
+        "cu_seqlens_k": _cu([3, 4]),
+    }
+    with pytest.raises(ValueError, match=match):
+        fast.flash_attn_varlen_func(**(args | override))
+
+
+def test_fully_masked_rows_are_zero_with_neg_inf_lse() -> None:
+    q, k = torch.randn(6, 2, 8), torch.randn(2, 2, 8)
+    out, lse = fast.flash_attn_varlen_func(q, k, k, _cu([6]), _cu([2]), causal=True, return_softmax_lse=True)
+    assert torch.equal(out[:4], torch.zeros(4, 2, 8))
+    assert lse[:, :4].tolist() == [[-math.inf] * 4] * 2
