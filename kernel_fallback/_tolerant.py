@@ -6,6 +6,11 @@ On a call that passes none of them the wrapper is one set test away from a direc
 call; on a call that passes one, the keyword's policy applies. No exception is
 raised or caught to find out, so a TypeError or RuntimeError raised inside the
 kernel always reaches the caller unchanged.
+
+What the wrapper is depends on the kernel (see :mod:`kernel_fallback._forwarder`): a
+Python function that lacks nothing gets a clone of itself, one that lacks a keyword a
+forwarder generated with its exact signature; builtins, torch ops, pybind11 functions
+and ``**kwargs`` kernels a ``functools.partial`` or a generic wrapper.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import functools
 import inspect
 import keyword
 import re
+import threading
 import types
 import weakref
 from collections.abc import Callable, Iterable, Mapping
@@ -21,7 +27,7 @@ from typing import Any, Final, NoReturn, Protocol, TypeVar, final
 
 import torch
 
-from kernel_fallback import _config, _events
+from kernel_fallback import _config, _events, _forwarder
 from kernel_fallback._signature import KwargSupport, kwarg_support
 from kernel_fallback.exceptions import PolicyConfigError, UnsupportedKwargError
 
@@ -37,6 +43,9 @@ _PLAIN = (type(None), bool, int, float, str)
 _NOT_PLAIN: Final = object()
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _registry: weakref.WeakSet[TolerantKernel] = weakref.WeakSet()
+# Held while a kernel resolves its policies and joins the registry, and while a reload
+# reads or commits the registry: a kernel decorated during a reload gets the new policy.
+_registry_lock = threading.RLock()
 
 
 def _plain(value: object) -> object:
@@ -74,7 +83,9 @@ class TolerantKernel:
 
     __slots__ = (
         "__weakref__",
+        "_counters",
         "_fields",
+        "_namespace",
         "env",
         "kernel",
         "missing",
@@ -101,6 +112,9 @@ class TolerantKernel:
         self.support: KwargSupport = kwarg_support(kernel)
         self.missing = tuple(k for k in self.neutral if not self.support.accepts(k))
         self.policies: dict[str, Resolved] = {}
+        self._counters: dict[str, _events.Counter] = {}
+        # The generated forwarder's globals, where its counters are swapped on a reload.
+        self._namespace: dict[str, Any] | None = None
         self._commit(self.resolve(_config.snapshot()))
 
     @property
@@ -140,13 +154,17 @@ class TolerantKernel:
 
     def _commit(self, resolved: dict[str, Resolved]) -> None:
         fields = []
+        counters: dict[str, _events.Counter] = {}
         for kwarg in self.missing:
             policy, source = resolved[kwarg]
+            key = ("kwarg", self.name, kwarg, policy)
             if policy == "raise":
+                counters[kwarg] = _events.Counter(key)  # never recorded, so never hot
                 continue
             action = "copied into the caller's buffer" if policy == "copy" else "dropped"
+            counters[kwarg] = _events.counter(key)
             described = _events.describe_key(
-                ("kwarg", self.name, kwarg, policy),
+                key,
                 {
                     "event": EVENT,
                     "kernel": self.name,
@@ -160,6 +178,10 @@ class TolerantKernel:
             fields.append(described)
         self._fields = fields  # the events module holds them only weakly
         self.policies = resolved
+        self._counters = counters
+        if self._namespace is not None:
+            for i, kwarg in enumerate(self.missing):
+                self._namespace[f"_kf_S{i}"] = counters[kwarg]
 
     def call_dropping(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """The slow path: ``kwargs`` holds at least one keyword the kernel lacks."""
@@ -189,6 +211,9 @@ class TolerantKernel:
                     _refuse_under_compile(self, kwarg, value, why)  # type: ignore[misc]
                 raise self._unsupported(kwarg, value, why)
             dropped.append((kwarg, policy, value))
+        if copy_into is not None and not torch.compiler.is_dynamo_compiling():
+            # Traced code writes through functionalization and cannot ask is_inference().
+            self._check_buffer(*copy_into)
         result = self.kernel(*args, **kwargs)
         if copy_into is not None:
             result = self._copy_back(copy_into[0], copy_into[1], result)
@@ -197,10 +222,44 @@ class TolerantKernel:
             if torch.compiler.is_dynamo_compiling():
                 _events.note_traced("kwarg", self.name, kwarg, policy)
             else:
-                _events.record(("kwarg", self.name, kwarg, policy), captured=_capturing(value))
+                counter = self._counters.get(kwarg)
+                _events.record(
+                    ("kwarg", self.name, kwarg, policy),
+                    captured=_capturing(value),
+                    counter=counter if counter is not None and counter.key[3] == policy else None,
+                )
         return result
 
+    def _call_from_forwarder(self, args: tuple[Any, ...], kwargs: dict[str, Any], *values: object) -> Any:
+        """The slow path of a generated forwarder: ``values`` are the missing keywords' values."""
+        for kwarg, value in zip(self.missing, values, strict=True):
+            if value is not _forwarder.UNSET:
+                kwargs[kwarg] = value
+        return self.call_dropping(args, kwargs)
+
+    def _check_buffer(self, kwarg: str, out: torch.Tensor) -> None:
+        """Refuse, before the kernel runs, a buffer torch would not let ``copy_`` write."""
+        why = None
+        if out.requires_grad and out.is_leaf and torch.is_grad_enabled():
+            why = "it is a leaf tensor that requires grad (in-place writes to it are refused)"
+        elif out.is_inference() and not torch.is_inference_mode_enabled():
+            why = "it is an inference-mode tensor and inference mode is off (in-place writes are refused)"
+        elif any(stride == 0 and size > 1 for size, stride in zip(out.shape, out.stride(), strict=True)):
+            why = "several of its elements share one memory location (an expanded tensor)"
+        if why is not None:
+            raise self._unsupported(
+                kwarg, out, f"its policy is 'copy' but the buffer cannot be written: {why}"
+            )
+
     def _copy_back(self, kwarg: str, out: torch.Tensor, result: Any) -> Any:
+        if (
+            result.__class__ is torch.Tensor
+            and result.dtype is out.dtype
+            and result.shape == out.shape
+            and result.device == out.device
+        ):  # the common case, answered with the fewest checks
+            out.copy_(result)
+            return out
         first = result[0] if isinstance(result, (tuple, list)) and result else result
         if not isinstance(first, torch.Tensor):
             raise self._unsupported(
@@ -221,6 +280,8 @@ class TolerantKernel:
             return [out, *result[1:]]
         if hasattr(result, "_fields"):  # a named tuple keeps its type
             return type(result)(out, *result[1:])
+        if hasattr(result, "n_sequence_fields"):  # a structseq (torch.return_types.max...) too
+            return type(result)((out, *result[1:]))
         return (out, *result[1:])
 
     def _unsupported(self, kwarg: str, value: object, why: str) -> UnsupportedKwargError:
@@ -239,8 +300,32 @@ class TolerantKernel:
         )
 
     def stats(self) -> list[dict[str, Any]]:
-        """This kernel's rows of :func:`kernel_fallback.stats`."""
-        return [row for row in _events.stats() if row["kernel"] == self.name]
+        """This kernel's rows of :func:`kernel_fallback.stats`.
+
+        Once :data:`~kernel_fallback._events.MAX_ENTRIES` keys are stored, the counts
+        of new keys are stored in one ``<overflow>`` row; this kernel's share of it is
+        still listed here under its own name (with no ``first_seen`` or ``where``).
+        """
+        rows = [row for row in _events.stats() if row["kernel"] == self.name]
+        for kwarg, counter in self._counters.items():
+            count = _events.overflowed_count(counter)
+            if count:
+                rows.append(
+                    {
+                        "kind": "kwarg",
+                        "kernel": self.name,
+                        "kwarg": kwarg,
+                        "provider": None,
+                        "policy": counter.key[3],
+                        "source": self.policies[kwarg][1],
+                        "count": count,
+                        "compiled_traces": 0,
+                        "graph_captures": 0,
+                        "first_seen": "",
+                        "where": "",
+                    }
+                )
+        return rows
 
     def describe(self) -> dict[str, Any]:
         """The decision as data: which keywords are missing and each one's policy."""
@@ -301,12 +386,27 @@ class TolerantFunction(Protocol[R_co]):
 
 
 def _prepare_reload(snap: _config.Snapshot) -> Callable[[], None]:
-    plans = list(_registry)
+    with _registry_lock:
+        plans = list(_registry)
     resolved = [plan.resolve(snap) for plan in plans]
 
     def commit() -> None:
-        for plan, new in zip(plans, resolved, strict=True):
-            plan._commit(new)
+        with _registry_lock:
+            for plan, new in zip(plans, resolved, strict=True):
+                plan._commit(new)
+            # Decorated since `plans` was read: each resolved the configuration then in
+            # force, which may be the old one. The new one is in force now (reload_config
+            # sets it before committing), and was validated for every variable except
+            # such a kernel's own: if that one is invalid the kernel keeps what it has,
+            # as the kernels of a failed reload do.
+            prepared = set(map(id, plans))
+            for plan in list(_registry):
+                if id(plan) not in prepared:
+                    try:
+                        new_policies = plan.resolve(snap)
+                    except PolicyConfigError:
+                        continue
+                    plan._commit(new_policies)
 
     return commit
 
@@ -316,7 +416,9 @@ _config.on_reload(_prepare_reload)
 
 def kernels() -> list[TolerantKernel]:
     """Every live decorated kernel, sorted by name."""
-    return sorted(_registry, key=lambda plan: plan.name)
+    with _registry_lock:
+        plans = list(_registry)
+    return sorted(plans, key=lambda plan: plan.name)
 
 
 def _check_options(
@@ -409,30 +511,10 @@ def tolerant_kwargs(
             return type(fn)(decorate(fn.__func__))  # type: ignore[return-value]
         if not callable(fn):
             raise TypeError(f"tolerant_kwargs can only wrap a callable, got {fn!r}.")
-        plan = TolerantKernel(fn, name or _default_name(fn), neutral, policy, env)
-        _registry.add(plan)
-        missing = frozenset(plan.missing)
-        call_dropping = plan.call_dropping
-
-        wrapper: Any
-        if missing:
-
-            def wrapper(*args: Any, **kwargs: Any) -> Any:
-                if kwargs and not missing.isdisjoint(kwargs):
-                    return call_dropping(args, kwargs)
-                return fn(*args, **kwargs)
-
-        elif isinstance(fn, types.FunctionType):
-
-            def wrapper(*args: Any, **kwargs: Any) -> Any:  # a function: it may be a method
-                return fn(*args, **kwargs)
-
-        else:
-            # Nothing to drop, and no method binding to keep (builtins, torch ops and
-            # callable objects are no descriptors): a C-level forwarder costs next to
-            # nothing on launch-bound calls (torch.mm(out=) on decode shapes).
-            wrapper = functools.partial(fn)
-
+        with _registry_lock:
+            plan = TolerantKernel(fn, name or _default_name(fn), neutral, policy, env)
+            _registry.add(plan)
+        wrapper: Any = _make_wrapper(fn, plan)
         try:
             functools.update_wrapper(wrapper, fn)
         except AttributeError:  # objects without a __dict__ (torch ops) copy what they have
@@ -443,3 +525,35 @@ def tolerant_kwargs(
         return result
 
     return decorate
+
+
+def _make_wrapper(fn: Callable[..., Any], plan: TolerantKernel) -> Any:
+    """The cheapest callable that behaves as ``plan`` says (metadata is the caller's)."""
+    missing = frozenset(plan.missing)
+    if isinstance(fn, types.FunctionType):
+        if not missing:
+            return _forwarder.clone(fn)  # nothing can be missing: fn at its own cost
+        hooks = _forwarder.Hooks(plan._call_from_forwarder, plan._check_buffer, plan._copy_back)
+        with _registry_lock:  # no reload commits between reading the counters and publishing them
+            made = _forwarder.forwarder(
+                fn,
+                {k: plan.neutral[k] for k in plan.missing},
+                hooks,
+                [plan._counters[k] for k in plan.missing],
+            )
+            if made is not None:
+                wrapper, plan._namespace = made
+                return wrapper
+    call_dropping = plan.call_dropping
+    if missing:
+
+        def generic(*args: Any, **kwargs: Any) -> Any:
+            if kwargs and not missing.isdisjoint(kwargs):
+                return call_dropping(args, kwargs)
+            return fn(*args, **kwargs)
+
+        return generic
+    # Nothing to drop, and no method binding to keep (builtins, torch ops and callable
+    # objects are no descriptors): a C-level forwarder costs next to nothing on
+    # launch-bound calls (torch.mm(out=) on decode shapes).
+    return functools.partial(fn)
