@@ -150,7 +150,7 @@ def forwarder(
             f"        if {' and '.join(['not _kf_C()', *later])}:",
             f"            _kf_s = _kf_S{i}",
             f"            if _kf_s.hot and {name}.__class__ is _kf_T and not ({name}.is_cuda and _kf_cap()):",
-            "                _kf_s.tick()",
+            # Counted once the call did what the policy says, as on the general path.
             "                if _kf_s.copies:",
             # Cheap tests first; the full check runs (and raises) only for a buffer that
             # needs grad, is an inference tensor, or is not contiguous.
@@ -162,9 +162,14 @@ def forwarder(
             f"                            and _kf_r.shape == {name}.shape",
             f"                            and _kf_r.device == {name}.device):",
             f"                        {name}.copy_(_kf_r)",
+            "                        _kf_s.tick()",
             f"                        return {name}",
-            f"                    return _kf_copy({name!r}, {name}, _kf_r)",
-            f"                return {call}",
+            f"                    _kf_r = _kf_copy({name!r}, {name}, _kf_r)",
+            "                    _kf_s.tick()",
+            "                    return _kf_r",
+            f"                _kf_r = {call}",
+            "                _kf_s.tick()",
+            "                return _kf_r",
             f"        {slow}",
         ]
     body.append(f"    return {call}")
