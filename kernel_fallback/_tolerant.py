@@ -19,6 +19,7 @@ import functools
 import inspect
 import keyword
 import re
+import sys
 import threading
 import types
 import weakref
@@ -27,7 +28,7 @@ from typing import Any, Final, NoReturn, Protocol, TypeVar, final
 
 import torch
 
-from kernel_fallback import _config, _events, _forwarder
+from kernel_fallback import _binding, _config, _events, _forwarder
 from kernel_fallback._signature import KwargSupport, kwarg_support
 from kernel_fallback.exceptions import PolicyConfigError, UnsupportedKwargError
 
@@ -342,6 +343,21 @@ class TolerantKernel:
     def __repr__(self) -> str:
         return f"<TolerantKernel {self.name} missing={list(self.missing)}>"
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Unpickled, it is the same decoration made again, resolved in the new process.
+        return (_restore_kernel, (self.kernel, self.neutral, self.on_drop, self.name, self.env))
+
+
+def _restore_kernel(
+    kernel: Callable[..., Any],
+    neutral: dict[str, object],
+    on_drop: str | Mapping[str, str] | None,
+    name: str,
+    env: str | None,
+) -> TolerantKernel:
+    wrapped: TolerantFunction[Any] = tolerant_kwargs(neutral, on_drop, name=name, env=env)(kernel)
+    return wrapped.tolerant
+
 
 _refuse_under_compile: Callable[[TolerantKernel, str, object, str], NoReturn] | None = None
 
@@ -507,8 +523,11 @@ def tolerant_kwargs(
     neutral, policy = _check_options(drop, on_drop, name, env)
 
     def decorate(fn: Callable[..., R], /) -> TolerantFunction[R]:
+        return decorate_stored(fn, _binding.stored_as(sys._getframe(1)))
+
+    def decorate_stored(fn: Callable[..., R], stored: tuple[str, str] | None) -> TolerantFunction[R]:
         if isinstance(fn, (staticmethod, classmethod)):
-            return type(fn)(decorate(fn.__func__))  # type: ignore[return-value]
+            return type(fn)(decorate_stored(fn.__func__, stored))  # type: ignore[return-value]
         if not callable(fn):
             raise TypeError(f"tolerant_kwargs can only wrap a callable, got {fn!r}.")
         with _registry_lock:
@@ -520,6 +539,9 @@ def tolerant_kwargs(
         except AttributeError:  # objects without a __dict__ (torch ops) copy what they have
             wrapper.__wrapped__ = fn
         wrapper.__name__ = getattr(fn, "__name__", plan.name)
+        if stored is not None and isinstance(wrapper, types.FunctionType):
+            # pickle finds a function by these two: make them lead to the wrapper.
+            wrapper.__module__, wrapper.__qualname__ = stored
         wrapper.tolerant = plan
         result: TolerantFunction[R] = wrapper  # a function carrying `tolerant`
         return result
