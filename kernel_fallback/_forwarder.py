@@ -31,6 +31,7 @@ from typing import Any, Final, cast
 import torch
 
 from kernel_fallback._events import Counter
+from kernel_fallback._options import stream_capturing
 
 __all__ = ["UNSET", "Hooks", "clone", "forwarder"]
 
@@ -51,15 +52,6 @@ class _Unset:
 
 
 UNSET: Final = _Unset()
-
-
-def _no_capture() -> bool:
-    return False
-
-
-# The C check itself: ``torch.cuda.is_current_stream_capturing`` first asks whether CUDA
-# is initialised, which a CUDA tensor in hand already answers.
-_capturing: Callable[[], bool] = getattr(torch._C, "_cuda_isCurrentStreamCapturing", _no_capture)
 
 
 def clone(fn: types.FunctionType) -> types.FunctionType:
@@ -180,7 +172,7 @@ def forwarder(
         "_kf_U": UNSET,
         "_kf_T": torch.Tensor,
         "_kf_C": torch.compiler.is_dynamo_compiling,
-        "_kf_cap": _capturing,
+        "_kf_cap": stream_capturing,
         "_kf_slow": hooks.slow,
         "_kf_check": hooks.check_buffer,
         "_kf_copy": hooks.copy_back,

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import keyword
-import re
 import sys
 import threading
 import types
@@ -29,6 +27,9 @@ from typing import Any, Final, NoReturn, Protocol, TypeVar, final
 import torch
 
 from kernel_fallback import _binding, _config, _events, _forwarder
+from kernel_fallback._options import _capturing as _capturing  # also the chains'
+from kernel_fallback._options import _check_options, _default_name
+from kernel_fallback._options import _is_neutral as _is_neutral
 from kernel_fallback._signature import KwargSupport, kwarg_support
 from kernel_fallback.exceptions import PolicyConfigError, UnsupportedKwargError
 
@@ -40,38 +41,10 @@ R_co = TypeVar("R_co", covariant=True)
 Resolved = tuple[str, str]
 
 EVENT: Final = "kernel_fallback.kwarg_dropped"
-_PLAIN = (type(None), bool, int, float, str)
-_NOT_PLAIN: Final = object()
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _registry: weakref.WeakSet[TolerantKernel] = weakref.WeakSet()
 # Held while a kernel resolves its policies and joins the registry, and while a reload
 # reads or commits the registry: a kernel decorated during a reload gets the new policy.
 _registry_lock = threading.RLock()
-
-
-def _plain(value: object) -> object:
-    """``value`` with lists as tuples if it is made of plain values only, else a marker."""
-    if isinstance(value, (tuple, list)):
-        items = tuple(_plain(v) for v in value)
-        return _NOT_PLAIN if _NOT_PLAIN in items else items
-    return value if isinstance(value, _PLAIN) else _NOT_PLAIN
-
-
-def _capturing(value: object) -> bool:
-    """True while a CUDA graph is being captured on the current stream (no sync)."""
-    return isinstance(value, torch.Tensor) and value.is_cuda and torch.cuda.is_current_stream_capturing()
-
-
-def _is_neutral(value: object, neutral: object) -> bool:
-    """True when passing ``value`` means the same as not passing the keyword."""
-    if value is neutral:
-        return True
-    if isinstance(value, torch.Tensor):  # the common case, answered first
-        return False
-    # Only plain values compare safely (`tensor == x` is elementwise); a list and a tuple
-    # of the same items mean the same to a kernel (window_size=[-1, -1]).
-    plain = _plain(value)
-    return plain is not _NOT_PLAIN and plain == _plain(neutral)
 
 
 @final
@@ -219,14 +192,18 @@ class TolerantKernel:
         if copy_into is not None:
             result = self._copy_back(copy_into[0], copy_into[1], result)
         # Recorded once the call did what the policy says (a failed copy is no fallback).
-        for kwarg, policy, value in dropped:
-            if torch.compiler.is_dynamo_compiling():
+        if dropped and torch.compiler.is_dynamo_compiling():
+            for kwarg, policy, _ in dropped:
                 _events.note_traced("kwarg", self.name, kwarg, policy)
-            else:
+        elif dropped:
+            # One capture check per call, and only when a CUDA tensor is involved: the
+            # stream is the same for every keyword of the call.
+            captured = any(_capturing(value) for _, _, value in dropped)
+            for kwarg, policy, _ in dropped:
                 counter = self._counters.get(kwarg)
                 _events.record(
                     ("kwarg", self.name, kwarg, policy),
-                    captured=_capturing(value),
+                    captured=captured,
                     counter=counter if counter is not None and counter.key[3] == policy else None,
                 )
         return result
@@ -435,60 +412,6 @@ def kernels() -> list[TolerantKernel]:
     with _registry_lock:
         plans = list(_registry)
     return sorted(plans, key=lambda plan: plan.name)
-
-
-def _check_options(
-    drop: object, on_drop: object, name: object, env: object
-) -> tuple[dict[str, object], str | dict[str, str] | None]:
-    if callable(drop) and not isinstance(drop, Mapping):
-        raise TypeError(
-            f"tolerant_kwargs needs the keywords to drop, got {drop!r}; "
-            "write @tolerant_kwargs(drop=['out'], on_drop='copy')."
-        )
-    if isinstance(drop, str) or not isinstance(drop, Iterable):
-        raise PolicyConfigError(
-            f"tolerant_kwargs(drop={drop!r}): drop must be a list of keyword names or a "
-            "mapping name -> neutral value, e.g. drop=['out'] or drop={'only_qv': False}.",
-            name="drop",
-            value=drop,
-        )
-    neutral: dict[str, object] = dict(drop) if isinstance(drop, Mapping) else dict.fromkeys(drop)
-    if not neutral:
-        raise PolicyConfigError(
-            "tolerant_kwargs(drop=...) is empty: list at least one keyword the kernel may lack.",
-            name="drop",
-            value=drop,
-        )
-    for kwarg in neutral:
-        if not isinstance(kwarg, str) or not kwarg.isidentifier() or keyword.iskeyword(kwarg):
-            raise PolicyConfigError(
-                f"tolerant_kwargs(drop=...): {kwarg!r} is not a keyword argument name.",
-                name="drop",
-                value=kwarg,
-            )
-    policy = _config.check_on_drop("tolerant_kwargs", on_drop, neutral)
-    if name is not None and (not isinstance(name, str) or not name.strip()):
-        raise PolicyConfigError(
-            f"tolerant_kwargs(name={name!r}): name must be a non-empty string.", name="name", value=name
-        )
-    if env is not None and (not isinstance(env, str) or not _ENV_NAME.match(env)):
-        raise PolicyConfigError(
-            f"tolerant_kwargs(env={env!r}): env must be an environment variable name "
-            "(letters, digits, underscores, not starting with a digit).",
-            name="env",
-            value=env,
-        )
-    return neutral, policy
-
-
-def _default_name(fn: Any) -> str:
-    while isinstance(fn, functools.partial):
-        fn = fn.func
-    for attr in ("__name__", "_qualname"):
-        value = getattr(fn, attr, None)
-        if isinstance(value, str) and value:
-            return value
-    return type(fn).__name__
 
 
 def tolerant_kwargs(
