@@ -5,6 +5,12 @@ one dict lookup, one increment); only the first occurrence of each
 (kind, kernel, subject, policy) key is *logged*, so a hot loop costs one warning and
 an exact count. ``reset_stats()`` clears the counts and re-arms logging.
 
+Repeats of a keyword fallback cost less still: once its key has been logged, and while
+no listener is registered, the decorated kernel only ticks the key's :class:`Counter`
+(an ``itertools.count``, atomic without a lock) and the ticks are added up when counts
+are read. A listener, a reset or a CUDA graph capture sends calls back through
+:func:`record`, so listeners still see every occurrence.
+
 Where the events go:
 - if ``configure_logging()`` (or ``set_logger()``) installed a logger, there;
 - else, if ``KERNEL_FALLBACK_LOG_FORMAT`` or ``KERNEL_FALLBACK_LOG_FILE`` is set, to
@@ -35,20 +41,25 @@ import threading
 import types
 import weakref
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final, final
 
 import structlog
 import torch
 
 from kernel_fallback import _config
+from kernel_fallback._counter import Counter as Counter
+from kernel_fallback._counter import FallbackEvent as FallbackEvent
+from kernel_fallback._counter import Key as Key
 
 __all__ = [
+    "Counter",
     "FallbackEvent",
     "OVERFLOW_EVENT",
     "SUMMARY_EVENT",
     "add_listener",
     "add_process_info",
+    "counter",
     "describe_key",
     "emit",
     "flush",
@@ -77,30 +88,6 @@ _SKIP_DIRS = (
 )
 _SKIP_FILES = frozenset({functools.__file__, contextlib.__file__})
 
-#: (kind, kernel, subject, policy): kind is "kwarg", "provider" or "dispatch";
-#: subject the keyword or the provider chosen.
-Key = tuple[str, str, str, str]
-
-
-@final
-@dataclass(frozen=True, slots=True)
-class FallbackEvent:
-    """One recorded fallback, as passed to listeners (see :mod:`kernel_fallback.testing`)."""
-
-    kind: str
-    kernel: str
-    subject: str
-    policy: str
-    fields: Mapping[str, Any]
-    count: int
-    compiled: bool = False
-    captured: bool = False
-
-    @property
-    def kwarg(self) -> str | None:
-        """The dropped keyword, for ``kind == "kwarg"`` events."""
-        return self.subject if self.kind == "kwarg" else None
-
 
 @final
 @dataclass(slots=True)
@@ -115,10 +102,15 @@ class _Entry:
     graph_captures: int = 0
     first_seen: str = ""
     where: str = ""
+    counters: list[Counter] = field(default_factory=list)
 
 
 _lock = threading.Lock()
 _entries: dict[Key, _Entry] = {}
+# Held by the kernels (strongly) and by the entries that count them.
+_counters: weakref.WeakValueDictionary[Key, Counter] = weakref.WeakValueDictionary()
+# Per-key counts of keys folded into the overflow row, while their counters live.
+_overflowed: weakref.WeakKeyDictionary[Counter, int] = weakref.WeakKeyDictionary()
 
 
 class StaticFields(dict[str, Any]):
@@ -145,6 +137,16 @@ def _reinit_after_fork() -> None:
     _lock = threading.Lock()
     _entries.clear()
     _log_errors = 0
+    _rearm_counters()
+
+
+def _rearm_counters() -> None:
+    """Detach every counter from the cleared entries; later ticks start from zero."""
+    _overflowed.clear()
+    for held in list(_counters.values()):
+        held.hot = False
+        held._drain()
+        held._entry = None
 
 
 os.register_at_fork(after_in_child=_reinit_after_fork)
@@ -178,43 +180,103 @@ def describe_key(key: Key, fields: Mapping[str, Any]) -> StaticFields:
     return held
 
 
-def record(key: Key, *, compiled: bool = False, captured: bool = False) -> None:
-    """Count one fallback; log it if it is the first of its key."""
+def counter(key: Key) -> Counter:
+    """The counter of ``key``, shared by every kernel that records it.
+
+    The caller keeps it alive as long as it may tick it (as with :func:`describe_key`).
+    """
+    with _lock:
+        held = _counters.get(key)
+        if held is None:
+            held = _counters[key] = Counter(key)
+        return held
+
+
+def record(
+    key: Key, *, compiled: bool = False, captured: bool = False, counter: Counter | None = None
+) -> None:
+    """Count one fallback; log it if it is the first of its key.
+
+    ``counter`` is the key's :class:`Counter` when the caller may tick it later: the
+    occurrence is counted there, and the counter turns hot once the key is logged.
+    """
     with _lock:
         entry = _entries.get(key)
         if entry is None:
             entry = _new_entry(key)
-        entry.count += 1
-        count = entry.count
+        if entry.kind == "overflow":
+            entry.count += 1
+            count = entry.count
+            if counter is not None:
+                count = _overflowed[counter] = _overflowed.get(counter, 0) + 1
+        elif counter is not None:
+            if counter._entry is not entry:
+                counter._entry = entry
+                entry.counters.append(counter)
+            counter.tick()
+            _drain(entry)
+            count = entry.count
+        else:
+            entry.count += 1
+            count = entry.count
         if compiled:
             entry.compiled_traces += 1
         if captured:
             entry.graph_captures += 1
-        if count == 1:
+        first = not entry.first_seen
+        if first:
             entry.first_seen = datetime.datetime.now(datetime.timezone.utc).isoformat()
             entry.where = _caller_location()
-    if count == 1 and _exit_armed_pid != os.getpid():
+        if counter is not None and entry.kind != "overflow" and not _listeners:
+            counter.hot = True
+    if first and _exit_armed_pid != os.getpid():
         _arm_exit_flush()
     # A CUDA graph capture is logged every time, not only first: each capture bakes the
     # fallback into a graph that replays it with no Python (and so no count) at all.
-    if count == 1 or captured:
+    if first or captured:
         _log_first(entry, compiled=compiled, captured=captured)
     if _listeners:
-        event = FallbackEvent(
-            entry.kind,
-            entry.kernel,
-            entry.subject,
-            entry.policy,
-            fields=entry.fields,
-            count=count,
-            compiled=compiled,
-            captured=captured,
-        )
+        # Listeners see the kernel's own key, also once its stored row is the overflow row.
+        fields = entry.fields if entry.kind != "overflow" else _static_fields.get(key) or {}
+        event = FallbackEvent(*key, fields=fields, count=count, compiled=compiled, captured=captured)
         for listener in tuple(_listeners):
             try:
                 listener(event)
             except Exception as exc:  # noqa: BLE001 - an observer (metrics...) must not break a kernel call
                 _observer_failed(f"listener {listener!r}", exc)
+
+
+def _drain(entry: _Entry) -> None:
+    """Add the ticks of the entry's counters to its count (the caller holds the lock)."""
+    for held in entry.counters:
+        entry.count += held._drain()
+
+
+def _collect() -> None:
+    """Bring every tick into the entries before counts are read (the caller holds the lock).
+
+    Ticks of a counter detached by a reset, from calls in flight at the reset, get an
+    entry of their own here rather than being lost.
+    """
+    for entry in _entries.values():
+        _drain(entry)
+    for held in list(_counters.values()):
+        if held._entry is None and held._read() > held._drained:
+            entry = _entries.get(held.key) or _new_entry(held.key)
+            if entry.kind == "overflow":
+                ticks = held._drain()
+                entry.count += ticks
+                _overflowed[held] = _overflowed.get(held, 0) + ticks
+            else:
+                held._entry = entry
+                entry.counters.append(held)
+                _drain(entry)
+
+
+def overflowed_count(held: Counter) -> int:
+    """Occurrences of ``held``'s key counted in the overflow row since the last reset."""
+    with _lock:
+        return _overflowed.get(held, 0)
 
 
 def _new_entry(key: Key) -> _Entry:
@@ -359,6 +421,7 @@ def flush() -> int:
     Runs by itself at interpreter exit once the process has recorded a fallback.
     """
     with _lock:
+        _collect()
         summaries = [_summary_fields(e) for e in _entries.values() if e.count]
     summaries.sort(key=lambda f: (f["kind"], f["kernel"], f.get("kwarg") or f.get("provider"), f["policy"]))
     for fields in summaries:
@@ -419,9 +482,15 @@ def set_logger(logger: Any) -> Any:
 
 
 def add_listener(listener: Callable[[FallbackEvent], None]) -> None:
-    """Call ``listener`` on every recorded fallback (not only the first of a key)."""
+    """Call ``listener`` on every recorded fallback (not only the first of a key).
+
+    While any listener is registered, decorated kernels record every fallback through
+    the lock instead of ticking a counter, so that each occurrence reaches it.
+    """
     with _lock:
         _listeners.append(listener)
+        for held in list(_counters.values()):
+            held.hot = False
 
 
 def remove_listener(listener: Callable[[FallbackEvent], None]) -> None:
@@ -442,6 +511,7 @@ def stats() -> list[dict[str, Any]]:
     (file:line of the first caller).
     """
     with _lock:
+        _collect()
         rows = [
             {
                 "kind": e.kind,
@@ -476,5 +546,6 @@ def reset_stats() -> None:
     global _log_errors, _epoch
     with _lock:
         _entries.clear()
+        _rearm_counters()
         _log_errors = 0
         _epoch += 1

@@ -6,14 +6,19 @@ On a call that passes none of them the wrapper is one set test away from a direc
 call; on a call that passes one, the keyword's policy applies. No exception is
 raised or caught to find out, so a TypeError or RuntimeError raised inside the
 kernel always reaches the caller unchanged.
+
+What the wrapper is depends on the kernel (see :mod:`kernel_fallback._forwarder`): a
+Python function that lacks nothing gets a clone of itself, one that lacks a keyword a
+forwarder generated with its exact signature; builtins, torch ops, pybind11 functions
+and ``**kwargs`` kernels a ``functools.partial`` or a generic wrapper.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-import keyword
-import re
+import sys
+import threading
 import types
 import weakref
 from collections.abc import Callable, Iterable, Mapping
@@ -21,7 +26,10 @@ from typing import Any, Final, NoReturn, Protocol, TypeVar, final
 
 import torch
 
-from kernel_fallback import _config, _events
+from kernel_fallback import _binding, _config, _events, _forwarder
+from kernel_fallback._options import _capturing as _capturing  # also the chains'
+from kernel_fallback._options import _check_options, _default_name
+from kernel_fallback._options import _is_neutral as _is_neutral
 from kernel_fallback._signature import KwargSupport, kwarg_support
 from kernel_fallback.exceptions import PolicyConfigError, UnsupportedKwargError
 
@@ -33,35 +41,10 @@ R_co = TypeVar("R_co", covariant=True)
 Resolved = tuple[str, str]
 
 EVENT: Final = "kernel_fallback.kwarg_dropped"
-_PLAIN = (type(None), bool, int, float, str)
-_NOT_PLAIN: Final = object()
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 _registry: weakref.WeakSet[TolerantKernel] = weakref.WeakSet()
-
-
-def _plain(value: object) -> object:
-    """``value`` with lists as tuples if it is made of plain values only, else a marker."""
-    if isinstance(value, (tuple, list)):
-        items = tuple(_plain(v) for v in value)
-        return _NOT_PLAIN if _NOT_PLAIN in items else items
-    return value if isinstance(value, _PLAIN) else _NOT_PLAIN
-
-
-def _capturing(value: object) -> bool:
-    """True while a CUDA graph is being captured on the current stream (no sync)."""
-    return isinstance(value, torch.Tensor) and value.is_cuda and torch.cuda.is_current_stream_capturing()
-
-
-def _is_neutral(value: object, neutral: object) -> bool:
-    """True when passing ``value`` means the same as not passing the keyword."""
-    if value is neutral:
-        return True
-    if isinstance(value, torch.Tensor):  # the common case, answered first
-        return False
-    # Only plain values compare safely (`tensor == x` is elementwise); a list and a tuple
-    # of the same items mean the same to a kernel (window_size=[-1, -1]).
-    plain = _plain(value)
-    return plain is not _NOT_PLAIN and plain == _plain(neutral)
+# Held while a kernel resolves its policies and joins the registry, and while a reload
+# reads or commits the registry: a kernel decorated during a reload gets the new policy.
+_registry_lock = threading.RLock()
 
 
 @final
@@ -74,7 +57,9 @@ class TolerantKernel:
 
     __slots__ = (
         "__weakref__",
+        "_counters",
         "_fields",
+        "_namespace",
         "env",
         "kernel",
         "missing",
@@ -101,6 +86,9 @@ class TolerantKernel:
         self.support: KwargSupport = kwarg_support(kernel)
         self.missing = tuple(k for k in self.neutral if not self.support.accepts(k))
         self.policies: dict[str, Resolved] = {}
+        self._counters: dict[str, _events.Counter] = {}
+        # The generated forwarder's globals, where its counters are swapped on a reload.
+        self._namespace: dict[str, Any] | None = None
         self._commit(self.resolve(_config.snapshot()))
 
     @property
@@ -140,13 +128,17 @@ class TolerantKernel:
 
     def _commit(self, resolved: dict[str, Resolved]) -> None:
         fields = []
+        counters: dict[str, _events.Counter] = {}
         for kwarg in self.missing:
             policy, source = resolved[kwarg]
+            key = ("kwarg", self.name, kwarg, policy)
             if policy == "raise":
+                counters[kwarg] = _events.Counter(key)  # never recorded, so never hot
                 continue
             action = "copied into the caller's buffer" if policy == "copy" else "dropped"
+            counters[kwarg] = _events.counter(key)
             described = _events.describe_key(
-                ("kwarg", self.name, kwarg, policy),
+                key,
                 {
                     "event": EVENT,
                     "kernel": self.name,
@@ -160,6 +152,10 @@ class TolerantKernel:
             fields.append(described)
         self._fields = fields  # the events module holds them only weakly
         self.policies = resolved
+        self._counters = counters
+        if self._namespace is not None:
+            for i, kwarg in enumerate(self.missing):
+                self._namespace[f"_kf_S{i}"] = counters[kwarg]
 
     def call_dropping(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """The slow path: ``kwargs`` holds at least one keyword the kernel lacks."""
@@ -189,18 +185,59 @@ class TolerantKernel:
                     _refuse_under_compile(self, kwarg, value, why)  # type: ignore[misc]
                 raise self._unsupported(kwarg, value, why)
             dropped.append((kwarg, policy, value))
+        if copy_into is not None and not torch.compiler.is_dynamo_compiling():
+            # Traced code writes through functionalization and cannot ask is_inference().
+            self._check_buffer(*copy_into)
         result = self.kernel(*args, **kwargs)
         if copy_into is not None:
             result = self._copy_back(copy_into[0], copy_into[1], result)
         # Recorded once the call did what the policy says (a failed copy is no fallback).
-        for kwarg, policy, value in dropped:
-            if torch.compiler.is_dynamo_compiling():
+        if dropped and torch.compiler.is_dynamo_compiling():
+            for kwarg, policy, _ in dropped:
                 _events.note_traced("kwarg", self.name, kwarg, policy)
-            else:
-                _events.record(("kwarg", self.name, kwarg, policy), captured=_capturing(value))
+        elif dropped:
+            # One capture check per call, and only when a CUDA tensor is involved: the
+            # stream is the same for every keyword of the call.
+            captured = any(_capturing(value) for _, _, value in dropped)
+            for kwarg, policy, _ in dropped:
+                counter = self._counters.get(kwarg)
+                _events.record(
+                    ("kwarg", self.name, kwarg, policy),
+                    captured=captured,
+                    counter=counter if counter is not None and counter.key[3] == policy else None,
+                )
         return result
 
+    def _call_from_forwarder(self, args: tuple[Any, ...], kwargs: dict[str, Any], *values: object) -> Any:
+        """The slow path of a generated forwarder: ``values`` are the missing keywords' values."""
+        for kwarg, value in zip(self.missing, values, strict=True):
+            if value is not _forwarder.UNSET:
+                kwargs[kwarg] = value
+        return self.call_dropping(args, kwargs)
+
+    def _check_buffer(self, kwarg: str, out: torch.Tensor) -> None:
+        """Refuse, before the kernel runs, a buffer torch would not let ``copy_`` write."""
+        why = None
+        if out.requires_grad and out.is_leaf and torch.is_grad_enabled():
+            why = "it is a leaf tensor that requires grad (in-place writes to it are refused)"
+        elif out.is_inference() and not torch.is_inference_mode_enabled():
+            why = "it is an inference-mode tensor and inference mode is off (in-place writes are refused)"
+        elif any(stride == 0 and size > 1 for size, stride in zip(out.shape, out.stride(), strict=True)):
+            why = "several of its elements share one memory location (an expanded tensor)"
+        if why is not None:
+            raise self._unsupported(
+                kwarg, out, f"its policy is 'copy' but the buffer cannot be written: {why}"
+            )
+
     def _copy_back(self, kwarg: str, out: torch.Tensor, result: Any) -> Any:
+        if (
+            result.__class__ is torch.Tensor
+            and result.dtype is out.dtype
+            and result.shape == out.shape
+            and result.device == out.device
+        ):  # the common case, answered with the fewest checks
+            out.copy_(result)
+            return out
         first = result[0] if isinstance(result, (tuple, list)) and result else result
         if not isinstance(first, torch.Tensor):
             raise self._unsupported(
@@ -221,6 +258,8 @@ class TolerantKernel:
             return [out, *result[1:]]
         if hasattr(result, "_fields"):  # a named tuple keeps its type
             return type(result)(out, *result[1:])
+        if hasattr(result, "n_sequence_fields"):  # a structseq (torch.return_types.max...) too
+            return type(result)((out, *result[1:]))
         return (out, *result[1:])
 
     def _unsupported(self, kwarg: str, value: object, why: str) -> UnsupportedKwargError:
@@ -239,8 +278,32 @@ class TolerantKernel:
         )
 
     def stats(self) -> list[dict[str, Any]]:
-        """This kernel's rows of :func:`kernel_fallback.stats`."""
-        return [row for row in _events.stats() if row["kernel"] == self.name]
+        """This kernel's rows of :func:`kernel_fallback.stats`.
+
+        Once :data:`~kernel_fallback._events.MAX_ENTRIES` keys are stored, the counts
+        of new keys are stored in one ``<overflow>`` row; this kernel's share of it is
+        still listed here under its own name (with no ``first_seen`` or ``where``).
+        """
+        rows = [row for row in _events.stats() if row["kernel"] == self.name]
+        for kwarg, counter in self._counters.items():
+            count = _events.overflowed_count(counter)
+            if count:
+                rows.append(
+                    {
+                        "kind": "kwarg",
+                        "kernel": self.name,
+                        "kwarg": kwarg,
+                        "provider": None,
+                        "policy": counter.key[3],
+                        "source": self.policies[kwarg][1],
+                        "count": count,
+                        "compiled_traces": 0,
+                        "graph_captures": 0,
+                        "first_seen": "",
+                        "where": "",
+                    }
+                )
+        return rows
 
     def describe(self) -> dict[str, Any]:
         """The decision as data: which keywords are missing and each one's policy."""
@@ -256,6 +319,21 @@ class TolerantKernel:
 
     def __repr__(self) -> str:
         return f"<TolerantKernel {self.name} missing={list(self.missing)}>"
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Unpickled, it is the same decoration made again, resolved in the new process.
+        return (_restore_kernel, (self.kernel, self.neutral, self.on_drop, self.name, self.env))
+
+
+def _restore_kernel(
+    kernel: Callable[..., Any],
+    neutral: dict[str, object],
+    on_drop: str | Mapping[str, str] | None,
+    name: str,
+    env: str | None,
+) -> TolerantKernel:
+    wrapped: TolerantFunction[Any] = tolerant_kwargs(neutral, on_drop, name=name, env=env)(kernel)
+    return wrapped.tolerant
 
 
 _refuse_under_compile: Callable[[TolerantKernel, str, object, str], NoReturn] | None = None
@@ -301,12 +379,27 @@ class TolerantFunction(Protocol[R_co]):
 
 
 def _prepare_reload(snap: _config.Snapshot) -> Callable[[], None]:
-    plans = list(_registry)
+    with _registry_lock:
+        plans = list(_registry)
     resolved = [plan.resolve(snap) for plan in plans]
 
     def commit() -> None:
-        for plan, new in zip(plans, resolved, strict=True):
-            plan._commit(new)
+        with _registry_lock:
+            for plan, new in zip(plans, resolved, strict=True):
+                plan._commit(new)
+            # Decorated since `plans` was read: each resolved the configuration then in
+            # force, which may be the old one. The new one is in force now (reload_config
+            # sets it before committing), and was validated for every variable except
+            # such a kernel's own: if that one is invalid the kernel keeps what it has,
+            # as the kernels of a failed reload do.
+            prepared = set(map(id, plans))
+            for plan in list(_registry):
+                if id(plan) not in prepared:
+                    try:
+                        new_policies = plan.resolve(snap)
+                    except PolicyConfigError:
+                        continue
+                    plan._commit(new_policies)
 
     return commit
 
@@ -316,61 +409,9 @@ _config.on_reload(_prepare_reload)
 
 def kernels() -> list[TolerantKernel]:
     """Every live decorated kernel, sorted by name."""
-    return sorted(_registry, key=lambda plan: plan.name)
-
-
-def _check_options(
-    drop: object, on_drop: object, name: object, env: object
-) -> tuple[dict[str, object], str | dict[str, str] | None]:
-    if callable(drop) and not isinstance(drop, Mapping):
-        raise TypeError(
-            f"tolerant_kwargs needs the keywords to drop, got {drop!r}; "
-            "write @tolerant_kwargs(drop=['out'], on_drop='copy')."
-        )
-    if isinstance(drop, str) or not isinstance(drop, Iterable):
-        raise PolicyConfigError(
-            f"tolerant_kwargs(drop={drop!r}): drop must be a list of keyword names or a "
-            "mapping name -> neutral value, e.g. drop=['out'] or drop={'only_qv': False}.",
-            name="drop",
-            value=drop,
-        )
-    neutral: dict[str, object] = dict(drop) if isinstance(drop, Mapping) else dict.fromkeys(drop)
-    if not neutral:
-        raise PolicyConfigError(
-            "tolerant_kwargs(drop=...) is empty: list at least one keyword the kernel may lack.",
-            name="drop",
-            value=drop,
-        )
-    for kwarg in neutral:
-        if not isinstance(kwarg, str) or not kwarg.isidentifier() or keyword.iskeyword(kwarg):
-            raise PolicyConfigError(
-                f"tolerant_kwargs(drop=...): {kwarg!r} is not a keyword argument name.",
-                name="drop",
-                value=kwarg,
-            )
-    policy = _config.check_on_drop("tolerant_kwargs", on_drop, neutral)
-    if name is not None and (not isinstance(name, str) or not name.strip()):
-        raise PolicyConfigError(
-            f"tolerant_kwargs(name={name!r}): name must be a non-empty string.", name="name", value=name
-        )
-    if env is not None and (not isinstance(env, str) or not _ENV_NAME.match(env)):
-        raise PolicyConfigError(
-            f"tolerant_kwargs(env={env!r}): env must be an environment variable name "
-            "(letters, digits, underscores, not starting with a digit).",
-            name="env",
-            value=env,
-        )
-    return neutral, policy
-
-
-def _default_name(fn: Any) -> str:
-    while isinstance(fn, functools.partial):
-        fn = fn.func
-    for attr in ("__name__", "_qualname"):
-        value = getattr(fn, attr, None)
-        if isinstance(value, str) and value:
-            return value
-    return type(fn).__name__
+    with _registry_lock:
+        plans = list(_registry)
+    return sorted(plans, key=lambda plan: plan.name)
 
 
 def tolerant_kwargs(
@@ -405,41 +446,59 @@ def tolerant_kwargs(
     neutral, policy = _check_options(drop, on_drop, name, env)
 
     def decorate(fn: Callable[..., R], /) -> TolerantFunction[R]:
+        return decorate_stored(fn, _binding.stored_as(sys._getframe(1)))
+
+    def decorate_stored(fn: Callable[..., R], stored: tuple[str, str] | None) -> TolerantFunction[R]:
         if isinstance(fn, (staticmethod, classmethod)):
-            return type(fn)(decorate(fn.__func__))  # type: ignore[return-value]
+            return type(fn)(decorate_stored(fn.__func__, stored))  # type: ignore[return-value]
         if not callable(fn):
             raise TypeError(f"tolerant_kwargs can only wrap a callable, got {fn!r}.")
-        plan = TolerantKernel(fn, name or _default_name(fn), neutral, policy, env)
-        _registry.add(plan)
-        missing = frozenset(plan.missing)
-        call_dropping = plan.call_dropping
-
-        wrapper: Any
-        if missing:
-
-            def wrapper(*args: Any, **kwargs: Any) -> Any:
-                if kwargs and not missing.isdisjoint(kwargs):
-                    return call_dropping(args, kwargs)
-                return fn(*args, **kwargs)
-
-        elif isinstance(fn, types.FunctionType):
-
-            def wrapper(*args: Any, **kwargs: Any) -> Any:  # a function: it may be a method
-                return fn(*args, **kwargs)
-
-        else:
-            # Nothing to drop, and no method binding to keep (builtins, torch ops and
-            # callable objects are no descriptors): a C-level forwarder costs next to
-            # nothing on launch-bound calls (torch.mm(out=) on decode shapes).
-            wrapper = functools.partial(fn)
-
+        with _registry_lock:
+            plan = TolerantKernel(fn, name or _default_name(fn), neutral, policy, env)
+            _registry.add(plan)
+        wrapper: Any = _make_wrapper(fn, plan)
         try:
             functools.update_wrapper(wrapper, fn)
         except AttributeError:  # objects without a __dict__ (torch ops) copy what they have
             wrapper.__wrapped__ = fn
         wrapper.__name__ = getattr(fn, "__name__", plan.name)
+        if stored is not None and isinstance(wrapper, types.FunctionType):
+            # pickle finds a function by these two: make them lead to the wrapper.
+            wrapper.__module__, wrapper.__qualname__ = stored
         wrapper.tolerant = plan
         result: TolerantFunction[R] = wrapper  # a function carrying `tolerant`
         return result
 
     return decorate
+
+
+def _make_wrapper(fn: Callable[..., Any], plan: TolerantKernel) -> Any:
+    """The cheapest callable that behaves as ``plan`` says (metadata is the caller's)."""
+    missing = frozenset(plan.missing)
+    if isinstance(fn, types.FunctionType):
+        if not missing:
+            return _forwarder.clone(fn)  # nothing can be missing: fn at its own cost
+        hooks = _forwarder.Hooks(plan._call_from_forwarder, plan._check_buffer, plan._copy_back)
+        with _registry_lock:  # no reload commits between reading the counters and publishing them
+            made = _forwarder.forwarder(
+                fn,
+                {k: plan.neutral[k] for k in plan.missing},
+                hooks,
+                [plan._counters[k] for k in plan.missing],
+            )
+            if made is not None:
+                wrapper, plan._namespace = made
+                return wrapper
+    call_dropping = plan.call_dropping
+    if missing:
+
+        def generic(*args: Any, **kwargs: Any) -> Any:
+            if kwargs and not missing.isdisjoint(kwargs):
+                return call_dropping(args, kwargs)
+            return fn(*args, **kwargs)
+
+        return generic
+    # Nothing to drop, and no method binding to keep (builtins, torch ops and callable
+    # objects are no descriptors): a C-level forwarder costs next to nothing on
+    # launch-bound calls (torch.mm(out=) on decode shapes).
+    return functools.partial(fn)

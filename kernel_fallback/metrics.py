@@ -66,6 +66,7 @@ class FallbackMetrics:
             registry=registry,
         )
         self._children: dict[tuple[str, str, str, str], Any] = {}
+        self._closed = False
         if include_existing:
             # Counted before enabling; a fallback recorded while this runs may be
             # counted twice or not at all, so enable at start-up when it matters.
@@ -85,9 +86,13 @@ class FallbackMetrics:
         child.inc()
 
     def close(self) -> None:
-        """Stop counting and unregister the counter from its registry."""
+        """Stop counting and unregister the counter from its registry; closing again does nothing."""
         with _lock:
-            _active.pop((id(self.registry), self.namespace), None)
+            if self._closed:
+                return
+            self._closed = True
+            if _active.get((id(self.registry), self.namespace)) is self:
+                del _active[(id(self.registry), self.namespace)]
         _events.remove_listener(self._on_event)
         self.registry.unregister(self.counter)
 

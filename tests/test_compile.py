@@ -103,3 +103,36 @@ def test_raise_policy_under_fullgraph_fails_compilation_saying_why() -> None:
         torch._dynamo.exc.Unsupported, match="a keyword the kernel lacks was passed under the 'raise' policy"
     ):
         step(torch.randn(4), torch.randn(4), torch.zeros(4))
+
+
+def axpy_with_out(x: torch.Tensor, y: torch.Tensor, *, alpha: float = 1.0, out: torch.Tensor) -> torch.Tensor:
+    return out.copy_(x + alpha * y)
+
+
+def test_a_cloned_kernel_compiles_fullgraph() -> None:
+    kernel = tolerant_kwargs(["out"], "raise", name="axpy_clone")(axpy_with_out)
+    step = compiled_step(kernel, "eager")
+    x, y, buf = torch.randn(4), torch.randn(4), torch.zeros(4)
+    torch.testing.assert_close(step(x, y, buf), x + 2 * y)
+    torch.testing.assert_close(buf, x + 2 * y)
+    assert frames_compiled() == 1
+    assert stats() == []
+
+
+@pytest.mark.parametrize("policy", ["warn", "copy"], ids=["warn", "copy"])
+def test_eager_repeats_then_compile_neither_break_nor_recompile(policy: str) -> None:
+    kernel = tolerant_kwargs(["out"], policy, name=f"axpy_hot_{policy}")(axpy)
+    counter = kernel.tolerant._counters["out"]
+    with capture_logs() as logs:
+        for _ in range(5):  # eager: the first call logs, the rest only tick the counter
+            kernel(torch.randn(8), torch.randn(8), alpha=2.0, out=torch.zeros(8))
+        assert counter.hot
+        step = compiled_step(kernel, "eager")
+        for _ in range(20):
+            x, y, buf = torch.randn(8), torch.randn(8), torch.zeros(8)
+            torch.testing.assert_close(step(x, y, buf), x + 2 * y)
+        kernel(torch.randn(8), torch.randn(8), alpha=2.0, out=torch.zeros(8))
+    assert frames_compiled() == 1
+    (row,) = stats()
+    assert (row["count"], row["compiled_traces"]) == (7, 1)
+    assert len(logs) == 1

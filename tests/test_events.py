@@ -19,7 +19,7 @@ from structlog.testing import capture_logs
 from structlog.typing import EventDict
 
 from kernel_fallback import _events, reset_stats, stats, tolerant_kwargs
-from kernel_fallback.testing import capture_fallbacks
+from kernel_fallback.testing import capture_fallbacks, no_fallbacks
 
 
 def kernel(x: torch.Tensor) -> torch.Tensor:
@@ -217,3 +217,43 @@ def test_dropped_kernels_leave_no_static_fields_behind() -> None:
         tolerant_kwargs(["out"], name=f"dyn{i}")(kernel)
     gc.collect()
     assert len(_events._static_fields) < 100
+
+
+# -- past the bound on stored keys (issue 11, item 5) -------------------------------------------------
+
+
+def test_past_the_bound_kernels_keep_their_identity_everywhere_but_the_stored_rows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_events, "MAX_ENTRIES", 2)
+    wrapped = [tolerant_kwargs(["out"], name=f"bounded{i}")(kernel) for i in range(4)]
+    with capture_logs(), capture_fallbacks() as events:
+        for w in wrapped:
+            for _ in range(2):
+                w(torch.ones(1), out=torch.zeros(1))
+    assert [(e.kernel, e.kwarg, e.count) for e in events][4:] == [
+        ("bounded2", "out", 1),
+        ("bounded2", "out", 2),
+        ("bounded3", "out", 1),
+        ("bounded3", "out", 2),
+    ]
+    assert {e.fields["kernel"] for e in events} == {f"bounded{i}" for i in range(4)}
+    assert [(r["kernel"], r["count"]) for r in stats()] == [
+        ("bounded0", 2),
+        ("bounded1", 2),
+        ("<overflow>", 4),
+    ]
+    assert [(r["kernel"], r["kwarg"], r["count"]) for r in wrapped[3].tolerant.stats()] == [
+        ("bounded3", "out", 2)
+    ]
+    with capture_logs(), no_fallbacks(allow=["bounded3:out"], env=False):
+        wrapped[3](torch.ones(1), out=torch.zeros(1))
+    reset_stats()
+    assert wrapped[3].tolerant.stats() == []
+
+
+def test_provider_events_name_their_provider() -> None:
+    event = _events.FallbackEvent("provider", "attn", "torch", "fallback", fields={}, count=1)
+    assert (event.provider, event.kwarg) == ("torch", None)
+    kwarg_event = _events.FallbackEvent("kwarg", "attn", "out", "warn", fields={}, count=1)
+    assert (kwarg_event.provider, kwarg_event.kwarg) == (None, "out")

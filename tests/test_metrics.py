@@ -115,3 +115,24 @@ def test_missing_prometheus_client_says_what_to_install(monkeypatch: pytest.Monk
     monkeypatch.setitem(sys.modules, "prometheus_client", None)
     with pytest.raises(ImportError, match=r"pip install 'kernel_fallback\[metrics\]'"):
         enable_prometheus()
+
+
+def test_close_twice_is_harmless(registry: CollectorRegistry) -> None:
+    metrics = enable_prometheus(registry)
+    metrics.close()
+    metrics.close()
+    drop_out()
+    assert value(registry, kernel="m_add", kwarg="out", provider="", policy="copy") is None
+
+
+def test_kernels_past_the_bound_on_stored_keys_keep_their_labels(
+    registry: CollectorRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(_events, "MAX_ENTRIES", 1)
+    enable_prometheus(registry)
+    drop_out(2)
+    late = tolerant_kwargs(drop=["out"], on_drop="copy", name="m_late")(lambda x: x * 2)
+    for _ in range(3):
+        late(torch.ones(2), out=torch.empty(2))
+    assert value(registry, kernel="m_late", kwarg="out", provider="", policy="copy") == 3
+    assert value(registry, kernel="<overflow>", kwarg="", provider="", policy="") is None

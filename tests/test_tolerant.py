@@ -6,7 +6,7 @@ import sys
 import threading
 import types
 from collections import namedtuple
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -19,7 +19,9 @@ from structlog.testing import capture_logs
 from kernel_fallback import (
     PolicyConfigError,
     UnsupportedKwargError,
+    _config,
     kernels,
+    reload_config,
     reset_stats,
     stats,
     tolerant_kwargs,
@@ -516,15 +518,18 @@ def test_random_signatures_and_keyword_sets(
     accepted = names | (set(NAMES) if var_kw else set())
     unknown = [k for k in values if k not in accepted and k not in drop]
     refused = [k for k in drop if k in values and k not in accepted and values[k] is not None]
-    if refused and policy == "raise":  # decided before the kernel runs
-        with pytest.raises(UnsupportedKwargError):
-            wrapped(**values)
-        assert stats() == []
-        return
+    # A keyword nobody accepts fails as it fails on the kernel itself, before any policy
+    # is looked at: the forwarder has the kernel's own parameters.
     if unknown:
         with pytest.raises(TypeError, match="unexpected keyword argument") as info:
             wrapped(**values)
         assert not isinstance(info.value, UnsupportedKwargError)
+        assert stats() == []
+        return
+    if refused and policy == "raise":  # decided before the kernel runs
+        with pytest.raises(UnsupportedKwargError):
+            wrapped(**values)
+        assert stats() == []
         return
     with capture_logs():
         received = wrapped(**values)
@@ -546,3 +551,122 @@ def test_nothing_missing_keeps_methods_bound_and_builtins_callable() -> None:
     a, b, o = rand(2, 3), rand(3, 2), torch.empty(2, 2)
     assert mm(a, b, out=o) is o
     assert (mm.__name__, mm.__wrapped__, mm.tolerant.missing) == ("mm", torch.mm, ())
+
+
+# -- reloads racing decorations (issue 11, item 3) ----------------------------------------------------
+
+
+def test_reload_while_other_threads_decorate_never_fails(monkeypatch: pytest.MonkeyPatch) -> None:
+    errors: list[BaseException] = []
+    done = threading.Event()
+    keep: list[Any] = []
+
+    def decorate_forever() -> None:
+        i = 0
+        while not done.is_set():
+            try:
+                keep.append(tolerant_kwargs(["out"], name=f"racing{i % 50}")(lambda x: x))
+            except BaseException as exc:  # noqa: BLE001 - collected for the assertion below
+                errors.append(exc)
+            i += 1
+            if len(keep) > 200:
+                keep.clear()  # let the weak registry shrink too, as dynamic kernels do
+
+    monkeypatch.setenv("KERNEL_FALLBACK_ON_DROP", "copy")
+    sys.setswitchinterval(1e-6)
+    workers = [threading.Thread(target=decorate_forever) for _ in range(2)]
+    try:
+        for t in workers:
+            t.start()
+        for _ in range(200):
+            try:
+                reload_config()
+            except BaseException as exc:  # noqa: BLE001 - collected for the assertion below
+                errors.append(exc)
+    finally:
+        done.set()
+        for t in workers:
+            t.join()
+        sys.setswitchinterval(0.005)
+    assert errors == []
+    assert {plan.policies["out"][0] for plan in kernels() if plan.name.startswith("racing")} == {"copy"}
+
+
+def test_a_kernel_decorated_during_a_reload_gets_the_new_policy(monkeypatch: pytest.MonkeyPatch) -> None:
+    made: list[Any] = []
+
+    def decorate_meanwhile(snap: _config.Snapshot) -> Callable[[], None]:
+        # Runs inside reload_config(), after the registry was read and before the new
+        # configuration is in force: what another thread decorating then would see.
+        made.append(tolerant_kwargs(["out"], name="late")(lambda x: x * 2))
+        return lambda: None
+
+    monkeypatch.setattr(_config, "_reloaders", [*_config._reloaders, decorate_meanwhile])
+    monkeypatch.setenv("KERNEL_FALLBACK_ON_DROP__LATE", "copy")
+    reload_config()
+    (late,) = made
+    assert late.tolerant.policies["out"] == ("copy", "KERNEL_FALLBACK_ON_DROP__LATE")
+    buf = torch.zeros(2)
+    with capture_logs():
+        assert late(torch.ones(2), out=buf) is buf
+    torch.testing.assert_close(buf, torch.full((2,), 2.0))
+
+
+# -- copy: result types and buffers torch refuses (issue 11, item 12) ---------------------------------
+
+
+def test_copy_keeps_a_torch_structseq_result() -> None:
+    wrapped = tolerant_kwargs(["out"], "copy", name="max_dim")(lambda x, dim: torch.max(x, dim=dim))
+    x, buf = rand(3, 2), torch.empty(2)
+    with capture_logs():
+        result = wrapped(x, dim=0, out=buf)
+    expected = torch.max(x, dim=0)
+    assert type(result) is type(expected)
+    assert result.values is buf
+    assert torch.equal(result.indices, expected.indices)
+    torch.testing.assert_close(buf, expected.values)
+
+
+def _leaf_requiring_grad() -> torch.Tensor:
+    return torch.zeros(3, requires_grad=True)
+
+
+def _inference_tensor() -> torch.Tensor:
+    with torch.inference_mode():
+        return torch.zeros(3)
+
+
+@pytest.mark.parametrize(
+    ("make_buffer", "why"),
+    [
+        (lambda: torch.zeros(1).expand(3), "share one memory location"),
+        (_leaf_requiring_grad, "leaf tensor that requires grad"),
+        (_inference_tensor, "inference-mode tensor"),
+    ],
+    ids=["expanded", "leaf-requires-grad", "inference-tensor"],
+)
+@pytest.mark.parametrize("shape", ["function", "callable-object"])
+def test_copy_into_a_buffer_torch_refuses_fails_before_the_kernel_runs(
+    make_buffer: Callable[[], torch.Tensor], why: str, shape: str
+) -> None:
+    body = CountingKernel()
+    kernel = body if shape == "callable-object" else (lambda x, y: body(x, y))
+    wrapped = tolerant_kwargs(["out"], "copy", name="refused")(kernel)
+    with capture_logs():
+        wrapped(rand(3), rand(3), out=torch.empty(3))  # a good buffer first: the fast path is armed
+    buf = make_buffer()
+    with pytest.raises(
+        UnsupportedKwargError, match=f"refused does not accept the keyword 'out'.*{why}"
+    ) as info:
+        wrapped(rand(3), rand(3), out=buf)
+    assert (info.value.kernel, info.value.kwarg) == ("refused", "out")
+    assert body.calls == 1
+    assert [r["count"] for r in stats()] == [1]
+
+
+def test_copy_into_a_leaf_requiring_grad_is_fine_under_no_grad() -> None:
+    wrapped = tolerant_kwargs(["out"], "copy", name="nograd")(lambda x: x * 2)
+    buf = _leaf_requiring_grad()
+    with torch.no_grad(), capture_logs():
+        assert wrapped(torch.ones(3), out=buf) is buf
+    torch.testing.assert_close(buf.detach(), torch.full((3,), 2.0))

@@ -1,0 +1,196 @@
+"""Per-kernel forwarders, generated once at decoration: a decorated call costs a direct one.
+
+A generic ``*args, **kwargs`` wrapper pays for packing the arguments, testing every
+keyword and unpacking them again: several times a no-op kernel's own call cost. For a
+plain Python function the wrapper does not need to be generic:
+
+- when the kernel lacks none of the listed keywords, :func:`clone` returns a copy of
+  the function itself (same code, globals, defaults and closure);
+- otherwise :func:`forwarder` generates a function with the kernel's exact parameters
+  plus each missing keyword as a keyword-only parameter. A call that does not pass one
+  costs one identity test per missing keyword; one that passes a tensor whose key is
+  already logged ticks the key's counter (see ``_events.Counter``) and calls the kernel
+  without it. Everything else (the first occurrence, listeners, ``raise``, ``copy``
+  checks that fail, non-tensor values, CUDA graph capture, torch.compile tracing) goes
+  to the kernel's general slow path, which decides exactly as for any other callable.
+
+Under torch.compile the forwarder asks ``is_dynamo_compiling()`` before it reads any
+counter state, so Dynamo traces only the slow path: no guard on the counters, no
+recompile when they change, no graph break.
+"""
+
+from __future__ import annotations
+
+import keyword
+import linecache
+import os
+import types
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Final, cast
+
+import torch
+
+from kernel_fallback._events import Counter
+from kernel_fallback._options import stream_capturing
+
+__all__ = ["UNSET", "Hooks", "clone", "forwarder"]
+
+_PREFIX: Final = "_kf_"
+_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+class _Unset:
+    """The default of a missing keyword in a forwarder: the caller did not pass it."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return "<not passed>"
+
+    def __reduce__(self) -> str:
+        return "UNSET"
+
+
+UNSET: Final = _Unset()
+
+
+def clone(fn: types.FunctionType) -> types.FunctionType:
+    """A new function object running ``fn``'s code: ``fn`` at a direct call's cost.
+
+    It binds as a method exactly as ``fn`` does; the caller copies the metadata.
+    """
+    copy = types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__kwdefaults__ = dict(fn.__kwdefaults__) if fn.__kwdefaults__ is not None else None
+    return copy
+
+
+class Hooks:
+    """What a generated forwarder calls into; all bound to one decorated kernel."""
+
+    __slots__ = ("check_buffer", "copy_back", "slow")
+
+    def __init__(
+        self,
+        slow: Callable[..., Any],
+        check_buffer: Callable[[str, torch.Tensor], None],
+        copy_back: Callable[[str, torch.Tensor, Any], Any],
+    ) -> None:
+        self.slow = slow
+        self.check_buffer = check_buffer
+        self.copy_back = copy_back
+
+
+def forwarder(
+    fn: types.FunctionType, missing: Mapping[str, object], hooks: Hooks, counters: Sequence[Counter]
+) -> tuple[types.FunctionType, dict[str, Any]] | None:
+    """Generate ``fn``'s forwarder; return it with its globals, or None when it cannot be made.
+
+    ``missing`` maps each keyword ``fn`` lacks to its neutral value, in order;
+    ``counters`` holds one counter per missing keyword, for its current policy. The
+    caller swaps them in the returned globals (``_kf_S0``...) when the policies change.
+    ``hooks.slow(args, kwargs, *values)`` receives every missing keyword's value
+    (``UNSET`` when not passed) and must do what a generic wrapper does.
+    """
+    code = fn.__code__
+    names = code.co_varnames
+    n_args, n_posonly, n_kwonly = code.co_argcount, code.co_posonlyargcount, code.co_kwonlyargcount
+    positional = names[:n_args]
+    kwonly = names[n_args : n_args + n_kwonly]
+    rest = n_args + n_kwonly
+    varargs = names[rest] if code.co_flags & 0x04 else None  # CO_VARARGS
+    varkw = names[rest + (varargs is not None)] if code.co_flags & 0x08 else None  # CO_VARKEYWORDS
+    params = [*positional, *kwonly, *(n for n in (varargs, varkw) if n is not None)]
+    if any(
+        not n.isidentifier() or keyword.iskeyword(n) or n.startswith(_PREFIX) or n in missing for n in params
+    ):
+        return None  # a parameter we could not spell or would shadow: keep the generic wrapper
+
+    n_defaults = len(fn.__defaults__ or ())
+    kwdefaults = fn.__kwdefaults__ or {}
+    signature: list[str] = []
+    for i, name in enumerate(positional):
+        signature.append(f"{name}=None" if i >= n_args - n_defaults else name)  # defaults set below
+        if i == n_posonly - 1:
+            signature.append("/")
+    signature.append(f"*{varargs}" if varargs else "*")
+    signature += [f"{name}=None" if name in kwdefaults else name for name in kwonly]
+    signature += [f"{name}=None" for name in missing]
+    if varkw:
+        signature.append(f"**{varkw}")
+
+    star = [f"*{varargs}"] if varargs else []
+    call_args = ", ".join(
+        [*positional, *star, *(f"{n}={n}" for n in kwonly), *([f"**{varkw}"] if varkw else [])]
+    )
+    call = f"_kf_fn({call_args})"
+    packed_args = f"({', '.join([*positional, *star])}{',' if len(positional) + len(star) == 1 else ''})"
+    packed_kwargs = (
+        "{" + ", ".join([*(f"{n!r}: {n}" for n in kwonly), *([f"**{varkw}"] if varkw else [])]) + "}"
+    )
+    slow = f"return _kf_slow({packed_args}, {packed_kwargs}, {', '.join(missing)})"
+
+    body: list[str] = []
+    kwargs = list(missing)
+    for i, name in enumerate(kwargs):
+        neutral = "None" if missing[name] is None else f"_kf_N{i}"
+        later = [
+            f"({other} is _kf_U or {other} is None)" if missing[other] is None else f"{other} is _kf_U"
+            for other in kwargs[i + 1 :]
+        ]
+        body += [
+            f"    if {name} is not _kf_U and {name} is not {neutral}:",
+            f"        if {' and '.join(['not _kf_C()', *later])}:",
+            f"            _kf_s = _kf_S{i}",
+            f"            if _kf_s.hot and {name}.__class__ is _kf_T and not ({name}.is_cuda and _kf_cap()):",
+            # Counted once the call did what the policy says, as on the general path.
+            "                if _kf_s.copies:",
+            # Cheap tests first; the full check runs (and raises) only for a buffer that
+            # needs grad, is an inference tensor, or is not contiguous.
+            f"                    if ({name}.requires_grad or {name}.is_inference()",
+            f"                            or not {name}.is_contiguous()):",
+            f"                        _kf_check({name!r}, {name})",
+            f"                    _kf_r = {call}",
+            f"                    if (_kf_r.__class__ is _kf_T and _kf_r.dtype is {name}.dtype",
+            f"                            and _kf_r.shape == {name}.shape",
+            f"                            and _kf_r.device == {name}.device):",
+            f"                        {name}.copy_(_kf_r)",
+            "                        _kf_s.tick()",
+            f"                        return {name}",
+            f"                    _kf_r = _kf_copy({name!r}, {name}, _kf_r)",
+            "                    _kf_s.tick()",
+            "                    return _kf_r",
+            f"                _kf_r = {call}",
+            "                _kf_s.tick()",
+            "                return _kf_r",
+            f"        {slow}",
+        ]
+    body.append(f"    return {call}")
+    source = f"def _kf_forward({', '.join(signature)}):\n" + "\n".join(body) + "\n"
+
+    namespace: dict[str, Any] = {
+        "_kf_fn": fn,
+        "_kf_U": UNSET,
+        "_kf_T": torch.Tensor,
+        "_kf_C": torch.compiler.is_dynamo_compiling,
+        "_kf_cap": stream_capturing,
+        "_kf_slow": hooks.slow,
+        "_kf_check": hooks.check_buffer,
+        "_kf_copy": hooks.copy_back,
+    }
+    for i, name in enumerate(kwargs):
+        namespace[f"_kf_N{i}"] = missing[name]
+        namespace[f"_kf_S{i}"] = counters[i]
+    # A file name inside the package: the caller's `where` skips the forwarder's frame,
+    # and tracebacks show its source through linecache.
+    filename = os.path.join(_PACKAGE_DIR, f"<forwarder of {fn.__module__}.{fn.__qualname__}>")
+    linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)
+    exec(compile(source, filename, "exec"), namespace)  # source made of the kernel's own parameter names
+    made: types.FunctionType = namespace.pop("_kf_forward")
+    # What tracebacks, profilers and "f() got an unexpected keyword argument" show.
+    renamed = made.__code__.replace(co_name=fn.__name__)
+    if hasattr(renamed, "co_qualname"):  # Python 3.11+
+        renamed = cast(Any, renamed).replace(co_qualname=fn.__qualname__)
+    made.__code__ = renamed
+    made.__defaults__ = fn.__defaults__
+    made.__kwdefaults__ = {**kwdefaults, **dict.fromkeys(missing, UNSET)}
+    return made, namespace
