@@ -239,24 +239,38 @@ def check_per_kernel_name(name: str, raw: str, kernels: Iterable[str]) -> None:
     )
 
 
-def check_kernel_declared(kernel: str, env: str | None, declared: Iterable[str]) -> None:
+def check_kernel_declared(kernel: str, env: str | None, declared: Callable[[], Iterable[str]]) -> None:
     """Checks made when a kernel is declared (decorated), against the current snapshot.
 
     ``kernel`` is its name, ``env`` its decorator's ``env=`` variable, ``declared``
-    the names of the kernels declared before it. Raises
-    :class:`PolicyConfigError` for an ``env`` that is not a variable name, and for a
-    set ``KERNEL_FALLBACK_ON_DROP__*`` variable that is a near miss of a declared
-    kernel's (see :func:`check_per_kernel_name`).
+    returns the names of the kernels declared before it (called only when needed:
+    declaring many kernels stays linear). Raises :class:`PolicyConfigError` for an
+    ``env`` that is not a variable name, and for a set ``KERNEL_FALLBACK_ON_DROP__*``
+    variable that is a near miss of ``kernel``'s and names no declared kernel (see
+    :func:`check_per_kernel_name`).
     """
     if env is not None:
         check_env_name(f"tolerant_kwargs(env={env!r})", env)
     snap = snapshot()
-    names = [kernel, *declared]
-    for name in snap.environ:
-        if name.startswith(ENV_ON_DROP_PREFIX):
+    for name in _set_on_drop_variables(snap):
+        if per_kernel_near_miss(name, [kernel]) is not None:
             raw = snap.get(name)
-            if raw is not None:
-                check_per_kernel_name(name, raw, names)
+            assert raw is not None
+            # Not a typo when it is exactly the variable of a kernel declared before.
+            check_per_kernel_name(name, raw, [kernel, *declared()])
+
+
+_on_drop_variables: tuple[int, tuple[str, ...]] = (0, ())
+
+
+def _set_on_drop_variables(snap: Snapshot) -> tuple[str, ...]:
+    """The ``KERNEL_FALLBACK_ON_DROP__*`` variables set in ``snap``, found once per snapshot."""
+    global _on_drop_variables
+    version, names = _on_drop_variables
+    if version != snap.version:
+        names = tuple(n for n in snap.environ if n.startswith(ENV_ON_DROP_PREFIX) and snap.get(n) is not None)
+        _on_drop_variables = (snap.version, names)
+    return names
 
 
 def parse_bool(name: str, raw: str) -> bool:
@@ -296,6 +310,8 @@ def check_log_file(name: str, raw: str) -> str:
     """Return ``raw`` if every ``{...}`` in it is a known placeholder, else raise."""
     if not raw.strip():
         raise PolicyConfigError(f"{name}={raw!r}: the log file name is empty.", name=name, value=raw)
+    if "\0" in raw:
+        raise PolicyConfigError(f"{name}={raw!r}: a file name cannot hold NUL.", name=name, value=raw)
     for placeholder in _PLACEHOLDER.findall(raw):
         if placeholder not in LOG_FILE_PLACEHOLDERS:
             allowed = tuple(f"{{{p}}}" for p in LOG_FILE_PLACEHOLDERS)

@@ -410,7 +410,7 @@ def tolerant_kwargs(
         if not callable(fn):
             raise TypeError(f"tolerant_kwargs can only wrap a callable, got {fn!r}.")
         plan = TolerantKernel(fn, name or _default_name(fn), neutral, policy, env)
-        _config.check_kernel_declared(plan.name, env, [k.name for k in kernels()])
+        _config.check_kernel_declared(plan.name, env, lambda: [k.name for k in kernels()])
         _registry.add(plan)
         missing = frozenset(plan.missing)
         call_dropping = plan.call_dropping

@@ -300,8 +300,9 @@ def test_level_filters_events() -> None:
         ({"level": True}, "level", r"level=True"),
         ({"file": "kf-{rnak}.jsonl"}, "file", r"\{rnak\} is not a placeholder.*Did you mean '\{rank\}'"),
         ({"file": ""}, "file", r"empty"),
+        ({"file": "kf\0.jsonl"}, "file", r"NUL"),
     ],
-    ids=["format", "level-name", "level-bool", "placeholder", "empty-file"],
+    ids=["format", "level-name", "level-bool", "placeholder", "empty-file", "nul-in-file"],
 )
 def test_invalid_arguments_name_the_argument(kwargs: dict[str, Any], name: str, message: str) -> None:
     with pytest.raises(PolicyConfigError, match=message) as info:
