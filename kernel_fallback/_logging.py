@@ -133,12 +133,16 @@ def open_log_file(path: str, origin: str) -> int:
         fd = os.open(path, _OPEN_FLAGS, 0o644)
     except OSError as exc:
         try:
-            reason = _kind(os.lstat(path).st_mode)
+            mode = os.lstat(path).st_mode
+            reason = "" if stat.S_ISREG(mode) else _kind(mode)
         except OSError:
             reason = ""
-        if exc.errno not in (errno.ELOOP, errno.EMLINK, errno.ENXIO, errno.EISDIR) or not reason:
-            reason = f"cannot be opened: {exc.strerror or exc}"
-        raise LogFileError(f"{origin}: {path!r} is {reason}; {_ALLOWED}.", path=path, reason=reason) from exc
+        if exc.errno in (errno.ELOOP, errno.EMLINK, errno.ENXIO, errno.EISDIR) and reason:
+            message = f"{origin}: {path!r} is {reason}; {_ALLOWED}."
+        else:  # not about what the file is: permissions, a full disk, a bad directory...
+            reason = exc.strerror or str(exc)
+            message = f"{origin}: cannot open {path!r} for appending: {reason}."
+        raise LogFileError(message, path=path, reason=reason) from exc
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):

@@ -593,6 +593,14 @@ def test_a_symlink_named_by_the_variable_loses_events_not_the_call(
     assert [e["event"] for e in json_lines(link.read_text())] == ["kernel_fallback.kwarg_dropped"]
 
 
+def test_a_file_that_cannot_be_opened_says_why(tmp_path: Path) -> None:
+    path = tmp_path / ("x" * 300)  # longer than any file system allows a name to be
+    with pytest.raises(
+        LogFileError, match=re.escape(f"cannot open {str(path)!r} for appending: File name too long")
+    ):
+        configure_logging(file=path)
+
+
 def test_the_log_file_is_opened_blocking_and_close_on_exec(tmp_path: Path) -> None:
     configure_logging(file=tmp_path / "kf.jsonl")
     writer = _logging._configured
