@@ -156,7 +156,10 @@ def check_near_misses(snap: Snapshot, prefix: str, declared: Iterable[str]) -> N
     suffixes = [n[len(prefix) :] for n in names if n.startswith(prefix)]
     for name in snap.environ:
         if name.startswith(prefix) and name not in names and snap.get(name) is not None:
-            close = difflib.get_close_matches(name[len(prefix) :], suffixes, n=1, cutoff=0.8)
+            # Other case or runs of `_` first: difflib compares case-sensitively.
+            meant = per_kernel_near_miss(name, suffixes) if prefix in PER_KERNEL_PREFIXES else None
+            close = [meant[len(prefix) :]] if meant else []
+            close = close or difflib.get_close_matches(name[len(prefix) :], suffixes, n=1, cutoff=0.8)
             if close:
                 raise PolicyConfigError(
                     f"{name} names no declared kernel. Did you mean {prefix + close[0]!r}?",

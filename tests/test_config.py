@@ -14,7 +14,14 @@ import pytest
 import torch
 from structlog.testing import capture_logs
 
-from kernel_fallback import PolicyConfigError, UnsupportedKwargError, reload_config, stats, tolerant_kwargs
+from kernel_fallback import (
+    PolicyConfigError,
+    UnsupportedKwargError,
+    kernel_chain,
+    reload_config,
+    stats,
+    tolerant_kwargs,
+)
 from kernel_fallback._config import (
     check_per_kernel_name,
     env_suffix,
@@ -364,6 +371,29 @@ def test_a_per_kernel_variable_close_to_nothing_is_left_for_a_later_kernel(
 )
 def test_per_kernel_near_miss(variable: str, declared: list[str], meant: str | None) -> None:
     assert per_kernel_near_miss(variable, declared) == meant
+
+
+@pytest.mark.parametrize(
+    "variable",
+    ["KERNEL_FALLBACK_PROVIDER__nm_flash_attn", "KERNEL_FALLBACK_PROVIDER___NM_FLASH__ATTN"],
+    ids=["lower-case", "extra-underscores"],
+)
+def test_a_provider_variable_in_another_case_is_a_near_miss_too(
+    monkeypatch: pytest.MonkeyPatch, variable: str
+) -> None:
+    @kernel_chain(name="nm_flash.attn")
+    def attn(x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    attn.provider("torch", loader=lambda: lambda x: x)
+    monkeypatch.setenv(variable, "torch")
+    with pytest.raises(
+        PolicyConfigError,
+        match=re.escape(
+            f"{variable} names no declared kernel. Did you mean 'KERNEL_FALLBACK_PROVIDER__NM_FLASH_ATTN'?"
+        ),
+    ):
+        reload_config()
 
 
 def test_check_per_kernel_name_for_the_config_command() -> None:
