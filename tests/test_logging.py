@@ -593,6 +593,38 @@ def test_a_symlink_named_by_the_variable_loses_events_not_the_call(
     assert [e["event"] for e in json_lines(link.read_text())] == ["kernel_fallback.kwarg_dropped"]
 
 
+def test_threads_meeting_a_refused_file_at_once_all_go_on_and_it_is_reported_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "target").write_text("")
+    (tmp_path / "kf.jsonl").symlink_to(tmp_path / "target")
+    monkeypatch.setenv("KERNEL_FALLBACK_LOG_FILE", str(tmp_path / "kf.jsonl"))
+    kernel_fallback.reload_config()
+
+    def add(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:  # a kernel without `out`
+        return torch.add(x, y)
+
+    kernels = [tolerant_kwargs(drop=["out"], name=f"threaded_{i}")(add) for i in range(8)]
+    barrier = threading.Barrier(len(kernels))
+    results: list[bool] = []
+
+    def call(fn: Any) -> None:
+        barrier.wait()
+        results.append(
+            bool(torch.equal(fn(torch.ones(2), torch.ones(2), out=torch.empty(2)), torch.full((2,), 2.0)))
+        )
+
+    threads = [threading.Thread(target=call, args=(fn,)) for fn in kernels]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == [True] * len(kernels)
+    assert _events.log_errors() == len(kernels)
+    assert len(capsys.readouterr().err.splitlines()) == 1
+    assert (tmp_path / "target").read_text() == ""
+
+
 def test_a_file_that_cannot_be_opened_says_why(tmp_path: Path) -> None:
     path = tmp_path / ("x" * 300)  # longer than any file system allows a name to be
     with pytest.raises(
