@@ -27,6 +27,7 @@ from kernel_fallback._signature import KwargSupport, kwarg_support
 from kernel_fallback._tolerant import TolerantFunction, TolerantKernel, kernels, tolerant_kwargs
 from kernel_fallback.exceptions import (
     KernelFallbackError,
+    LogFileError,
     PolicyConfigError,
     ProviderUnavailableError,
     UnsupportedKwargError,
@@ -40,6 +41,7 @@ __all__ = [
     "KernelChain",
     "KernelFallbackError",
     "KwargSupport",
+    "LogFileError",
     "PolicyConfigError",
     "ProviderUnavailableError",
     "TolerantFunction",

@@ -31,14 +31,20 @@ __all__ = [
     "LOG_FORMATS",
     "POLICIES",
     "Snapshot",
+    "check_env_name",
+    "check_kernel_declared",
     "check_known_variables",
     "check_log_file",
     "check_near_misses",
     "check_on_drop",
+    "check_per_kernel_name",
     "env_suffix",
+    "env_value",
     "parse_bool",
     "parse_log_format",
+    "parse_policy",
     "parse_policy_spec",
+    "per_kernel_near_miss",
     "snapshot",
     "unknown_variable_hint",
 ]
@@ -73,6 +79,31 @@ _FALSE: Final = frozenset({"0", "false", "no", "off", ""})
 BOOL_VALUES: Final = ("true", "false", "1", "0", "yes", "no", "on", "off")
 
 
+def env_value(raw: str | None) -> str | None:
+    """``raw`` as a variable's value: None when unset, empty or only whitespace.
+
+    One rule for every variable, so ``VAR=' '`` (a launcher's empty default) never
+    means something for one variable and an error for another.
+    """
+    return raw if raw is not None and raw.strip() else None
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
+def check_env_name(where: str, name: object) -> str:
+    """Return ``name`` if it is an environment variable name, else raise naming ``where``."""
+    # fullmatch: `$` would accept a trailing newline ("A\n"), a name no one can set.
+    if isinstance(name, str) and _ENV_NAME.fullmatch(name):
+        return name
+    raise PolicyConfigError(
+        f"{where}: {name!r} is not an environment variable name (ASCII letters, digits and "
+        "underscores, not starting with a digit).",
+        name=where,
+        value=name,
+    )
+
+
 def env_suffix(name: str) -> str:
     """A kernel name as it appears in variable names: upper case, non-alphanumerics as ``_``."""
     return re.sub(r"[^A-Za-z0-9]", "_", name).upper()
@@ -100,7 +131,7 @@ def check_known_variables(environ: Mapping[str, str]) -> None:
     (``KERNEL_FALLBACK_STICT=1``) must not silently leave the default in force."""
     for name, value in environ.items():
         if (
-            value
+            env_value(value) is not None
             and name.startswith(ENV_PREFIX)
             and name not in KNOWN_VARIABLES
             and not name.startswith(PER_KERNEL_PREFIXES)
@@ -125,7 +156,10 @@ def check_near_misses(snap: Snapshot, prefix: str, declared: Iterable[str]) -> N
     suffixes = [n[len(prefix) :] for n in names if n.startswith(prefix)]
     for name in snap.environ:
         if name.startswith(prefix) and name not in names and snap.get(name) is not None:
-            close = difflib.get_close_matches(name[len(prefix) :], suffixes, n=1, cutoff=0.8)
+            # Other case or runs of `_` first: difflib compares case-sensitively.
+            meant = per_kernel_near_miss(name, suffixes) if prefix in PER_KERNEL_PREFIXES else None
+            close = [meant[len(prefix) :]] if meant else []
+            close = close or difflib.get_close_matches(name[len(prefix) :], suffixes, n=1, cutoff=0.8)
             if close:
                 raise PolicyConfigError(
                     f"{name} names no declared kernel. Did you mean {prefix + close[0]!r}?",
@@ -133,6 +167,113 @@ def check_near_misses(snap: Snapshot, prefix: str, declared: Iterable[str]) -> N
                     value=snap.get(name),
                     allowed=tuple(names),
                 )
+
+
+def _normal_suffix(suffix: str) -> str:
+    """A per-kernel suffix as a careless hand may vary it: case, and runs of ``_``."""
+    return re.sub(r"_+", "_", env_suffix(suffix)).strip("_")
+
+
+def _one_typo(a: str, b: str) -> bool:
+    """True when ``a`` is ``b`` with one letter or ``_`` added or left out, or two adjacent
+    letters swapped. A changed character (FA2/FA3, FWD/BWD) or an added digit
+    (ATTN/ATTN2) is not a typo: such pairs are often two real kernels."""
+    if len(a) < len(b):
+        a, b = b, a
+    if len(a) == len(b) + 1:
+        i = next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), len(b))
+        return (a[i].isalpha() or a[i] == "_") and a[:i] + a[i + 1 :] == b
+    if len(a) == len(b) and a != b:
+        diff = [i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y]
+        return (
+            len(diff) == 2
+            and diff[1] == diff[0] + 1
+            and a[diff[0]] == b[diff[1]]
+            and a[diff[1]] == b[diff[0]]
+            and a[diff[0]].isalpha()
+            and a[diff[1]].isalpha()
+        )
+    return False
+
+
+def per_kernel_near_miss(name: str, kernels: Iterable[str]) -> str | None:
+    """The per-kernel variable ``name`` was probably meant to be, or None.
+
+    ``name`` is a ``KERNEL_FALLBACK_ON_DROP__*`` or ``KERNEL_FALLBACK_PROVIDER__*``
+    variable and ``kernels`` the names of the kernels declared. None when ``name``
+    is exactly a declared kernel's variable, or close to none. A near miss is the
+    same name in another case or with other runs of ``_`` (``..._ON_DROP__fa3``,
+    ``..._ON_DROP___FA3``), or one typo away (``..._FA3_VARLN``; see ``_one_typo``:
+    ``FA2_VARLEN`` is not a near miss of ``FA3_VARLEN``).
+    """
+    prefix = next((p for p in PER_KERNEL_PREFIXES if name.startswith(p)), None)
+    if prefix is None:
+        return None
+    suffix = name[len(prefix) :]
+    declared = {env_suffix(k) for k in kernels}
+    if suffix in declared:
+        return None
+    normal = _normal_suffix(suffix)
+    by_normal = {_normal_suffix(d): d for d in sorted(declared)}
+    if normal in by_normal:
+        return prefix + by_normal[normal]
+    close = [d for n, d in by_normal.items() if _one_typo(normal, n)]
+    return prefix + close[0] if close else None
+
+
+def check_per_kernel_name(name: str, raw: str, kernels: Iterable[str]) -> None:
+    """Raise when the per-kernel variable ``name`` (set to ``raw``) names no declared
+    kernel but is a near miss of one (see :func:`per_kernel_near_miss`): a misspelt
+    ``..._ON_DROP__fa3=raise`` must not leave ``warn`` in force. ``kernel-fallback
+    config`` calls it for each set per-kernel variable with the kernels it imported."""
+    kernels = list(kernels)
+    meant = per_kernel_near_miss(name, kernels)
+    if meant is None:
+        return
+    prefix = next(p for p in PER_KERNEL_PREFIXES if meant.startswith(p))
+    kernel = min(k for k in kernels if prefix + env_suffix(k) == meant)
+    raise PolicyConfigError(
+        f"{name}={raw!r} names no declared kernel. Did you mean {meant!r} (kernel {kernel!r})? "
+        f"Per-kernel variables are {prefix}<NAME>, NAME the kernel's name upper-cased with "
+        "every other character as '_'.",
+        name=name,
+        value=raw,
+        allowed=(meant,),
+    )
+
+
+def check_kernel_declared(kernel: str, env: str | None, declared: Callable[[], Iterable[str]]) -> None:
+    """Checks made when a kernel is declared (decorated), against the current snapshot.
+
+    ``kernel`` is its name, ``env`` its decorator's ``env=`` variable, ``declared``
+    returns the names of the kernels declared before it (called only when needed:
+    declaring many kernels stays linear). Raises :class:`PolicyConfigError` for an
+    ``env`` that is not a variable name, and for a set ``KERNEL_FALLBACK_ON_DROP__*``
+    variable that is a near miss of ``kernel``'s and names no declared kernel (see
+    :func:`check_per_kernel_name`).
+    """
+    if env is not None:
+        check_env_name(f"tolerant_kwargs(env={env!r})", env)
+    snap = snapshot()
+    for name in _set_on_drop_variables(snap):
+        if per_kernel_near_miss(name, [kernel]) is not None:
+            raw = snap.get(name)
+            assert raw is not None
+            # Not a typo when it is exactly the variable of a kernel declared before.
+            check_per_kernel_name(name, raw, [kernel, *declared()])
+
+
+_on_drop_variables: tuple[int, tuple[str, ...]] = (0, ())
+
+
+def _set_on_drop_variables(snap: Snapshot) -> tuple[str, ...]:
+    """The ``KERNEL_FALLBACK_ON_DROP__*`` variables set in ``snap``, found once per snapshot."""
+    global _on_drop_variables
+    version, names = _on_drop_variables
+    if version != snap.version:
+        names = tuple(n for n in snap.environ if n.startswith(ENV_ON_DROP_PREFIX) and snap.get(n) is not None)
+        _on_drop_variables = (snap.version, names)
+    return names
 
 
 def parse_bool(name: str, raw: str) -> bool:
@@ -172,6 +313,8 @@ def check_log_file(name: str, raw: str) -> str:
     """Return ``raw`` if every ``{...}`` in it is a known placeholder, else raise."""
     if not raw.strip():
         raise PolicyConfigError(f"{name}={raw!r}: the log file name is empty.", name=name, value=raw)
+    if "\0" in raw:
+        raise PolicyConfigError(f"{name}={raw!r}: a file name cannot hold NUL.", name=name, value=raw)
     for placeholder in _PLACEHOLDER.findall(raw):
         if placeholder not in LOG_FILE_PLACEHOLDERS:
             allowed = tuple(f"{{{p}}}" for p in LOG_FILE_PLACEHOLDERS)
@@ -183,6 +326,19 @@ def check_log_file(name: str, raw: str) -> str:
                 allowed=allowed,
             )
     return raw
+
+
+def parse_policy(name: str, raw: str) -> str:
+    """Parse a policy from a variable (any case, stripped); errors quote ``raw`` as written."""
+    value = raw.strip().lower()
+    if value in POLICIES:
+        return value
+    raise PolicyConfigError(
+        f"{name}={raw!r} is not a policy; use one of {', '.join(POLICIES)}.{did_you_mean(value, POLICIES)}",
+        name=name,
+        value=raw,
+        allowed=POLICIES,
+    )
 
 
 def check_policy(name: str, value: object) -> str:
@@ -230,12 +386,19 @@ def parse_policy_spec(name: str, raw: str, kwargs: Iterable[str]) -> str | dict[
     """Parse ``warn`` or ``out=copy,num_splits=warn`` (keywords from ``kwargs``)."""
     value = raw.strip()
     if "=" not in value:
-        return check_policy(name, value.lower())
+        return parse_policy(name, raw)
     allowed = tuple(kwargs)
     result: dict[str, str] = {}
     for item in value.split(","):
         kwarg, sep, policy = item.partition("=")
         kwarg = kwarg.strip()
+        if kwarg in result:
+            raise PolicyConfigError(
+                f"{name}={raw!r}: {kwarg!r} is given twice; give each keyword one policy.",
+                name=name,
+                value=raw,
+                allowed=allowed,
+            )
         if not sep or kwarg not in allowed:
             raise PolicyConfigError(
                 f"{name}={raw!r}: {kwarg!r} is not a keyword this kernel may drop; "
@@ -245,7 +408,15 @@ def parse_policy_spec(name: str, raw: str, kwargs: Iterable[str]) -> str | dict[
                 value=raw,
                 allowed=allowed,
             )
-        result[kwarg] = check_policy(f"{name} ({kwarg})", policy.strip().lower())
+        if policy.strip().lower() not in POLICIES:
+            raise PolicyConfigError(
+                f"{name}={raw!r}: {policy.strip()!r} (for {kwarg!r}) is not a policy; use one of "
+                f"{', '.join(POLICIES)}.{did_you_mean(policy.strip().lower(), POLICIES)}",
+                name=name,
+                value=raw,
+                allowed=POLICIES,
+            )
+        result[kwarg] = policy.strip().lower()
     return result
 
 
@@ -263,9 +434,8 @@ class Snapshot:
     log_file: str | None = None
 
     def get(self, name: str) -> str | None:
-        """The variable's value, or None when unset or empty."""
-        value = self.environ.get(name)
-        return value if value else None
+        """The variable's value, or None when unset, empty or only whitespace."""
+        return env_value(self.environ.get(name))
 
 
 _current: Snapshot | None = None
@@ -277,12 +447,12 @@ _reloaders: list[Callable[[Snapshot], Callable[[], None]]] = []
 def _read(environ: Mapping[str, str]) -> Snapshot:
     global _version
     check_known_variables(environ)
-    raw_default = environ.get(ENV_ON_DROP) or None
-    default = check_policy(ENV_ON_DROP, raw_default.strip().lower()) if raw_default else None
+    raw_default = env_value(environ.get(ENV_ON_DROP))
+    default = parse_policy(ENV_ON_DROP, raw_default) if raw_default else None
     strict = parse_bool(ENV_STRICT, environ.get(ENV_STRICT, ""))
-    raw_format = environ.get(ENV_LOG_FORMAT) or None
+    raw_format = env_value(environ.get(ENV_LOG_FORMAT))
     log_format = parse_log_format(ENV_LOG_FORMAT, raw_format) if raw_format else None
-    raw_file = environ.get(ENV_LOG_FILE) or None
+    raw_file = env_value(environ.get(ENV_LOG_FILE))
     log_file = check_log_file(ENV_LOG_FILE, raw_file) if raw_file else None
     _version += 1
     return Snapshot(dict(environ), default, strict, _version, log_format, log_file)

@@ -380,15 +380,24 @@ def _stdlib_logger() -> Any:
     return _stdlib_bound
 
 
+#: Builds the logger of KERNEL_FALLBACK_LOG_FORMAT/_LOG_FILE; set by kernel_fallback._logging
+#: (which the package imports), so that this module does not import it: one-way layering.
+_env_logger_factory: Callable[[_config.Snapshot], Any] | None = None
+
+
+def set_env_logger_factory(factory: Callable[[_config.Snapshot], Any]) -> None:
+    """Register what builds the logger the environment describes (``_logging.env_logger``)."""
+    global _env_logger_factory
+    _env_logger_factory = factory
+
+
 def _env_logger() -> Any:
     """The logger KERNEL_FALLBACK_LOG_FORMAT/_LOG_FILE describe, or None when both are unset."""
     snap = _config.snapshot()
     if snap.log_format is None and snap.log_file is None:
         return None
-    # Imported here: _logging imports this module, and most processes never get here.
-    from kernel_fallback._logging import env_logger
-
-    return env_logger(snap)
+    factory = _env_logger_factory
+    return None if factory is None else factory(snap)
 
 
 def add_process_info(
@@ -405,9 +414,11 @@ def add_process_info(
     event_dict.setdefault("pid", os.getpid())
     event_dict.setdefault("host", _hostname)
     for variable, key in (("RANK", "rank"), ("LOCAL_RANK", "local_rank")):
-        value = os.environ.get(variable)
+        value = _config.env_value(os.environ.get(variable))
         if value:
-            event_dict.setdefault(key, int(value) if value.isdigit() else value)
+            # "²".isdigit() is true but int() refuses it (and very long digit strings): that lost every event.
+            plain = value.isascii() and value.strip().isdigit() and len(value) < 19
+            event_dict.setdefault(key, int(value) if plain else value)
     return event_dict
 
 

@@ -453,8 +453,11 @@ def tolerant_kwargs(
             return type(fn)(decorate_stored(fn.__func__, stored))  # type: ignore[return-value]
         if not callable(fn):
             raise TypeError(f"tolerant_kwargs can only wrap a callable, got {fn!r}.")
+        kernel_name = name or _default_name(fn)
+        # Before registering: a misspelt per-kernel variable must not leave a kernel behind.
+        _config.check_kernel_declared(kernel_name, env, lambda: [k.name for k in kernels()])
         with _registry_lock:
-            plan = TolerantKernel(fn, name or _default_name(fn), neutral, policy, env)
+            plan = TolerantKernel(fn, kernel_name, neutral, policy, env)
             _registry.add(plan)
         wrapper: Any = _make_wrapper(fn, plan)
         try:

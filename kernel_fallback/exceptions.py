@@ -9,6 +9,7 @@ from __future__ import annotations
 
 __all__ = [
     "KernelFallbackError",
+    "LogFileError",
     "PolicyConfigError",
     "ProviderUnavailableError",
     "UnsupportedKwargError",
@@ -46,6 +47,21 @@ class PolicyConfigError(KernelFallbackError, ValueError):
         self.name = name
         self.value = value
         self.allowed = allowed
+
+
+class LogFileError(KernelFallbackError, OSError):
+    """An event log file cannot be used: not a regular file, a symbolic link, or not openable.
+
+    ``path`` is the file (placeholders expanded) and ``reason`` says what it is or
+    why it could not be opened. Raised by ``configure_logging(file=...)``; with
+    ``KERNEL_FALLBACK_LOG_FILE`` it is reported once on standard error instead, and
+    the events are lost, never the kernel call.
+    """
+
+    def __init__(self, message: str, *, path: str, reason: str) -> None:
+        super().__init__(message)
+        self.path = path
+        self.reason = reason
 
 
 class ProviderUnavailableError(KernelFallbackError, RuntimeError):

@@ -1,8 +1,9 @@
 """A workload for the monitoring tests, run in real subprocesses.
 
 Calls decorated torch kernels that lack a keyword the caller passes, so every call
-is a fallback. Logging is set up only through the environment
-(KERNEL_FALLBACK_LOG_FORMAT / KERNEL_FALLBACK_LOG_FILE), as a launcher would.
+is a fallback. Logging is set up through the environment
+(KERNEL_FALLBACK_LOG_FORMAT / KERNEL_FALLBACK_LOG_FILE), as a launcher would, or
+with ``--configure-file PATH`` through ``configure_logging(file=PATH)``.
 """
 
 from __future__ import annotations
@@ -43,7 +44,10 @@ def main() -> None:
     parser.add_argument("--attn", type=int, default=0, help="toy_attn calls with num_splits=4")
     parser.add_argument("--fork-child", type=int, default=0, help="toy_add calls in a forked child")
     parser.add_argument("--killed", action="store_true", help="end with os._exit: no summary")
+    parser.add_argument("--configure-file", help="call configure_logging(file=...) with this path first")
     args = parser.parse_args()
+    if args.configure_file:
+        kernel_fallback.configure_logging(file=args.configure_file)
     add_calls(args.add)
     for _ in range(args.attn):
         toy_attn(torch.ones(2), num_splits=4)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -13,8 +14,21 @@ import pytest
 import torch
 from structlog.testing import capture_logs
 
-from kernel_fallback import PolicyConfigError, UnsupportedKwargError, reload_config, stats, tolerant_kwargs
-from kernel_fallback._config import env_suffix, parse_bool, parse_policy_spec
+from kernel_fallback import (
+    PolicyConfigError,
+    UnsupportedKwargError,
+    kernel_chain,
+    reload_config,
+    stats,
+    tolerant_kwargs,
+)
+from kernel_fallback._config import (
+    check_per_kernel_name,
+    env_suffix,
+    parse_bool,
+    parse_policy_spec,
+    per_kernel_near_miss,
+)
 
 
 def kernel(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -131,7 +145,7 @@ def test_invalid_reload_changes_nothing(monkeypatch: pytest.MonkeyPatch) -> None
         (
             "KERNEL_FALLBACK_ON_DROP__K",
             "out=drop",
-            r"KERNEL_FALLBACK_ON_DROP__K \(out\)='drop' is not a policy",
+            r"KERNEL_FALLBACK_ON_DROP__K='out=drop': 'drop' \(for 'out'\) is not a policy",
         ),
         ("KERNEL_FALLBACK_ON_DROP__K", "out", r"KERNEL_FALLBACK_ON_DROP__K='out' is not a policy"),
     ],
@@ -248,13 +262,222 @@ def test_environment_set_before_import_in_a_real_process(
     assert result == {"outcome": outcome, "buf": buf, "policy": policy}
 
 
-def test_invalid_variable_fails_the_process_at_decoration() -> None:
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"KERNEL_FALLBACK_ON_DROP": "ignore"}, "KERNEL_FALLBACK_ON_DROP='ignore' is not a policy"),
+        (
+            {"KERNEL_FALLBACK_ON_DROP__fa3": "raise"},
+            "KERNEL_FALLBACK_ON_DROP__fa3='raise' names no declared kernel. "
+            "Did you mean 'KERNEL_FALLBACK_ON_DROP__FA3' (kernel 'fa3')?",
+        ),
+    ],
+    ids=["invalid-value", "lower-case-kernel-name"],
+)
+def test_invalid_variable_fails_the_process_at_decoration(env: dict[str, str], message: str) -> None:
     clean = {k: v for k, v in os.environ.items() if not k.startswith("KERNEL_FALLBACK_")}
     proc = subprocess.run(
         [sys.executable, "-c", SUBPROCESS_SCRIPT],
-        env={**clean, "KERNEL_FALLBACK_ON_DROP": "ignore"},
+        env={**clean, **env},
         capture_output=True,
         text=True,
+        timeout=120,
     )
     assert proc.returncode == 1
-    assert "PolicyConfigError: KERNEL_FALLBACK_ON_DROP='ignore' is not a policy" in proc.stderr
+    assert f"PolicyConfigError: {message}" in proc.stderr
+
+
+# --- per-kernel variables that miss the kernel's name ----------------------------
+
+
+@pytest.mark.parametrize(
+    ("variable", "kernel_name", "meant"),
+    [
+        ("KERNEL_FALLBACK_ON_DROP__fa3", "fa3", "KERNEL_FALLBACK_ON_DROP__FA3"),
+        ("KERNEL_FALLBACK_ON_DROP__FA3_VARLN", "fa3_varlen", "KERNEL_FALLBACK_ON_DROP__FA3_VARLEN"),
+        ("KERNEL_FALLBACK_ON_DROP___FA3_VARLEN", "fa3_varlen", "KERNEL_FALLBACK_ON_DROP__FA3_VARLEN"),
+        ("KERNEL_FALLBACK_ON_DROP__FA3__VARLEN", "fa3_varlen", "KERNEL_FALLBACK_ON_DROP__FA3_VARLEN"),
+        ("KERNEL_FALLBACK_ON_DROP__FA3_VARLEN_", "fa3_varlen", "KERNEL_FALLBACK_ON_DROP__FA3_VARLEN"),
+        ("KERNEL_FALLBACK_ON_DROP__FA3_VRALEN", "fa3_varlen", "KERNEL_FALLBACK_ON_DROP__FA3_VARLEN"),
+        ("KERNEL_FALLBACK_ON_DROP__Fa3_VarLen", "fa3.varlen", "KERNEL_FALLBACK_ON_DROP__FA3_VARLEN"),
+        ("KERNEL_FALLBACK_ON_DROP__FA3_VARLEEN", "fa3_varlen", "KERNEL_FALLBACK_ON_DROP__FA3_VARLEN"),
+    ],
+    ids=[
+        "lower-case",
+        "letter-left-out",
+        "extra-underscore-lead",
+        "double-underscore",
+        "trailing-underscore",
+        "swapped-letters",
+        "mixed-case",
+        "letter-added",
+    ],
+)
+def test_a_misspelt_per_kernel_variable_is_an_error_at_decoration(
+    monkeypatch: pytest.MonkeyPatch, variable: str, kernel_name: str, meant: str
+) -> None:
+    monkeypatch.setenv(variable, "raise")
+    reload_config()
+    with pytest.raises(
+        PolicyConfigError, match=re.escape(f"Did you mean {meant!r} (kernel {kernel_name!r})?")
+    ) as info:
+        tolerant_kwargs(["out"], name=kernel_name)(kernel)
+    assert (info.value.name, info.value.value, info.value.allowed) == (variable, "raise", (meant,))
+    assert info.value.args[0].startswith(f"{variable}='raise' names no declared kernel.")
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [("fa3_varlen", "fa2_varlen"), ("attn", "attn2"), ("varlen_fwd", "varlen_bwd"), ("mha", "mla")],
+    ids=["digit-changed", "digit-added", "letter-changed", "short-names"],
+)
+def test_two_real_kernels_with_close_names_both_take_their_variable(
+    monkeypatch: pytest.MonkeyPatch, first: str, second: str
+) -> None:
+    # Both variables are set before either kernel is declared: declaring the first must not
+    # mistake the second's variable for a typo of its own.
+    first_var = "KERNEL_FALLBACK_ON_DROP__" + env_suffix(first)
+    second_var = "KERNEL_FALLBACK_ON_DROP__" + env_suffix(second)
+    monkeypatch.setenv(first_var, "copy")
+    monkeypatch.setenv(second_var, "raise")
+    reload_config()
+    one = tolerant_kwargs(["out"], name=first)(kernel)
+    two = tolerant_kwargs(["out"], name=second)(kernel)
+    assert policy_of(one) == ("copy", first_var)
+    assert policy_of(two) == ("raise", second_var)
+
+
+def test_a_per_kernel_variable_close_to_nothing_is_left_for_a_later_kernel(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("KERNEL_FALLBACK_ON_DROP__PAGED_DECODE", "copy")
+    reload_config()
+    tolerant_kwargs(["out"], name="fa3_varlen")(kernel)
+    later = tolerant_kwargs(["out"], name="paged_decode")(kernel)
+    assert policy_of(later) == ("copy", "KERNEL_FALLBACK_ON_DROP__PAGED_DECODE")
+
+
+@pytest.mark.parametrize(
+    ("variable", "declared", "meant"),
+    [
+        ("KERNEL_FALLBACK_ON_DROP__FA3", ["fa3"], None),
+        ("KERNEL_FALLBACK_ON_DROP__fa3", ["fa3"], "KERNEL_FALLBACK_ON_DROP__FA3"),
+        ("KERNEL_FALLBACK_PROVIDER__flash_attn", ["flash.attn"], "KERNEL_FALLBACK_PROVIDER__FLASH_ATTN"),
+        ("KERNEL_FALLBACK_ON_DROP__FA2", ["fa3"], None),
+        ("KERNEL_FALLBACK_ON_DROP__NS_OP", ["ns::op"], "KERNEL_FALLBACK_ON_DROP__NS__OP"),
+        ("KERNEL_FALLBACK_STRICT", ["strict"], None),
+    ],
+    ids=["exact", "case", "provider-prefix", "other-kernel", "operator-name", "not-per-kernel"],
+)
+def test_per_kernel_near_miss(variable: str, declared: list[str], meant: str | None) -> None:
+    assert per_kernel_near_miss(variable, declared) == meant
+
+
+@pytest.mark.parametrize(
+    "variable",
+    ["KERNEL_FALLBACK_PROVIDER__nm_flash_attn", "KERNEL_FALLBACK_PROVIDER___NM_FLASH__ATTN"],
+    ids=["lower-case", "extra-underscores"],
+)
+def test_a_provider_variable_in_another_case_is_a_near_miss_too(
+    monkeypatch: pytest.MonkeyPatch, variable: str
+) -> None:
+    @kernel_chain(name="nm_flash.attn")
+    def attn(x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    attn.provider("torch", loader=lambda: lambda x: x)
+    monkeypatch.setenv(variable, "torch")
+    with pytest.raises(
+        PolicyConfigError,
+        match=re.escape(
+            f"{variable} names no declared kernel. Did you mean 'KERNEL_FALLBACK_PROVIDER__NM_FLASH_ATTN'?"
+        ),
+    ):
+        reload_config()
+
+
+def test_check_per_kernel_name_for_the_config_command() -> None:
+    check_per_kernel_name("KERNEL_FALLBACK_ON_DROP__FA3", "copy", ["fa3"])  # exact: fine
+    with pytest.raises(PolicyConfigError, match=r"Did you mean 'KERNEL_FALLBACK_ON_DROP__FA3'"):
+        check_per_kernel_name("KERNEL_FALLBACK_ON_DROP__fa3", "copy", ["fa3", "fa2"])
+
+
+# --- values as written -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "KERNEL_FALLBACK_ON_DROP",
+        "KERNEL_FALLBACK_STRICT",
+        "KERNEL_FALLBACK_LOG_FORMAT",
+        "KERNEL_FALLBACK_LOG_FILE",
+        "KERNEL_FALLBACK_ON_DROP__BLANK",
+        "SGLANG_BLANK_ON_DROP",
+        "KERNEL_FALLBACK_NOT_A_VARIABLE",
+    ],
+    ids=["on-drop", "strict", "log-format", "log-file", "per-kernel", "env-arg", "unknown-name"],
+)
+@pytest.mark.parametrize("blank", [" ", "\t", " \n "], ids=["space", "tab", "newline"])
+def test_whitespace_only_means_unset_for_every_variable(
+    monkeypatch: pytest.MonkeyPatch, name: str, blank: str
+) -> None:
+    monkeypatch.setenv(name, blank)
+    snap = reload_config()
+    assert (snap.default_policy, snap.strict, snap.log_format, snap.log_file) == (None, False, None, None)
+    wrapped = tolerant_kwargs(["out"], "copy", name="blank", env="SGLANG_BLANK_ON_DROP")(kernel)
+    assert policy_of(wrapped) == ("copy", "decorator")
+
+
+def test_a_keyword_given_twice_in_a_spec_is_an_error(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KERNEL_FALLBACK_ON_DROP__TWICE", "out=copy, out=raise")
+    reload_config()
+    with pytest.raises(
+        PolicyConfigError,
+        match=re.escape("KERNEL_FALLBACK_ON_DROP__TWICE='out=copy, out=raise': 'out' is given twice"),
+    ):
+        tolerant_kwargs(["out"], name="twice")(kernel)
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "quoted"),
+    [
+        ("KERNEL_FALLBACK_ON_DROP", " WRAN ", "KERNEL_FALLBACK_ON_DROP=' WRAN ' is not a policy"),
+        ("KERNEL_FALLBACK_ON_DROP__QUOTE", "Cpoy", "KERNEL_FALLBACK_ON_DROP__QUOTE='Cpoy' is not a policy"),
+        (
+            "KERNEL_FALLBACK_ON_DROP__QUOTE",
+            "out=DROP",
+            "KERNEL_FALLBACK_ON_DROP__QUOTE='out=DROP': 'DROP' (for 'out') is not a policy",
+        ),
+        ("KERNEL_FALLBACK_STRICT", "Maybe", "KERNEL_FALLBACK_STRICT='Maybe' is not a boolean"),
+        ("KERNEL_FALLBACK_LOG_FORMAT", "JSONL", "KERNEL_FALLBACK_LOG_FORMAT='JSONL' is not a log format"),
+    ],
+    ids=["global-policy", "kernel-policy", "spec-policy", "bool", "log-format"],
+)
+def test_errors_quote_the_value_as_written(
+    monkeypatch: pytest.MonkeyPatch, name: str, value: str, quoted: str
+) -> None:
+    monkeypatch.setenv(name, value)
+
+    def load_and_decorate() -> None:
+        reload_config()
+        tolerant_kwargs(["out"], name="quote")(kernel)
+
+    with pytest.raises(PolicyConfigError) as info:
+        load_and_decorate()
+    assert quoted in str(info.value)
+    assert info.value.value == value
+
+
+@pytest.mark.parametrize(
+    "env",
+    ["A\n", "A B", "1A", "", "A=B", "É"],
+    ids=["newline", "space", "digit-first", "empty", "equals", "non-ascii"],
+)
+def test_env_argument_must_be_a_variable_name(env: str) -> None:
+    def decorate() -> None:
+        tolerant_kwargs(["out"], env=env)(kernel)
+
+    with pytest.raises(PolicyConfigError, match=r"tolerant_kwargs\(env=.*environment variable name") as info:
+        decorate()
+    assert info.value.value == env
