@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import gzip
-import io
 import json
 import os
 import re
@@ -148,12 +147,20 @@ def test_the_latest_summary_of_a_process_wins_over_earlier_ones(
     assert row["first_seen"] == "2026-01-01T00:00:00Z"
 
 
-def test_report_reads_standard_input(
-    logs: list[Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(sys, "stdin", io.StringIO(logs[0].read_text()))
-    data = report_json([Path("-")], capsys)
-    assert [(r["kernel"], r["count"]) for r in data["fallbacks"]] == [("toy_add", 5), ("toy_attn", 1)]
+@pytest.mark.parametrize("compress", [False, True], ids=["plain", "gzip"])
+def test_report_reads_standard_input(logs: list[Path], compress: bool) -> None:
+    data = logs[0].read_bytes()
+    done = subprocess.run(
+        [sys.executable, "-m", "kernel_fallback", "report", "--format", "json", "-"],
+        input=gzip.compress(data) if compress else data,
+        env=clean_env(),
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(done.stdout)["fallbacks"]
+    assert [(r["kernel"], r["count"]) for r in rows] == [("toy_add", 5), ("toy_attn", 1)]
 
 
 def test_report_of_logs_without_fallbacks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -219,10 +226,12 @@ def test_check_json_and_stale_allow_patterns(logs: list[Path], capsys: pytest.Ca
     assert data["unused_allow"] == ["gone:out"]
 
 
-def test_check_passes_logs_without_fallbacks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_check_passes_logs_without_fallbacks_only_when_told(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = tmp_path / "empty.jsonl"
     path.write_text("")
-    code, out, _ = run(["check", str(path)], capsys)
+    code, out, _ = run(["check", "--allow-empty", str(path)], capsys)
     assert (code, out.strip()) == (0, "kernel-fallback check: ok: no fallbacks (0 event(s) in 1 file(s)).")
 
 
