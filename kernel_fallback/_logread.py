@@ -307,7 +307,10 @@ class _Merger:
         # Counts restart at each reset_stats(): a process's summaries of different
         # epochs add up, and only the latest of one epoch is authoritative.
         epoch = _count_field(event, "epoch", where, required=False)
-        state = self.per.setdefault(key, {}).setdefault((*process, str(epoch)), _PerProcess())
+        states = self.per.setdefault(key, {})
+        state = states.get(state_key := (*process, str(epoch)))
+        if state is None:  # not built on every line: most lines update a known state
+            state = states[state_key] = _PerProcess()
         info = self.info.setdefault(key, {})
         for name in ("reason", "source"):
             if isinstance(event.get(name), str):
