@@ -2,9 +2,9 @@
 
 Used by :mod:`kernel_fallback._logread`. A file is read as bytes, one line at a
 time, never whole: gzip is detected from the content (``-`` is standard input, gzip
-or not), a UTF-8 byte order mark at the start of a line is dropped, and a line longer
-than :data:`MAX_LINE_BYTES` is skipped in pieces and reported as over-long instead of
-being held in memory. Undecodable bytes become U+FFFD (we write UTF-8; other bytes
+or not), a UTF-8 byte order mark at the start of a line is dropped, and of a line
+longer than :data:`MAX_LINE_BYTES` only the first piece is kept (for the caller to
+tell whose line it was); the rest is skipped in pieces, never held in memory. Undecodable bytes become U+FFFD (we write UTF-8; other bytes
 are not ours).
 """
 
@@ -56,8 +56,10 @@ def _open_binary(path: str) -> tuple[_Stream, list[_Stream]]:
     return raw, list(owned)
 
 
-def read_lines(path: str) -> Iterator[tuple[int, bytes | None]]:
-    """(line number, line without its BOM) of ``path``; None stands for an over-long line.
+def read_lines(path: str) -> Iterator[tuple[int, bytes, bool]]:
+    """(line number, line without its BOM, whether it is whole) of ``path``.
+
+    A line that is not whole is over-long: only its first :data:`MAX_LINE_BYTES` are given.
 
     Raises :class:`LineReadError` naming the file when it cannot be read.
     """
@@ -70,12 +72,11 @@ def read_lines(path: str) -> Iterator[tuple[int, bytes | None]]:
         lineno = 0
         while line := stream.readline(MAX_LINE_BYTES):
             lineno += 1
-            if len(line) == MAX_LINE_BYTES and not line.endswith(b"\n"):
+            whole = len(line) < MAX_LINE_BYTES or line.endswith(b"\n")
+            if not whole:
                 _skip_rest_of_line(stream)
-                yield lineno, None
-                continue
             # A BOM starts a file written by some editors, and the middle of `cat`ed files.
-            yield lineno, line[3:] if line.startswith(_BOM) else line
+            yield lineno, line[3:] if line.startswith(_BOM) else line, whole
     except (OSError, EOFError, zlib.error) as exc:
         # gzip.BadGzipFile is an OSError; a truncated .gz raises EOFError.
         raise LineReadError(f"{shown}: cannot read: {exc}") from exc

@@ -259,14 +259,14 @@ class _Merger:
 
     def add_file(self, path: str) -> None:
         shown = shown_path(path)
-        for lineno, line in read_lines(path):
+        for lineno, line, whole in read_lines(path):
             self.lines += 1
-            if line is None:  # over-long: skipped unread
-                self._malformed(f"{shown}:{lineno}")
-                continue
             # Most lines of a shared log are not ours: skip them before decoding or parsing.
             if _MARKER not in line:
                 self.ignored += not line.isspace()
+                continue
+            if not whole:  # over-long: not an event we could hold, nor one we write
+                self._malformed(f"{shown}:{lineno}")
                 continue
             text = line.decode("utf-8", errors="replace").strip()
             if not text.startswith("{"):

@@ -132,6 +132,27 @@ def test_hostile_lines_get_an_exit_status_never_a_traceback(
         json.loads(report.stdout)  # ASCII JSON: loads whatever the log held
 
 
+@pytest.mark.parametrize(
+    ("long_line", "ignored", "malformed"),
+    [
+        (b"INFO " + b"x" * (2 * MAX_LINE_BYTES), 1, 0),
+        (b'{"event": "kernel_fallback.summary", "reason": "' + b"x" * (2 * MAX_LINE_BYTES) + b'"}', 0, 1),
+        (b"x" * (2 * MAX_LINE_BYTES) + b"kernel_fallback.summary", 1, 0),
+    ],
+    ids=["someone-elses", "ours", "marker-past-the-first-mib"],
+)
+def test_an_over_long_line_is_skipped_and_counted_by_whose_it_looks(
+    tmp_path: Path, long_line: bytes, ignored: int, malformed: int
+) -> None:
+    path = tmp_path / "long.jsonl"
+    path.write_bytes(VALID + b"\n" + long_line + b"\n" + VALID + b"\n")
+    done = cli("report", "--format", "json", str(path))
+    assert done.returncode == 0, done.stderr
+    data = json.loads(done.stdout)
+    assert (data["lines"], data["events"]) == (3, 2)
+    assert (data["ignored_lines"], data["malformed_lines"]) == (ignored, malformed)
+
+
 def run_workload(tmp_path: Path) -> Path:
     """The log of a real process that took fallbacks (toy_add:out, 4 summaries)."""
     log = tmp_path / "kf.jsonl"
