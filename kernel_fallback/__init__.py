@@ -103,15 +103,20 @@ _LAZY: dict[str, str] = {
 }
 
 
-def __getattr__(name: str) -> Any:
-    """Import the private module that defines the public ``name`` (once; it is cached)."""
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
-    globals()[name] = value
-    return value
+# Hidden from type checkers, which see the imports above: with a module __getattr__ in
+# view they would accept any misspelt name as `Any`.
+if not TYPE_CHECKING:
+
+    def __getattr__(name: str) -> Any:
+        """Import the private module that defines the public ``name`` (once; it is cached)."""
+        module = _LAZY.get(name)
+        if module is None:
+            raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+        globals()[name] = value
+        return value
 
 
 def __dir__() -> list[str]:
+    """The public names, imported or not yet, and the module's own attributes."""
     return sorted({*globals(), *__all__})
