@@ -6,6 +6,9 @@ one (``warn``, ``copy`` into the caller's buffer, or ``raise``). Declare a chain
 providers with :func:`kernel_chain` to pick an implementation from environment flags
 and fall back, or re-route a call, when one cannot serve. Every fallback is counted
 exactly (:func:`stats`) and logged once through structlog.
+
+``import kernel_fallback`` is cheap: each part (and torch with it) is imported at
+the first use of one of its names.
 """
 
 from __future__ import annotations

@@ -4,8 +4,8 @@ Used by :mod:`kernel_fallback._logread`. A file is read as bytes, one line at a
 time, never whole: gzip is detected from the content (``-`` is standard input, gzip
 or not), a UTF-8 byte order mark at the start of a line is dropped, and of a line
 longer than :data:`MAX_LINE_BYTES` only the first piece is kept (for the caller to
-tell whose line it was); the rest is skipped in pieces, never held in memory. Undecodable bytes become U+FFFD (we write UTF-8; other bytes
-are not ours).
+tell whose line it was); the rest is skipped in pieces, never held in memory. Lines
+are given as bytes: the caller decodes only those that may be its own.
 """
 
 from __future__ import annotations

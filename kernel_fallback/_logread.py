@@ -177,7 +177,7 @@ def _our_event(obj: object) -> dict[str, Any] | None:
     if isinstance(nested, dict) and isinstance(nested.get("event"), str):
         obj = nested
     event = obj.get("event")
-    if isinstance(event, str) and event.startswith("kernel_fallback."):
+    if isinstance(event, str) and event.startswith(EVENT_PREFIX):
         return obj
     return None
 
