@@ -51,6 +51,7 @@ from kernel_fallback import _config
 from kernel_fallback._counter import Counter as Counter
 from kernel_fallback._counter import FallbackEvent as FallbackEvent
 from kernel_fallback._counter import Key as Key
+from kernel_fallback._event_names import OVERFLOW_EVENT, OVERFLOW_KERNEL, SUMMARY_EVENT
 
 __all__ = [
     "Counter",
@@ -75,10 +76,6 @@ LOGGER_NAME: Final = "kernel_fallback"
 #: Distinct keys kept before new ones are folded into one overflow entry; a bound on
 #: memory for programs that make kernels (and so names) dynamically.
 MAX_ENTRIES: Final = 4096
-OVERFLOW_KERNEL: Final = "<overflow>"
-#: Name of the events ``flush()`` logs, one per counted key.
-SUMMARY_EVENT: Final = "kernel_fallback.summary"
-OVERFLOW_EVENT: Final = "kernel_fallback.stats_overflow"
 
 _PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 # Frames of torch itself (Dynamo tracing, functools wrappers) are not the caller.

@@ -5,9 +5,15 @@ What is read: one JSON object per line (files written with
 input). A line is one of our events when it is an object whose ``event`` starts with
 ``kernel_fallback.`` (or whose ``kernel_fallback`` member is such an object, as a JSON
 formatter of the standard ``logging`` route writes it). Every other line (other
-programs' logs, console-format lines, a line cut short by a killed process) is
-ignored and counted. An event of ours with a missing or mistyped field is an error
-that names the file and line: a CI gate must not pass on a log it could not read.
+programs' logs, console-format lines) is ignored and counted. A line that names one
+of our events but is not valid JSON (cut short by a killed process or a full disk,
+damaged, nested too deep, over 1 MiB) is *malformed*: counted, reported and skipped.
+An event of ours with a missing or mistyped field is an error that names the file and
+line: a CI gate must not pass on a log it could not read.
+
+Files are streamed line by line (see :mod:`kernel_fallback._loglines`) and merged as
+they are read: memory grows with the number of distinct processes and keys, never
+with the size of the logs.
 
 How counts are merged: a process is identified by ``host`` and ``pid`` (by its file
 when an event has no pid). Per process and key (kernel, keyword or provider, policy),
@@ -22,17 +28,15 @@ below warning level (``level`` info or debug) are ours but not fallbacks.
 from __future__ import annotations
 
 import datetime
-import gzip
-import io
 import json
 import os
-import sys
-import zlib
-from collections.abc import Iterable, Iterator
+import reprlib
+from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import IO, Any, Final, final
+from typing import Any, Final, final
 
-from kernel_fallback._events import OVERFLOW_EVENT, OVERFLOW_KERNEL, SUMMARY_EVENT
+from kernel_fallback._event_names import EVENT_PREFIX, OVERFLOW_EVENT, OVERFLOW_KERNEL, SUMMARY_EVENT
+from kernel_fallback._loglines import LineReadError, read_lines, shown_path
 from kernel_fallback.exceptions import KernelFallbackError
 
 __all__ = ["FallbackRow", "LogInputError", "LogReport", "read_logs"]
@@ -43,6 +47,12 @@ _SUBJECT_FIELDS: Final = ("kwarg", "provider", "chosen", "subject")
 #: (kernel, keyword or provider, policy). The kind (kwarg, provider, dispatch) is not
 #: part of it: summaries state it, first-occurrence events of providers do not.
 Key = tuple[str, str, str]
+_MARKER: Final = EVENT_PREFIX.encode()
+#: Values quoted in error messages are cut short: a hostile line must not make one huge
+#: (or deep enough to exhaust the stack when printed).
+_REPR: Final = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 80
+_REPR.maxlevel = 3
 
 
 class LogInputError(KernelFallbackError, ValueError):
@@ -120,6 +130,11 @@ class LogReport:
     #: Ignored lines that still name one of our events (a console-format log, say):
     #: fallbacks this reader could not count.
     unreadable_ours: int = 0
+    #: Lines that name one of our events but are not valid JSON (cut short, damaged,
+    #: nested too deep, over-long): skipped and counted.
+    malformed: int = 0
+    #: ``file:line`` of the first malformed line, for the message.
+    first_malformed: str = ""
 
     def as_dict(self) -> dict[str, Any]:
         """The report as JSON-ready data."""
@@ -130,6 +145,7 @@ class LogReport:
             "events": self.events,
             "ignored_lines": self.ignored,
             "unreadable_event_lines": self.unreadable_ours,
+            "malformed_lines": self.malformed,
             "processes": self.processes,
         }
 
@@ -141,50 +157,16 @@ def _parse_time(value: object) -> datetime.datetime | None:
     text = value[:-1] + "+00:00" if value.endswith(("Z", "z")) else value
     try:
         parsed = datetime.datetime.fromisoformat(text)
-    except ValueError:
+        if parsed.tzinfo is None:
+            return parsed.replace(tzinfo=datetime.timezone.utc)
+        return parsed.astimezone(datetime.timezone.utc)
+    except (ValueError, OverflowError):  # not a time, or out of range once in UTC (year 1, +01:00)
         return None
-    if parsed.tzinfo is None:
-        return parsed.replace(tzinfo=datetime.timezone.utc)
-    return parsed.astimezone(datetime.timezone.utc)
 
 
 def format_time(value: datetime.datetime | None) -> str:
     """ISO 8601 UTC with a ``Z``, or an empty string."""
     return "" if value is None else value.isoformat().replace("+00:00", "Z")
-
-
-def _open_text(path: str) -> IO[str]:
-    """Open a log for reading as text: ``-`` is standard input; gzip is detected by content."""
-    if path == "-":
-        return sys.stdin
-    raw = open(path, "rb")  # noqa: SIM115 - closed by the text wrapper returned
-    try:
-        magic = raw.peek(2)[:2] if isinstance(raw, io.BufferedReader) else b""
-        # Undecodable bytes are not ours (we write UTF-8): the line is ignored, not fatal.
-        if magic == b"\x1f\x8b":
-            raw.close()  # a GzipFile given a file object would not close it
-            return gzip.open(path, "rt", encoding="utf-8", errors="replace")
-        return io.TextIOWrapper(raw, encoding="utf-8", errors="replace")
-    except BaseException:
-        raw.close()
-        raise
-
-
-def _lines(path: str) -> Iterator[tuple[int, str]]:
-    """Numbered lines of ``path``; OSError and gzip damage become LogInputError naming it."""
-    shown = "<stdin>" if path == "-" else path
-    try:
-        stream = _open_text(path)
-    except OSError as exc:
-        raise LogInputError(f"{shown}: cannot read: {exc.strerror or exc}") from exc
-    try:
-        yield from enumerate(stream, start=1)
-    except (OSError, EOFError, zlib.error) as exc:
-        # gzip.BadGzipFile is an OSError; a truncated .gz raises EOFError.
-        raise LogInputError(f"{shown}: cannot read: {exc}") from exc
-    finally:
-        if stream is not sys.stdin:
-            stream.close()
 
 
 def _our_event(obj: object) -> dict[str, Any] | None:
@@ -195,14 +177,14 @@ def _our_event(obj: object) -> dict[str, Any] | None:
     if isinstance(nested, dict) and isinstance(nested.get("event"), str):
         obj = nested
     event = obj.get("event")
-    if isinstance(event, str) and event.startswith("kernel_fallback."):
+    if isinstance(event, str) and event.startswith(EVENT_PREFIX):
         return obj
     return None
 
 
 def _key_of(event: dict[str, Any], where: str) -> tuple[Key, str, bool] | None:
     """(key, kind, whether the event states its kind) of a fallback event; None for others."""
-    name = event["event"]
+    name = event["event"][:80]
     level = event.get("level")
     if isinstance(level, str) and level.lower() in _NOT_FALLBACK_LEVELS:
         return None
@@ -212,10 +194,12 @@ def _key_of(event: dict[str, Any], where: str) -> tuple[Key, str, bool] | None:
         return None
     kernel = event["kernel"]
     if not isinstance(kernel, str) or not kernel:
-        raise LogInputError(f"{where}: {name} event: 'kernel' must be a non-empty string, got {kernel!r}.")
+        raise LogInputError(
+            f"{where}: {name} event: 'kernel' must be a non-empty string, got {_REPR.repr(kernel)}."
+        )
     kind = event.get("kind")
     if kind is not None and not isinstance(kind, str):
-        raise LogInputError(f"{where}: {name} event: 'kind' must be a string, got {kind!r}.")
+        raise LogInputError(f"{where}: {name} event: 'kind' must be a string, got {_REPR.repr(kind)}.")
     stated = kind is not None
     subject = next((event[f] for f in _SUBJECT_FIELDS if isinstance(event.get(f), str)), None)
     if kind is None:
@@ -226,13 +210,13 @@ def _key_of(event: dict[str, Any], where: str) -> tuple[Key, str, bool] | None:
     if subject is None:
         if kind != "overflow":
             raise LogInputError(
-                f"{where}: {name} event for kernel {kernel!r} names no keyword or provider "
+                f"{where}: {name} event for kernel {_REPR.repr(kernel)} names no keyword or provider "
                 f"(one of {', '.join(_SUBJECT_FIELDS)} must be a string)."
             )
         subject = ""
     policy = event.get("policy", "")
     if not isinstance(policy, str):
-        raise LogInputError(f"{where}: {name} event: 'policy' must be a string, got {policy!r}.")
+        raise LogInputError(f"{where}: {name} event: 'policy' must be a string, got {_REPR.repr(policy)}.")
     return (kernel, subject, policy), kind, stated
 
 
@@ -242,9 +226,21 @@ def _count_field(event: dict[str, Any], name: str, where: str, *, required: bool
         return 0
     if not isinstance(value, int) or isinstance(value, bool) or value < 0:
         raise LogInputError(
-            f"{where}: {event['event']} event: {name!r} must be a non-negative integer, got {value!r}."
+            f"{where}: {event['event'][:80]} event: {name!r} must be a non-negative integer, "
+            f"got {_REPR.repr(value)}."
         )
     return value
+
+
+def _scalar_field(event: dict[str, Any], name: str, where: str) -> int | str | None:
+    """An identifying field (``pid``, ``host``, a rank): a string, an integer or absent."""
+    value = event.get(name)
+    if value is None or (isinstance(value, (int, str)) and not isinstance(value, bool)):
+        return value
+    raise LogInputError(
+        f"{where}: {event['event'][:80]} event: {name!r} must be a string or an integer, "
+        f"got {_REPR.repr(value)}."
+    )
 
 
 @final
@@ -258,20 +254,32 @@ class _Merger:
         self.ranks: dict[Key, set[Any]] = {}
         self.hosts: dict[Key, set[str]] = {}
         self.processes: set[tuple[str, str]] = set()
-        self.lines = self.events = self.ignored = self.unreadable_ours = 0
+        self.lines = self.events = self.ignored = self.unreadable_ours = self.malformed = 0
+        self.first_malformed = ""
 
     def add_file(self, path: str) -> None:
-        shown = "<stdin>" if path == "-" else path
-        for lineno, line in _lines(path):
+        shown = shown_path(path)
+        for lineno, line, whole in read_lines(path):
             self.lines += 1
-            text = line.strip()
-            if not text:
+            # Most lines of a shared log are not ours: skip them before decoding or parsing.
+            if _MARKER not in line:
+                self.ignored += not line.isspace()
+                continue
+            if not whole:  # over-long: not an event we could hold, nor one we write
+                self._malformed(f"{shown}:{lineno}")
+                continue
+            text = line.decode("utf-8", errors="replace").strip()
+            if not text.startswith("{"):
+                # Console-format lines, or other programs quoting our event names.
+                self.ignored += 1
+                self.unreadable_ours += 1
                 continue
             try:
                 obj = json.loads(text)
-            except ValueError:
-                self.ignored += 1
-                self.unreadable_ours += "kernel_fallback." in text
+            except (ValueError, RecursionError):
+                # Cut short by a killed process or a full disk, or nested deeper than the
+                # parser's stack: not an event we can read, and not worth failing a run for.
+                self._malformed(f"{shown}:{lineno}")
                 continue
             event = _our_event(obj)
             if event is None:
@@ -279,6 +287,10 @@ class _Merger:
                 continue
             self.events += 1
             self._add_event(event, f"{shown}:{lineno}", shown)
+
+    def _malformed(self, where: str) -> None:
+        self.malformed += 1
+        self.first_malformed = self.first_malformed or where
 
     def _add_event(self, event: dict[str, Any], where: str, path: str) -> None:
         found = _key_of(event, where)
@@ -288,19 +300,24 @@ class _Merger:
         # A kind an event states (summaries do) wins over one inferred from the fields.
         if key not in self.kinds or (stated and not self.kinds[key][1]):
             self.kinds[key] = (kind, stated)
-        pid = event.get("pid")
-        host = event.get("host")
+        pid = _scalar_field(event, "pid", where)
+        host = _scalar_field(event, "host", where)
         process = (str(host or ""), str(pid)) if pid is not None else ("", f"file:{path}")
         self.processes.add(process)
         # Counts restart at each reset_stats(): a process's summaries of different
         # epochs add up, and only the latest of one epoch is authoritative.
-        epoch = event.get("epoch", 0)
-        state = self.per.setdefault(key, {}).setdefault((*process, str(epoch)), _PerProcess())
+        epoch = _count_field(event, "epoch", where, required=False)
+        states = self.per.setdefault(key, {})
+        state = states.get(state_key := (*process, str(epoch)))
+        if state is None:  # not built on every line: most lines update a known state
+            state = states[state_key] = _PerProcess()
         info = self.info.setdefault(key, {})
         for name in ("reason", "source"):
             if isinstance(event.get(name), str):
                 info.setdefault(name, event[name])
-        rank = event.get("rank", event.get("local_rank"))
+        rank = _scalar_field(event, "rank", where)
+        if rank is None:
+            rank = _scalar_field(event, "local_rank", where)
         if rank is not None:
             self.ranks.setdefault(key, set()).add(rank)
         if host is not None:
@@ -351,7 +368,15 @@ class _Merger:
             rows.append(row)
         rows.sort(key=lambda r: (r.kernel, r.kind, r.subject, r.policy))
         return LogReport(
-            rows, files, self.lines, self.events, self.ignored, len(self.processes), self.unreadable_ours
+            rows,
+            files,
+            self.lines,
+            self.events,
+            self.ignored,
+            len(self.processes),
+            self.unreadable_ours,
+            self.malformed,
+            self.first_malformed,
         )
 
 
@@ -360,5 +385,8 @@ def read_logs(paths: Iterable[str | os.PathLike[str]]) -> LogReport:
     files = [os.fspath(p) for p in paths]
     merger = _Merger()
     for path in files:
-        merger.add_file(path)
+        try:
+            merger.add_file(path)
+        except LineReadError as exc:
+            raise LogInputError(str(exc)) from exc
     return merger.report(files)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import gc
 import gzip
-import io
 import json
 import os
 import re
@@ -148,12 +147,20 @@ def test_the_latest_summary_of_a_process_wins_over_earlier_ones(
     assert row["first_seen"] == "2026-01-01T00:00:00Z"
 
 
-def test_report_reads_standard_input(
-    logs: list[Path], capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(sys, "stdin", io.StringIO(logs[0].read_text()))
-    data = report_json([Path("-")], capsys)
-    assert [(r["kernel"], r["count"]) for r in data["fallbacks"]] == [("toy_add", 5), ("toy_attn", 1)]
+@pytest.mark.parametrize("compress", [False, True], ids=["plain", "gzip"])
+def test_report_reads_standard_input(logs: list[Path], compress: bool) -> None:
+    data = logs[0].read_bytes()
+    done = subprocess.run(
+        [sys.executable, "-m", "kernel_fallback", "report", "--format", "json", "-"],
+        input=gzip.compress(data) if compress else data,
+        env=clean_env(),
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(done.stdout)["fallbacks"]
+    assert [(r["kernel"], r["count"]) for r in rows] == [("toy_add", 5), ("toy_attn", 1)]
 
 
 def test_report_of_logs_without_fallbacks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -219,10 +226,12 @@ def test_check_json_and_stale_allow_patterns(logs: list[Path], capsys: pytest.Ca
     assert data["unused_allow"] == ["gone:out"]
 
 
-def test_check_passes_logs_without_fallbacks(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_check_passes_logs_without_fallbacks_only_when_told(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     path = tmp_path / "empty.jsonl"
     path.write_text("")
-    code, out, _ = run(["check", str(path)], capsys)
+    code, out, _ = run(["check", "--allow-empty", str(path)], capsys)
     assert (code, out.strip()) == (0, "kernel-fallback check: ok: no fallbacks (0 event(s) in 1 file(s)).")
 
 
@@ -561,3 +570,107 @@ def test_report_adds_up_counts_across_reset_stats(tmp_path: Path, capsys: pytest
     subprocess.run([sys.executable, "-c", script, str(log)], env=clean_env(), check=True, timeout=120)
     (row,) = report_json([log], capsys)["fallbacks"]
     assert (row["count"], row["exact"], row["processes"]) == (105, True, 1)
+
+
+# --- text output cannot be forged by a log line -----------------------------------------
+
+
+HOSTILE_KERNEL = "k\x1b[2J\x1b]0;owned\x07\rfake_kernel  kwarg  out  warn  0\nforged\u202eevil\x85"
+
+
+@pytest.mark.parametrize("command", ["report", "check"])
+def test_control_characters_in_log_fields_are_escaped(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], command: str
+) -> None:
+    path = tmp_path / "hostile.jsonl"
+    path.write_text(our_event(kernel=HOSTILE_KERNEL, where="w.py:1\x1b[31m", kwarg="o\nut") + "\n")
+    code, out, err = run([command, str(path)], capsys)
+    assert code == (0 if command == "report" else 1), err
+    assert out.isascii()
+    assert all(line.isprintable() for line in out.splitlines())
+    # One header and one row: a LF or CR in a field cannot add or rewrite rows.
+    table = [line for line in out.splitlines() if line.startswith(("KERNEL", "k\\x1b"))]
+    assert len(table) == 2
+    assert table[1].startswith(
+        "k\\x1b[2J\\x1b]0;owned\\x07\\rfake_kernel  kwarg  out  warn  0\\nforged\\u202eevil\\x85  kwarg  o\\nut"
+    )
+    assert table[1].endswith("w.py:1\\x1b[31m")
+    if command == "check":
+        assert "--allow k\\x1b[2J" in out.splitlines()[-1]
+
+
+# --- start-up: reading logs imports neither torch nor structlog ---------------------------
+
+
+@pytest.mark.parametrize("command", ["report", "check"])
+def test_reading_logs_imports_neither_torch_nor_structlog(logs: list[Path], command: str) -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-X",
+            "importtime",
+            "-m",
+            "kernel_fallback",
+            command,
+            str(logs[0]),
+            "--format",
+            "json",
+        ],
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == (0 if command == "report" else 1), done.stderr
+    imported = {line.split("|")[-1].strip() for line in done.stderr.splitlines() if "import time:" in line}
+    assert "kernel_fallback._logread" in imported  # the measurement saw our imports
+    heavy = sorted(m for m in imported if m.split(".")[0] in ("torch", "structlog"))
+    assert heavy == []
+
+
+def test_the_package_imports_its_parts_at_first_use() -> None:
+    script = textwrap.dedent(
+        """
+        import sys
+        import kernel_fallback
+        assert "torch" not in sys.modules and "structlog" not in sys.modules, "eager import"
+        assert sorted(kernel_fallback.__all__) == kernel_fallback.__all__
+        assert set(kernel_fallback.__all__) <= set(dir(kernel_fallback))
+        from kernel_fallback import PolicyConfigError  # exceptions need no torch
+        assert "torch" not in sys.modules
+        values = {name: getattr(kernel_fallback, name) for name in kernel_fallback.__all__}
+        assert "torch" in sys.modules
+        assert kernel_fallback.tolerant_kwargs is values["tolerant_kwargs"]
+        from kernel_fallback import kernels, reload_config
+        assert kernels is values["kernels"] and reload_config is values["reload_config"]
+        try:
+            kernel_fallback.tolerant_kwarg
+        except AttributeError as exc:
+            assert str(exc) == "module 'kernel_fallback' has no attribute 'tolerant_kwarg'", exc
+        else:
+            raise AssertionError("no AttributeError")
+        print("ok")
+        """
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert (done.returncode, done.stdout.strip()) == (0, "ok"), done.stderr
+
+
+def test_the_console_script_runs_fast_without_torch(logs: list[Path]) -> None:
+    """The installed ``kernel-fallback`` entry point (not only ``python -m``)."""
+    script = Path(sys.executable).with_name("kernel-fallback")
+    if not script.exists():
+        pytest.skip("kernel-fallback is not installed next to this interpreter")
+    done = subprocess.run(
+        [str(script), "report", *map(str, logs)], env=clean_env(), capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("KERNEL ")

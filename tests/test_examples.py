@@ -45,3 +45,10 @@ def test_bench_overhead_prints_ratios() -> None:
     assert re.search(r"fast path \(accepts out\)\s+\d+\s+\d+\.\d\dx", out)
     assert "retry helper (PR #23717)" in out
     assert "fallbacks counted: " in out
+
+
+def test_bench_cli_prints_time_and_peak_memory() -> None:
+    out = run("examples/bench_cli.py", "--mb", "0.3")
+    rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[1:]}
+    assert sorted(rows) == ["(python)", "app-lines", "events", "gzip", "small"]
+    assert all(float(row[-1]) > 0 for row in rows.values())  # peak RSS in MB

@@ -1,0 +1,142 @@
+"""``kernel-fallback config``: every variable a declared kernel or chain reads is checked,
+and the config process writes no events, in real processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+WORKLOAD = Path(__file__).with_name("fallback_workload.py")
+FLASH_ATTN = "kernel_fallback.integrations.flash_attn"
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("KERNEL_FALLBACK_", "SGLANG_", "RANK", "LOCAL_RANK"))
+    }
+    env.update(extra)
+    return env
+
+
+def config(*args: str, cwd: Path | str = ".", **env: str) -> subprocess.CompletedProcess[str]:
+    """``python -m kernel_fallback config ARGS`` in its own process, with ``env`` set."""
+    return subprocess.run(
+        [sys.executable, "-m", "kernel_fallback", "config", *args],
+        env=clean_env(**env),
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("fmt", ["text", "json"])
+def test_an_invalid_variable_a_chain_reads_fails_config(fmt: str) -> None:
+    done = config("--import", FLASH_ATTN, "--format", fmt, SGLANG_USE_SGL_FA3_KERNEL="maybe")
+    assert done.returncode == 1, done.stderr
+    assert "Traceback" not in done.stderr
+    assert done.stderr.splitlines()[0] == (
+        "kernel-fallback: invalid variable SGLANG_USE_SGL_FA3_KERNEL: SGLANG_USE_SGL_FA3_KERNEL='maybe' "
+        "is not a boolean; use one of true, false, 1, 0, yes, no, on, off (any case)."
+    )
+    if fmt == "json":
+        data = json.loads(done.stdout)
+        assert data["ok"] is False
+        (row,) = [v for v in data["variables"] if v["name"] == "SGLANG_USE_SGL_FA3_KERNEL"]
+        assert (row["value"], row["status"]) == ("maybe", "invalid")
+    else:
+        assert "SGLANG_USE_SGL_FA3_KERNEL  = 'maybe'  [invalid]" in done.stdout
+
+
+def test_a_valid_chain_variable_passes() -> None:
+    done = config("--import", FLASH_ATTN, "--format", "json", SGLANG_USE_SGL_FA3_KERNEL="false")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["ok"] is True
+
+
+@pytest.fixture
+def project(tmp_path: Path) -> Path:
+    """A project directory with a module declaring kernel ``cli_attn``."""
+    (tmp_path / "my_kernels.py").write_text(
+        textwrap.dedent(
+            """
+            from kernel_fallback import tolerant_kwargs
+
+            @tolerant_kwargs(drop={"out": None, "num_splits": 1}, name="cli_attn")
+            def cli_attn(q):
+                return q
+            """
+        )
+    )
+    (tmp_path / "broken_kernels.py").write_text("raise RuntimeError('no GPU\\x1b[31m here')\n")
+    return tmp_path
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "KERNEL_FALLBACK_ON_DROP__cli_attn",
+        "KERNEL_FALLBACK_ON_DROP__CLI_ATN",
+        "KERNEL_FALLBACK_ON_DROP___CLI_ATTN",
+    ],
+    ids=["lower-case", "misspelt", "extra-underscore"],
+)
+def test_a_per_kernel_variable_close_to_a_declared_kernel_fails_config(project: Path, name: str) -> None:
+    done = config("--import", "my_kernels", cwd=project, **{name: "raise"})
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert f"kernel-fallback: invalid variable {name}: " in done.stderr
+    assert "Did you mean 'KERNEL_FALLBACK_ON_DROP__CLI_ATTN'?" in done.stderr
+
+
+def test_a_module_that_fails_to_import_is_one_line_exit_2(project: Path) -> None:
+    done = config("--import", "broken_kernels", cwd=project)
+    assert done.returncode == 2
+    assert done.stderr == (
+        "kernel-fallback: error: --import broken_kernels: importing it raised RuntimeError: no GPU\\x1b[31m here\n"
+    )
+
+
+def test_config_writes_no_events_into_the_log_file_check_reads(tmp_path: Path) -> None:
+    """`config --import` then the workload, both with the launcher's log variables:
+    `check logs/*` judges the workload alone."""
+    logs = tmp_path / "logs"
+    env = {"KERNEL_FALLBACK_LOG_FORMAT": "json", "KERNEL_FALLBACK_LOG_FILE": str(logs / "kf-{pid}.jsonl")}
+    # Loading the flash_attn chain on this machine falls back (no sgl_kernel): events.
+    shown = config("--import", FLASH_ATTN, **env)
+    assert shown.returncode == 0, shown.stderr
+    assert "active torch" in shown.stdout
+    assert not logs.exists() or list(logs.iterdir()) == []
+    subprocess.run(
+        [sys.executable, str(WORKLOAD), "--add", "3"], env=clean_env(**env), check=True, timeout=120
+    )
+    (log,) = logs.iterdir()
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "kernel_fallback",
+            "check",
+            "--format",
+            "json",
+            str(log),
+            "--allow",
+            "toy_add:out",
+        ],
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    data = json.loads(done.stdout)
+    assert (data["processes"], [r["kernel"] for r in data["allowed"]]) == (1, ["toy_add"])
