@@ -201,7 +201,12 @@ def _key_of(event: dict[str, Any], where: str) -> tuple[Key, str, bool] | None:
     if kind is not None and not isinstance(kind, str):
         raise LogInputError(f"{where}: {name} event: 'kind' must be a string, got {_REPR.repr(kind)}.")
     stated = kind is not None
-    subject = next((event[f] for f in _SUBJECT_FIELDS if isinstance(event.get(f), str)), None)
+    subject = None
+    for candidate in _SUBJECT_FIELDS:
+        if isinstance(subject := event.get(candidate), str):
+            break
+    else:
+        subject = None
     if kind is None:
         if isinstance(event.get("kwarg"), str):
             kind = "kwarg"
@@ -224,7 +229,8 @@ def _count_field(event: dict[str, Any], name: str, where: str, *, required: bool
     value = event.get(name)
     if value is None and not required:
         return 0
-    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+    # type() rather than isinstance(): a bool is an int, and is no count.
+    if type(value) is not int or value < 0:
         raise LogInputError(
             f"{where}: {event['event'][:80]} event: {name!r} must be a non-negative integer, "
             f"got {_REPR.repr(value)}."
@@ -235,7 +241,7 @@ def _count_field(event: dict[str, Any], name: str, where: str, *, required: bool
 def _scalar_field(event: dict[str, Any], name: str, where: str) -> int | str | None:
     """An identifying field (``pid``, ``host``, a rank): a string, an integer or absent."""
     value = event.get(name)
-    if value is None or (isinstance(value, (int, str)) and not isinstance(value, bool)):
+    if value is None or type(value) in (int, str):  # not bool, nor a subclass
         return value
     raise LogInputError(
         f"{where}: {event['event'][:80]} event: {name!r} must be a string or an integer, "
@@ -312,9 +318,10 @@ class _Merger:
         if state is None:  # not built on every line: most lines update a known state
             state = states[state_key] = _PerProcess()
         info = self.info.setdefault(key, {})
-        for name in ("reason", "source"):
-            if isinstance(event.get(name), str):
-                info.setdefault(name, event[name])
+        if len(info) < 2:  # the first reason and source of a key are kept
+            for name in ("reason", "source"):
+                if isinstance(event.get(name), str):
+                    info.setdefault(name, event[name])
         rank = _scalar_field(event, "rank", where)
         if rank is None:
             rank = _scalar_field(event, "local_rank", where)
