@@ -526,7 +526,7 @@ def test_check_refuses_console_logs_that_show_fallbacks(
         (
             "torhc",
             1,
-            "'torhc' is not a provider of this chain; use one of hub, sgl_kernel, flash_attn, torch, auto. Did you mean 'torch'?",
+            "'torhc' is not a provider of this chain; use one of hub, sgl_kernel, flash_attn, torch, fa4, auto. Did you mean 'torch'?",
         ),
     ],
     ids=["valid", "typo"],
