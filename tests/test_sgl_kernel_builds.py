@@ -159,7 +159,23 @@ def test_sglangs_28_positional_kvcache_call_reaches_the_build(install: Any, buil
     table = torch.tensor([[1, 2], [0, 0]], dtype=torch.int32)
     seqlens = torch.tensor([6, 3], dtype=torch.int32)
     cu1 = torch.tensor([0, 1, 2], dtype=torch.int32)
-    positional = [q, k_cache, v_cache, None, None, None, None, None, seqlens, None, None, table, cu1, cu1, 1]
+    positional: list[Any] = [
+        q,
+        k_cache,
+        v_cache,
+        None,
+        None,
+        None,
+        None,
+        None,
+        seqlens,
+        None,
+        None,
+        table,
+        cu1,
+        cu1,
+        1,
+    ]
     positional += [None, None, None, None, None, True, (-1, -1), None, 0.0, True, None, 0, None]
     buffer = torch.full_like(q, float("nan"))
     with capture_fallbacks() as events:
