@@ -40,6 +40,7 @@ class CallShape:
         "neutral",
         "positional",
         "route_keys",
+        "routed",
         "selectors",
     )
 
@@ -66,6 +67,7 @@ class CallShape:
         self.bind_from = sys.maxsize if var_positional else plain
         self.neutral = neutral
         self.route_keys = route_keys
+        self.routed = frozenset(route_keys)
         self.hints = hints
         self.also_neutral = dict(also_neutral)
         self.meaningful_with = dict(meaningful_with)
@@ -107,18 +109,30 @@ class CallShape:
 
     def needed(self, args: tuple[Any, ...], kwargs: Mapping[str, Any]) -> tuple[str, ...]:
         """The route keywords this call passes with a value that changes the result."""
-        return tuple(
-            k for k in self.route_keys if k in kwargs and not self.is_neutral(k, kwargs[k], args, kwargs)
-        )
+        neutral = self.neutral
+        found: list[str] = []
+        for k in self.route_keys:
+            if k in kwargs:
+                value = kwargs[k]
+                # `is` first: sglang passes most of them as their (None) default.
+                if value is not neutral[k] and not self.is_neutral(k, value, args, kwargs):
+                    found.append(k)
+        return tuple(found)
 
-    def strip(self, got: Loaded, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
-        """Remove what ``got`` lacks and may go without: hints, and keywords neutral in this call."""
+    def strip(self, got: Loaded, needed: tuple[str, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        """Remove what ``got`` lacks and may go without: hints, and keywords neutral in this call.
+
+        ``needed`` is :meth:`needed` of this call: a route keyword not in it is neutral.
+        """
         lacking = got.lacking
         hints = got.hints_lacking
+        routed = self.routed
+        neutral = self.neutral
         drop = [
             k
             for k, value in kwargs.items()
-            if k in hints or (k in lacking and self.is_neutral(k, value, args, kwargs))
+            if k in hints
+            or (k in lacking and (k not in needed if k in routed else _is_neutral(value, neutral[k])))
         ]
         for k in drop:
             del kwargs[k]

@@ -87,7 +87,6 @@ class ChainFunction(Protocol[P, R_co]):
 def _chained(state: KernelChain, fn: Callable[P, R]) -> ChainFunction[P, R]:
     """The function callers call: the fast path, then the state's slow paths."""
     token = state._token
-    bind_from = state._shape.bind_from
     keywords = state._shape.keywords
     dispatch = state._dispatch
 
@@ -97,7 +96,7 @@ def _chained(state: KernelChain, fn: Callable[P, R]) -> ChainFunction[P, R]:
             activate(token, state._generation)
             # A second name: torch.compile has already read `_fast` (None) in this trace.
             fast = state._state
-        impl, check, active = fast
+        impl, check, active, bind_from = fast
         if len(args) > bind_from:
             args, kwargs = keywords(args, kwargs)
         if kwargs and not check.isdisjoint(kwargs):

@@ -49,7 +49,7 @@ def _not_active(*args: object, **kwargs: object) -> None:
     raise AssertionError("kernel_fallback: a chain was called before choosing its provider")
 
 
-_NOT_ACTIVE: Final = (_not_active, frozenset[str](), "")
+_NOT_ACTIVE: Final = (_not_active, frozenset[str](), "", 0)
 
 
 @final
@@ -111,8 +111,10 @@ class KernelChain:
         self._routes: dict[tuple[str, tuple[str, ...]], tuple[str, str]] = {}
         self._selection: Selection | None = None
         self._active: tuple[str, tuple[str, ...], dict[str, str]] | None = None
-        self._fast: tuple[Callable[..., Any], frozenset[str], str] | None = None
-        self._state: tuple[Callable[..., Any], frozenset[str], str] = _NOT_ACTIVE
+        # (callable, keywords that need the slow path, provider name, positional
+        # arguments from which on are turned into keywords first)
+        self._fast: tuple[Callable[..., Any], frozenset[str], str, int] | None = None
+        self._state: tuple[Callable[..., Any], frozenset[str], str, int] = _NOT_ACTIVE
         self._use: str | None = None
         self._event_fields: dict[tuple[str, str, str, str], object] = {}
         self._generation = ""
@@ -127,6 +129,8 @@ class KernelChain:
     ) -> Any:
         """The slow path: the call passes a keyword the active provider lacks, a hint or a selector."""
         shape = self._shape
+        if len(args) > shape.bind_from:  # the fast path may have kept them for the active provider
+            args, kwargs = shape.keywords(args, kwargs)
         for key in shape.selectors:
             if key in kwargs:
                 chosen = shape.selected(key, kwargs.pop(key))
@@ -137,7 +141,7 @@ class KernelChain:
         if not target:
             got = self._loads.get(active)
             if isinstance(got, Loaded):
-                shape.strip(got, args, kwargs)
+                shape.strip(got, needed, kwargs)
             return impl(*args, **kwargs)
         if torch.compiler.is_dynamo_compiling():
             _events.note_traced("dispatch", self.name, target, policy)
@@ -148,7 +152,7 @@ class KernelChain:
         got = self._loads.get(target)
         if not isinstance(got, Loaded):  # reset() while this call was in flight: open it again
             got = self._open(target)
-        return got.impl(*args, **shape.strip(got, args, kwargs))
+        return got.impl(*args, **shape.strip(got, needed, kwargs))
 
     def _call_selected(self, key: str, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
         """A call whose selector keyword asks for provider ``name``: served there or refused."""
@@ -165,7 +169,8 @@ class KernelChain:
                 kernel=self.name,
                 reasons={name: got.reason},
             ) from got.error
-        for k in shape.needed(args, kwargs):
+        needed = shape.needed(args, kwargs)
+        for k in needed:
             if k in got.route_lacking:
                 raise UnsupportedKwargError(
                     f"{self.name}({key}={value!r}): provider {name!r} does not take {k!r} "
@@ -173,7 +178,7 @@ class KernelChain:
                     kernel=self.name,
                     kwarg=k,
                 )
-        return got.impl(*args, **shape.strip(got, args, kwargs))
+        return got.impl(*args, **shape.strip(got, needed, kwargs))
 
     def _open(self, name: str) -> Loaded:
         """A provider a route chose, loading it again if a reset forgot it."""
@@ -352,7 +357,7 @@ class KernelChain:
             self._loads[name] = got
         return got
 
-    def _activate(self) -> tuple[Callable[..., Any], frozenset[str], str]:
+    def _activate(self) -> tuple[Callable[..., Any], frozenset[str], str, int]:
         """Choose and open the active provider, unless done; raise when none can serve."""
         with self._lock:
             if self._fast is not None:
@@ -379,8 +384,26 @@ class KernelChain:
             # What sends a call to the slow path: a route keyword it lacks, a hint it
             # lacks (removed there), a selector (never passed to a provider).
             check = chosen.route_lacking | chosen.hints_lacking | frozenset(self._shape.selectors)
-            self._fast = self._state = (chosen.impl, check, chosen.name)
+            self._fast = self._state = (chosen.impl, check, chosen.name, self._bind_from(chosen))
             return self._fast
+
+    def _bind_from(self, chosen: Loaded) -> int:
+        """Where the fast path starts turning positional arguments into keywords for ``chosen``.
+
+        A provider whose positional parameters begin with all of the chain's, and that
+        lacks none of them, takes a positional call as it is (sgl_kernel's
+        ``flash_attn_with_kvcache`` takes sglang's 28 arguments directly); any other
+        gets them as keywords.
+        """
+        shape = self._shape
+        names = shape.names
+        if shape.bind_from >= len(names):  # nothing to bind (or *args)
+            return shape.bind_from
+        if chosen.positional is None or chosen.positional[: len(names)] != names:
+            return shape.bind_from
+        if set(names[shape.bind_from :]) & (chosen.lacking | chosen.hints_lacking):
+            return shape.bind_from
+        return len(names)
 
     def _unavailable(self, sel: Selection, skipped: dict[str, str]) -> ProviderUnavailableError:
         if sel.explicit is not None and len(sel.order) == 1:

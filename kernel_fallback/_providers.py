@@ -44,6 +44,7 @@ __all__ = [
     "lookup_provider",
     "neutral_spec",
     "open_provider",
+    "positional_names",
 ]
 
 _TARGET = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
@@ -248,6 +249,8 @@ class Loaded:
     tolerant: TolerantKernel | None = field(default=None, compare=False)
     #: The chain's hints it lacks: removed from calls, silently (they never change results).
     hints_lacking: frozenset[str] = frozenset()
+    #: The kernel's own positional parameters (None: no Python signature).
+    positional: tuple[str, ...] | None = None
 
 
 @final
@@ -258,6 +261,16 @@ class Unavailable:
     name: str
     reason: str
     error: BaseException | None = field(default=None, compare=False)
+
+
+def positional_names(kernel: Callable[..., Any]) -> tuple[str, ...] | None:
+    """``kernel``'s parameters that can be given by position, in order; None without a signature."""
+    try:
+        sig = inspect.signature(kernel)
+    except (TypeError, ValueError):
+        return None  # builtins and ops: no Python signature to compare
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return tuple(p.name for p in sig.parameters.values() if p.kind in kinds)
 
 
 def _positional_mismatch(kernel: Callable[..., Any], positional: tuple[str, ...]) -> str | None:
@@ -344,7 +357,15 @@ def open_provider(
     hints_lacking = frozenset(h for h in hints if not support.accepts(h))
     source = support.source + (" + declared unsupported" if unsupported else "")
     if not lacking:
-        return Loaded(spec.name, kernel, source, lacking, frozenset(), hints_lacking=hints_lacking)
+        return Loaded(
+            spec.name,
+            kernel,
+            source,
+            lacking,
+            frozenset(),
+            hints_lacking=hints_lacking,
+            positional=positional_names(kernel),
+        )
     target = kernel
     if any(support.accepts(k) for k in unsupported & neutral.keys()):
         target = _declared(kernel, [k for k in neutral if k not in lacking], neutral)
@@ -355,4 +376,13 @@ def open_provider(
         merged.update(spec.on_drop)
     impl = tolerant_kwargs(dict(neutral), merged or None, name=f"{chain}.{spec.name}")(target)
     tolerant: TolerantKernel = impl.tolerant
-    return Loaded(spec.name, impl, source, lacking, lacking & route_keys, tolerant, hints_lacking)
+    return Loaded(
+        spec.name,
+        impl,
+        source,
+        lacking,
+        lacking & route_keys,
+        tolerant,
+        hints_lacking,
+        positional_names(kernel),
+    )

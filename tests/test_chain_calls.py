@@ -218,3 +218,36 @@ def test_unsupported_may_be_read_when_the_kernel_loads() -> None:
     bad.provider("full", loader=lambda: full, unsupported=lambda kernel: ["sinkz"])
     with pytest.raises(PolicyConfigError, match="Did you mean 'sinks'"):
         bad(x, y)
+
+
+def positional_full(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    y2: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    chunk: int | None = None,
+    splits: int = 1,
+    *,
+    scale: float = 1.0,
+) -> torch.Tensor:
+    """The chain's own positional order: takes a positional call as it is."""
+    SEEN.append({"provider": "positional_full", "splits": splits})
+    return full(x, y, y2, scale=scale, sinks=sinks, bias=bias, chunk=chunk, splits=splits)
+
+
+def test_a_provider_with_the_chains_positional_order_takes_positional_calls_as_they_are() -> None:
+    chain = toy_chain()
+    chain.provider("positional_full", loader=lambda: positional_full)
+    chain.provider("full", loader=lambda: full)
+    sinks = torch.full((4,), 3.0)
+    assert torch.equal(chain(x, y, None, sinks, None, 0, 4), x + y + sinks)
+    assert chain.chain._fast[3] == 7  # no binding: all 7 positional parameters pass through
+    assert SEEN[0] == {"provider": "positional_full", "splits": 4}
+    # A selector sends the call to `full`: the positional arguments are bound first.
+    SEEN.clear()
+    assert torch.equal(chain(x, y, None, sinks, None, 0, 5, ver=2), x + y + sinks)
+    assert SEEN == [{"provider": "full", "splits": 5, "chunk": 0}]
+    other = declared()
+    other(x, y)
+    assert other.chain._fast[3] == 3  # `fast` lacks them: positional arguments become keywords
