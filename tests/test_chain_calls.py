@@ -7,6 +7,7 @@ of FA3-like signatures, where every keyword may also come by position.)
 from __future__ import annotations
 
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -84,6 +85,14 @@ def toy_chain(**options: Any) -> Any:
 @pytest.fixture(autouse=True)
 def clear_seen() -> None:
     SEEN.clear()
+
+
+@pytest.fixture
+def fresh_dynamo() -> Iterator[None]:
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    yield
+    torch._dynamo.reset()
 
 
 def declared() -> Any:
@@ -251,3 +260,41 @@ def test_a_provider_with_the_chains_positional_order_takes_positional_calls_as_t
     other = declared()
     other(x, y)
     assert other.chain._fast[3] == 3  # `fast` lacks them: positional arguments become keywords
+
+
+def pure_fast(
+    x: torch.Tensor, y: torch.Tensor, y2: torch.Tensor | None = None, *, scale: float = 1.0
+) -> torch.Tensor:
+    return (x + y) * scale
+
+
+def pure_full(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    y2: torch.Tensor | None = None,
+    *,
+    scale: float = 1.0,
+    sinks: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    chunk: int | None = None,
+    splits: int = 1,
+) -> torch.Tensor:
+    return (x + y) * scale + (0 if sinks is None else sinks)
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_positional_routes_hints_and_selectors_compile_once_without_graph_breaks() -> None:
+    chain = toy_chain()
+    chain.provider("fast", loader=lambda: pure_fast)
+    chain.provider("full", loader=lambda: pure_full)
+    sinks = torch.full((4,), 2.0)
+    step = torch.compile(
+        lambda a, b, s: chain(a, b, None, s, None, 0, 8, ver=1) + chain(a, b, splits=3, chunk=None),
+        fullgraph=True,
+        backend="eager",
+    )
+    with capture_fallbacks() as events:
+        for _ in range(3):
+            assert torch.equal(step(x, y, sinks), (x + y + sinks) + (x + y))
+    assert [(e.kind, e.subject, e.compiled) for e in events] == [("dispatch", "full", True)]
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 1
