@@ -21,12 +21,16 @@ provider of the order and records one ``provider`` event; an explicit one raises
 :class:`ProviderUnavailableError` unless ``explicit_may_fall_back=True``;
 ``KERNEL_FALLBACK_STRICT`` makes any fallback raise.
 
-Per call, keywords are of two sorts. ``route`` keywords change the result: when the
-active provider lacks one that a call passes with a non-neutral value, the call goes to
-the first provider of the order that takes every such keyword (one ``dispatch`` event
-per route), else the keyword's ``on_drop`` policy applies (default ``raise``). ``drop``
-keywords are handled in place by the active provider's policy (``copy`` for ``out``,
-``warn`` for tuning hints). The fast path is one set test and the provider call.
+Per call, positional arguments past the leading plain parameters are first turned into
+their keywords (unless the active provider has the chain's own positional order), so a
+keyword is handled the same whether named or not. ``route`` keywords change the result:
+when the active provider lacks one that a call passes with a non-neutral value, the call
+goes to the first provider of the order that takes every such keyword (one ``dispatch``
+event per route), else the keyword's ``on_drop`` policy applies (default ``raise``).
+``drop`` keywords are handled in place by the active provider's policy (``copy`` for
+``out``). ``hints`` never change the result and are removed silently where lacking;
+``selectors`` are consumed by the chain and may name a provider. The fast path is one
+set test and the provider call.
 """
 
 from __future__ import annotations
