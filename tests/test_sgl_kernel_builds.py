@@ -245,3 +245,29 @@ def test_the_modules_chains_stay_gated_here(install: Any) -> None:
         assert calls("flash_attn_varlen_func") == []
     finally:
         fa.flash_attn_varlen_func.reset()
+
+
+def test_both_distributions_present_trusts_neither(
+    install: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The two published builds ignore the same keywords in this entry point; a third row
+    # that differs makes "which row was used" observable.
+    other = builds.Build(
+        "sgl-kernel",
+        "0.3.0",
+        torch="2.8.0",
+        ignores={"flash_attn_with_kvcache": frozenset({"page_table"})},
+        lacks=frozenset(),
+    )
+    monkeypatch.setattr(builds, "BUILDS", (*builds.BUILDS, other))
+    install("sglang-kernel-0.4.10")
+    assert builds.ignored_by_installed("flash_attn_with_kvcache")(None) == {"score_mod", "aux_tensors"}
+    old = tmp_path / "sgl_kernel-0.3.21.dist-info"
+    old.mkdir()
+    (old / "METADATA").write_text("Metadata-Version: 2.1\nName: sgl-kernel\nVersion: 0.3.21\n")
+    assert builds.installed() == ("sglang-kernel", "0.4.10")
+    assert builds.ignored_by_installed("flash_attn_with_kvcache")(None) == {
+        "score_mod",
+        "aux_tensors",
+        "page_table",
+    }

@@ -19,7 +19,8 @@ Read from the published wheels' ``sgl_kernel/flash_attn.py``:
 A version not listed is looked up as the newest listed build of the same distribution
 at or below it (``sglang-kernel`` 0.4.11 as 0.4.10), else as the union of what every
 listed build ignores: a build nobody has read is not trusted with a keyword any
-published one drops.
+published one drops. The same union applies without metadata, or when both
+distributions' metadata is present (which one installed the module is then unknown).
 """
 
 from __future__ import annotations
@@ -83,13 +84,23 @@ def _key(version: str) -> tuple[int, ...]:
 
 
 def installed() -> tuple[str, str] | None:
-    """(distribution, version) of the installed ``sgl_kernel``, None when no metadata names it."""
+    """(distribution, version) of the installed ``sgl_kernel``, None when no metadata names it.
+
+    With both distributions' metadata present (an upgrade that left the old one
+    behind), the newer name wins here; :func:`ignored_by_installed` trusts neither.
+    """
+    found = _all_installed()
+    return found[0] if found else None
+
+
+def _all_installed() -> list[tuple[str, str]]:
+    found = []
     for name in DISTRIBUTIONS:
         try:
-            return name, importlib.metadata.version(name)
+            found.append((name, importlib.metadata.version(name)))
         except importlib.metadata.PackageNotFoundError:
             continue
-    return None
+    return found
 
 
 def build_for(distribution: str, version: str) -> Build | None:
@@ -108,10 +119,12 @@ def ignored_by_installed(entry_point: str) -> Callable[[Any], frozenset[str]]:
 
     def ignored(kernel: Any) -> frozenset[str]:
         del kernel
-        found = installed()
-        build = build_for(*found) if found is not None else None
-        if build is not None:
-            return build.ignores.get(entry_point, frozenset())
+        found = [build_for(*dist) for dist in _all_installed()]
+        # One known build: its row. None, an unlisted one, or two distributions that both
+        # claim the module: every listed build's, so no keyword any of them drops is sent.
+        known = found[0] if len(found) == 1 else None
+        if known is not None:
+            return known.ignores.get(entry_point, frozenset())
         return frozenset().union(*(b.ignores.get(entry_point, frozenset()) for b in BUILDS))
 
     ignored.__qualname__ = f"ignored_by_installed[{entry_point}]"
