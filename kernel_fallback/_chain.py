@@ -21,27 +21,31 @@ provider of the order and records one ``provider`` event; an explicit one raises
 :class:`ProviderUnavailableError` unless ``explicit_may_fall_back=True``;
 ``KERNEL_FALLBACK_STRICT`` makes any fallback raise.
 
-Per call, keywords are of two sorts. ``route`` keywords change the result: when the
-active provider lacks one that a call passes with a non-neutral value, the call goes to
-the first provider of the order that takes every such keyword (one ``dispatch`` event
-per route), else the keyword's ``on_drop`` policy applies (default ``raise``). ``drop``
-keywords are handled in place by the active provider's policy (``copy`` for ``out``,
-``warn`` for tuning hints). The fast path is one set test and the provider call.
+Per call, positional arguments past the leading plain parameters are first turned into
+their keywords (unless the active provider has the chain's own positional order), so a
+keyword is handled the same whether named or not. ``route`` keywords change the result:
+when the active provider lacks one that a call passes with a non-neutral value, the call
+goes to the first provider of the order that takes every such keyword (one ``dispatch``
+event per route), else the keyword's ``on_drop`` policy applies (default ``raise``).
+``drop`` keywords are handled in place by the active provider's policy (``copy`` for
+``out``). ``hints`` never change the result and are removed silently where lacking;
+``selectors`` are consumed by the chain and may name a provider. The fast path is one
+set test and the provider call.
 """
 
 from __future__ import annotations
 
 import functools
 import inspect
-import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any, ParamSpec, Protocol, TypeVar
 
 from kernel_fallback import _config
+from kernel_fallback._call_shape import call_shape
 from kernel_fallback._chain_state import KernelChain, activate, chains
 from kernel_fallback._describe import render_table
 from kernel_fallback._gates import BoolFlag, Gate
-from kernel_fallback._providers import check_provider_name, neutral_spec
+from kernel_fallback._providers import check_provider_name
 from kernel_fallback.exceptions import PolicyConfigError
 
 __all__ = ["ChainFunction", "KernelChain", "chains", "describe", "describe_table", "kernel_chain"]
@@ -72,7 +76,7 @@ class ChainFunction(Protocol[P, R_co]):
         loader: Callable[[], Callable[..., Any]] | None = None,
         gate: Gate | Sequence[Gate] = (),
         on_drop: str | Mapping[str, str] | None = None,
-        unsupported: Iterable[str] = (),
+        unsupported: Iterable[str] | Callable[[Any], Iterable[str]] = (),
     ) -> None: ...
 
     def use(self, name: str | None) -> None: ...
@@ -87,7 +91,7 @@ class ChainFunction(Protocol[P, R_co]):
 def _chained(state: KernelChain, fn: Callable[P, R]) -> ChainFunction[P, R]:
     """The function callers call: the fast path, then the state's slow paths."""
     token = state._token
-    max_positional = state._max_positional
+    keywords = state._shape.keywords
     dispatch = state._dispatch
 
     def chained(*args: Any, **kwargs: Any) -> Any:
@@ -96,11 +100,11 @@ def _chained(state: KernelChain, fn: Callable[P, R]) -> ChainFunction[P, R]:
             activate(token, state._generation)
             # A second name: torch.compile has already read `_fast` (None) in this trace.
             fast = state._state
-        impl, check, active = fast
+        impl, check, active, bind_from = fast
+        if len(args) > bind_from:
+            args, kwargs = keywords(args, kwargs)
         if kwargs and not check.isdisjoint(kwargs):
             return dispatch(impl, active, args, kwargs)
-        if len(args) > max_positional:
-            raise state._too_many_positional(len(args))
         return impl(*args, **kwargs)
 
     functools.update_wrapper(chained, fn)
@@ -119,6 +123,10 @@ def kernel_chain(
     route: Iterable[str] | Mapping[str, object] = (),
     drop: Iterable[str] | Mapping[str, object] = (),
     on_drop: str | Mapping[str, str] | None = None,
+    hints: Iterable[str] = (),
+    also_neutral: Mapping[str, Iterable[object]] | None = None,
+    meaningful_with: Mapping[str, Iterable[str]] | None = None,
+    selectors: Mapping[str, Mapping[object, str | None]] | None = None,
     flags: Sequence[BoolFlag] = (),
     provider: str | None = None,
     explicit_may_fall_back: bool = False,
@@ -129,8 +137,22 @@ def kernel_chain(
       (default: the function's ``__name__``).
     - ``route``: keywords that change the result, routed to a provider that takes them
       when the active one lacks them; ``drop``: keywords a provider may ignore by policy
-      (``out``, tuning hints). Lists take the neutral value from the logical signature's
-      default; mappings give it. Both must be keyword-only in the logical signature.
+      (``out``). Lists take the neutral value from the logical signature's default;
+      mappings give it.
+    - ``hints``: keywords that never change the result (``num_splits``, ``pack_gqa``):
+      passed to providers that take them, removed silently (no event) for the others.
+    - ``also_neutral``: keyword -> further values that mean "off" (``attention_chunk``:
+      ``[0]`` besides None); ``meaningful_with``: keyword -> the parameters it means
+      something with (``cu_seqlens_k_new``: ``["k", "v"]``): when none of them is given
+      (or is None), any value of the keyword is neutral.
+    - ``selectors``: keyword -> {value: provider name or None}; the keyword is never
+      passed to a provider: None serves the call as usual, a name sends it to that
+      provider (even outside the automatic order) or refuses it when that provider
+      cannot be used (``ProviderUnavailableError``) or lacks a keyword the call needs
+      (``UnsupportedKwargError``); a value not listed raises ``PolicyConfigError``.
+    Routed, dropped, hint and selector parameters may be positional-or-keyword: a
+    positional argument past the leading plain parameters is turned into its keyword
+    before routing, so it is handled exactly as if named.
     - ``on_drop``: policy (``warn``/``copy``/``raise``) or keyword -> policy, for a
       keyword nobody in the order takes. Route keywords default to ``raise``, drop
       keywords to the core default (``KERNEL_FALLBACK_ON_DROP`` or ``warn``).
@@ -160,38 +182,33 @@ def kernel_chain(
                 f"kernel_chain decorates a function whose signature is the logical one, got {fn!r}."
             )
         sig = inspect.signature(fn)
-        routed = neutral_spec("route", route, sig)
-        dropped = neutral_spec("drop", drop, sig)
-        both = routed.keys() & dropped.keys()
-        if both:
-            raise PolicyConfigError(
-                f"kernel_chain: {', '.join(sorted(both))} is both in route= and drop=; a keyword is "
-                "either routed to a provider that takes it or handled by policy in place.",
-                name="route",
-                value=sorted(both),
-            )
-        neutral = {**routed, **dropped}
-        where = f"kernel_chain({name or fn.__name__})"
+        kernel = name or fn.__name__
+        where = f"kernel_chain({kernel})"
+        shape = call_shape(
+            where,
+            kernel,
+            sig,
+            route=route,
+            drop=drop,
+            hints=hints,
+            also_neutral=also_neutral,
+            meaningful_with=meaningful_with,
+            selectors=selectors,
+        )
+        neutral = shape.neutral
         checked = _config.check_on_drop(where, on_drop, neutral)
-        policies = dict.fromkeys(routed, "raise")
+        policies = dict.fromkeys(shape.route_keys, "raise")
         if isinstance(checked, str):
             policies = dict.fromkeys(neutral, checked)
         elif checked:
             policies.update(checked)
-        kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-        positional = tuple(p.name for p in sig.parameters.values() if p.kind in kinds)
-        var_pos = any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in sig.parameters.values())
         state = KernelChain(
             fn,
-            name=name or fn.__name__,
-            neutral=neutral,
-            route_keys=tuple(routed),
+            shape=shape,
             policies=policies,
             flags=tuple(flags),
             provider=provider,
             explicit_may_fall_back=explicit_may_fall_back,
-            positional=positional,
-            max_positional=sys.maxsize if var_pos else len(positional),
         )
         return _chained(state, fn)
 

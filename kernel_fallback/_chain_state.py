@@ -16,13 +16,13 @@ import itertools
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any, Final, final
 
 import torch
 
 from kernel_fallback import _config, _events
-from kernel_fallback._describe import describe_chain, render_table
+from kernel_fallback._call_shape import CallShape
+from kernel_fallback._describe import Selection, describe_chain, render_table
 from kernel_fallback._gates import BoolFlag, Gate
 from kernel_fallback._providers import (
     AUTO,
@@ -33,7 +33,7 @@ from kernel_fallback._providers import (
     lookup_provider,
     open_provider,
 )
-from kernel_fallback._tolerant import _capturing, _is_neutral
+from kernel_fallback._tolerant import _capturing
 from kernel_fallback.exceptions import PolicyConfigError, ProviderUnavailableError, UnsupportedKwargError
 
 __all__ = ["KernelChain", "Selection", "activate", "chains", "route"]
@@ -49,19 +49,7 @@ def _not_active(*args: object, **kwargs: object) -> None:
     raise AssertionError("kernel_fallback: a chain was called before choosing its provider")
 
 
-_NOT_ACTIVE: Final = (_not_active, frozenset[str](), "")
-
-
-@final
-@dataclass(frozen=True, slots=True)
-class Selection:
-    """Which providers a chain tries, in order, and what decided it."""
-
-    order: tuple[str, ...]
-    explicit: str | None
-    source: str
-    strict: bool
-    excluded: Mapping[str, str]
+_NOT_ACTIVE: Final = (_not_active, frozenset[str](), "", 0)
 
 
 @final
@@ -78,10 +66,8 @@ class KernelChain:
         "_event_fields",
         "_fast",
         "_generation",
-        "_impls",
         "_loads",
         "_lock",
-        "_max_positional",
         "_neutral",
         "_policies",
         "_positional",
@@ -89,6 +75,7 @@ class KernelChain:
         "_route_keys",
         "_routes",
         "_selection",
+        "_shape",
         "_state",
         "_token",
         "_use",
@@ -103,34 +90,31 @@ class KernelChain:
         self,
         fn: Callable[..., Any],
         *,
-        name: str,
-        neutral: dict[str, object],
-        route_keys: tuple[str, ...],
+        shape: CallShape,
         policies: dict[str, str],
         flags: tuple[BoolFlag, ...],
         provider: str | None,
         explicit_may_fall_back: bool,
-        positional: tuple[str, ...],
-        max_positional: int,
     ) -> None:
         self.logical = fn
-        self.name = name
+        self.name = name = shape.kernel
         self.flags = flags
         self.default_provider = provider
         self.explicit_may_fall_back = explicit_may_fall_back
-        self._neutral = neutral
-        self._route_keys = route_keys
+        self._shape = shape
+        self._neutral = shape.neutral
+        self._route_keys = shape.route_keys
+        self._positional = shape.positional
         self._policies = policies
-        self._positional = positional
-        self._max_positional = max_positional
         self._providers: dict[str, Provider] = {}
         self._loads: dict[str, Loaded | Unavailable] = {}
-        self._impls: dict[str, Callable[..., Any]] = {}
         self._routes: dict[tuple[str, tuple[str, ...]], tuple[str, str]] = {}
         self._selection: Selection | None = None
         self._active: tuple[str, tuple[str, ...], dict[str, str]] | None = None
-        self._fast: tuple[Callable[..., Any], frozenset[str], str] | None = None
-        self._state: tuple[Callable[..., Any], frozenset[str], str] = _NOT_ACTIVE
+        # (callable, keywords that need the slow path, provider name, positional
+        # arguments from which on are turned into keywords first)
+        self._fast: tuple[Callable[..., Any], frozenset[str], str, int] | None = None
+        self._state: tuple[Callable[..., Any], frozenset[str], str, int] = _NOT_ACTIVE
         self._use: str | None = None
         self._event_fields: dict[tuple[str, str, str, str], object] = {}
         self._generation = ""
@@ -143,13 +127,21 @@ class KernelChain:
     def _dispatch(
         self, impl: Callable[..., Any], active: str, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> Any:
-        """The slow path: the call passes a route keyword the active provider lacks."""
-        if len(args) > self._max_positional:
-            raise self._too_many_positional(len(args))
-        neutral = self._neutral
-        needed = tuple(k for k in self._route_keys if k in kwargs and not _is_neutral(kwargs[k], neutral[k]))
+        """The slow path: the call passes a keyword the active provider lacks, a hint or a selector."""
+        shape = self._shape
+        if len(args) > shape.bind_from:  # the fast path may have kept them for the active provider
+            args, kwargs = shape.keywords(args, kwargs)
+        for key in shape.selectors:
+            if key in kwargs:
+                chosen = shape.selected(key, kwargs.pop(key))
+                if chosen is not None:
+                    return self._call_selected(key, chosen, args, kwargs)
+        needed = shape.needed(args, kwargs)
         target, policy = route(self._token, active, needed)
         if not target:
+            got = self._loads.get(active)
+            if isinstance(got, Loaded):
+                shape.strip(got, needed, kwargs)
             return impl(*args, **kwargs)
         if torch.compiler.is_dynamo_compiling():
             _events.note_traced("dispatch", self.name, target, policy)
@@ -157,13 +149,39 @@ class KernelChain:
             # Under CUDA graph capture the route is baked into the graph: say so.
             captured = bool(args) and _capturing(args[0])
             _events.record(("dispatch", self.name, target, policy), captured=captured)
-        target_impl = self._impls.get(target)
-        if target_impl is None:  # reset() while this call was in flight: open it again
-            target_impl = self._open(target)
-        return target_impl(*args, **kwargs)
+        got = self._loads.get(target)
+        if not isinstance(got, Loaded):  # reset() while this call was in flight: open it again
+            got = self._open(target)
+        return got.impl(*args, **shape.strip(got, needed, kwargs))
 
-    def _open(self, name: str) -> Callable[..., Any]:
-        """The callable of a provider a route chose, loading it if a reset forgot it."""
+    def _call_selected(self, key: str, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """A call whose selector keyword asks for provider ``name``: served there or refused."""
+        shape = self._shape
+        value = next(v for v, p in shape.selectors[key].items() if p == name)
+        with self._lock:
+            got = self._load(name)
+        if not isinstance(got, Loaded):
+            others = [f"{key}={v!r}" for v, p in shape.selectors[key].items() if p is None]
+            raise ProviderUnavailableError(
+                f"{self.name}({key}={value!r}) asks for provider {name!r}, which cannot be used here: "
+                f"{got.reason}. Pass {' or '.join(others) or 'no ' + key} to use the chain's providers "
+                f"({', '.join(n for n in self._providers if n != name)}).",
+                kernel=self.name,
+                reasons={name: got.reason},
+            ) from got.error
+        needed = shape.needed(args, kwargs)
+        for k in needed:
+            if k in got.route_lacking:
+                raise UnsupportedKwargError(
+                    f"{self.name}({key}={value!r}): provider {name!r} does not take {k!r} "
+                    f"({got.signature_source}); the call is refused rather than run without it.",
+                    kernel=self.name,
+                    kwarg=k,
+                )
+        return got.impl(*args, **shape.strip(got, needed, kwargs))
+
+    def _open(self, name: str) -> Loaded:
+        """A provider a route chose, loading it again if a reset forgot it."""
         with self._lock:
             got = self._load(name)
         if not isinstance(got, Loaded):
@@ -173,14 +191,7 @@ class KernelChain:
                 kernel=self.name,
                 reasons={name: got.reason},
             )
-        return got.impl
-
-    def _too_many_positional(self, given: int) -> TypeError:
-        return TypeError(
-            f"{self.name}() takes at most {self._max_positional} positional arguments "
-            f"({', '.join(self._positional)}) but {given} were given; pass the others by keyword, "
-            "so that the chain sees every keyword a provider may lack."
-        )
+        return got
 
     # -- declaration -----------------------------------------------------------------
 
@@ -192,7 +203,7 @@ class KernelChain:
         loader: Callable[[], Callable[..., Any]] | None = None,
         gate: Gate | Sequence[Gate] = (),
         on_drop: str | Mapping[str, str] | None = None,
-        unsupported: Iterable[str] = (),
+        unsupported: Iterable[str] | Callable[[Any], Iterable[str]] = (),
     ) -> None:
         """Declare the next provider of the chain, loaded lazily on first need.
 
@@ -201,7 +212,8 @@ class KernelChain:
         "unavailable here"). ``gate`` is one or more :class:`Gate` checked before loading.
         ``on_drop`` overrides the chain's policy for this provider. ``unsupported`` lists
         route or drop keywords the kernel accepts but does not honour (it ignores them):
-        they are handled as if its signature lacked them.
+        they are handled as if its signature lacked them; or a callable given the loaded
+        kernel that returns them (to read them from the installed version).
         """
         spec = declare_provider(
             f"{self.name}.provider({name!r})",
@@ -238,7 +250,6 @@ class KernelChain:
         """Forget every load result (also failures) and the choice; the next call loads again."""
         with self._lock:
             self._loads.clear()
-            self._impls.clear()
             self._reset(None)
 
     def _reset(self, selection: Selection | None) -> None:
@@ -341,13 +352,12 @@ class KernelChain:
                 neutral=self._neutral,
                 route_keys=frozenset(self._route_keys),
                 policies=self._policies,
+                hints=self._shape.hints,
             )
             self._loads[name] = got
-            if isinstance(got, Loaded):
-                self._impls[name] = got.impl
         return got
 
-    def _activate(self) -> tuple[Callable[..., Any], frozenset[str], str]:
+    def _activate(self) -> tuple[Callable[..., Any], frozenset[str], str, int]:
         """Choose and open the active provider, unless done; raise when none can serve."""
         with self._lock:
             if self._fast is not None:
@@ -371,8 +381,29 @@ class KernelChain:
                 self._fell_back(sel, chosen.name, skipped, first_error)
             self._active = (chosen.name, sel.order, skipped)
             self._routes = {}
-            self._fast = self._state = (chosen.impl, chosen.route_lacking, chosen.name)
+            # What sends a call to the slow path: a route keyword it lacks, a hint it
+            # lacks (removed there), a selector (never passed to a provider).
+            check = chosen.route_lacking | chosen.hints_lacking | frozenset(self._shape.selectors)
+            self._fast = self._state = (chosen.impl, check, chosen.name, self._bind_from(chosen))
             return self._fast
+
+    def _bind_from(self, chosen: Loaded) -> int:
+        """Where the fast path starts turning positional arguments into keywords for ``chosen``.
+
+        A provider whose positional parameters begin with all of the chain's, and that
+        lacks none of them, takes a positional call as it is (sgl_kernel's
+        ``flash_attn_with_kvcache`` takes sglang's 28 arguments directly); any other
+        gets them as keywords.
+        """
+        shape = self._shape
+        names = shape.names
+        if shape.bind_from >= len(names):  # nothing to bind (or *args)
+            return shape.bind_from
+        if chosen.positional is None or chosen.positional[: len(names)] != names:
+            return shape.bind_from
+        if set(names[shape.bind_from :]) & (chosen.lacking | chosen.hints_lacking):
+            return shape.bind_from
+        return len(names)
 
     def _unavailable(self, sel: Selection, skipped: dict[str, str]) -> ProviderUnavailableError:
         if sel.explicit is not None and len(sel.order) == 1:
@@ -497,7 +528,15 @@ class KernelChain:
             except (PolicyConfigError, ProviderUnavailableError) as exc:
                 error = f"{type(exc).__name__}: {exc}"
         with self._lock:
-            return describe_chain(self, error)
+            return describe_chain(
+                kernel=self.name,
+                env_var=self.env_var,
+                selection=self._selection,
+                active=self._active[0] if self._active is not None else None,
+                providers=self._providers,
+                loads=self._loads,
+                error=error,
+            )
 
     def describe_table(self, *, load: bool = True) -> str:
         """:meth:`describe` as a table for people."""

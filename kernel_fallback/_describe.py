@@ -1,17 +1,33 @@
-"""What a kernel chain decided, as data and as a table for people."""
+"""What a kernel chain decided, as data and as a table for people.
+
+This module reads plain data (a :class:`Selection`, the declared providers and their
+load results) and knows nothing of the chain object, so the layering is one-way:
+``_chain_state`` imports it, never the reverse.
+"""
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, final
 
-from kernel_fallback._providers import Loaded, Unavailable
+from kernel_fallback._providers import Loaded, Provider, Unavailable
 
-if TYPE_CHECKING:
-    from kernel_fallback._chain_state import KernelChain
+__all__ = ["Selection", "describe_chain", "render_table"]
 
-__all__ = ["describe_chain", "render_table"]
+
+@final
+@dataclass(frozen=True, slots=True)
+class Selection:
+    """Which providers a chain tries, in order, and what decided it."""
+
+    order: tuple[str, ...]
+    explicit: str | None
+    source: str
+    strict: bool
+    excluded: Mapping[str, str]
+
 
 #: Provider states, in the words describe() uses.
 ACTIVE = "active"
@@ -22,14 +38,21 @@ NOT_SELECTED = "not selected"
 NOT_LOADED = "not loaded"
 
 
-def describe_chain(chain: KernelChain, error: str | None) -> dict[str, Any]:
-    """The state of ``chain`` (its lock held by the caller) as plain data."""
-    selection = chain._selection
-    active = chain._active[0] if chain._active is not None else None
+def describe_chain(
+    *,
+    kernel: str,
+    env_var: str,
+    selection: Selection | None,
+    active: str | None,
+    providers: Mapping[str, Provider],
+    loads: Mapping[str, Loaded | Unavailable],
+    error: str | None,
+) -> dict[str, Any]:
+    """A chain's state as plain data (the caller holds the chain's lock while reading it)."""
     order = selection.order if selection is not None else ()
-    providers: list[dict[str, Any]] = []
-    for name, spec in chain._providers.items():
-        got = chain._loads.get(name)
+    rows: list[dict[str, Any]] = []
+    for name, spec in providers.items():
+        got = loads.get(name)
         reason: str | None = None
         if name == active:
             status = ACTIVE
@@ -54,6 +77,7 @@ def describe_chain(chain: KernelChain, error: str | None) -> dict[str, Any]:
             "lacks": None,
             "on_drop": None,
             "backend": None,
+            "ignores": None,
         }
         if isinstance(got, Loaded):
             # A provider may say which backend its last call took (the torch attention does).
@@ -61,20 +85,21 @@ def describe_chain(chain: KernelChain, error: str | None) -> dict[str, Any]:
             row["backend"] = backend() if callable(backend) else None
             row["signature"] = got.signature_source
             row["lacks"] = sorted(got.lacking)
+            row["ignores"] = sorted(got.hints_lacking)
             if got.tolerant is not None:  # the policy each lacked keyword gets when passed
                 row["on_drop"] = {k: got.tolerant.policies[k][0] for k in row["lacks"]}
-        providers.append(row)
-    providers.sort(key=lambda row: (row["position"] is None, row["position"] or 0))
+        rows.append(row)
+    rows.sort(key=lambda row: (row["position"] is None, row["position"] or 0))
     return {
-        "kernel": chain.name,
+        "kernel": kernel,
         "active": active,
         "mode": None if selection is None else ("explicit" if selection.explicit else "automatic"),
         "selected_by": selection.source if selection is not None else None,
         "order": list(order),
         "strict": selection.strict if selection is not None else None,
-        "env_var": chain.env_var,
+        "env_var": env_var,
         "error": error,
-        "providers": providers,
+        "providers": rows,
     }
 
 

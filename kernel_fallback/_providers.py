@@ -38,11 +38,13 @@ __all__ = [
     "Provider",
     "Unavailable",
     "check_provider_name",
+    "check_unsupported",
     "declare_provider",
     "import_target",
     "lookup_provider",
     "neutral_spec",
     "open_provider",
+    "positional_names",
 ]
 
 _TARGET = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
@@ -102,14 +104,18 @@ def neutral_spec(option: str, spec: object, sig: inspect.Signature) -> dict[str,
                 value=kwarg,
                 allowed=tuple(sig.parameters),
             )
-        if param is not None and param.kind is not inspect.Parameter.KEYWORD_ONLY:
+        if param is not None and param.kind is inspect.Parameter.POSITIONAL_ONLY:
+            # The chain turns positional arguments past the leading plain ones into
+            # keywords before it looks at them; a positional-only one has no keyword.
             raise PolicyConfigError(
-                f"kernel_chain({option}=...): {kwarg!r} can be passed by position; make it keyword-only "
-                "(after `*` in the logical signature) so that every call names it.",
+                f"kernel_chain({option}=...): {kwarg!r} is positional-only (before `/`); the chain passes "
+                "it to providers by keyword, so make it positional-or-keyword.",
                 name=option,
                 value=kwarg,
             )
-        if value is inspect.Parameter.empty:
+        if value is inspect.Parameter.empty and option == "hints":
+            value = None  # a hint has no neutral value: any value may be dropped
+        elif value is inspect.Parameter.empty:
             value = param.default if param is not None else inspect.Parameter.empty
             if value is inspect.Parameter.empty:
                 raise PolicyConfigError(
@@ -130,7 +136,7 @@ def declare_provider(
     loader: Callable[[], Callable[..., Any]] | None,
     gate: Gate | Sequence[Gate],
     on_drop: str | Mapping[str, str] | None,
-    unsupported: Iterable[str],
+    unsupported: Iterable[str] | Callable[[Any], Iterable[str]],
     neutral: Mapping[str, object],
 ) -> Provider:
     """Check a provider's options (``where`` names the declaration in errors) and build it."""
@@ -152,9 +158,19 @@ def declare_provider(
     gates = (gate,) if isinstance(gate, Gate) else tuple(gate) if isinstance(gate, (list, tuple)) else (gate,)
     if not all(isinstance(g, Gate) for g in gates):
         raise TypeError(f"{where}: gate= takes Gate objects (cuda_capability(8, 9), ...), got {gate!r}.")
-    if isinstance(unsupported, str):
+    policy = _config.check_on_drop(where, on_drop, neutral)
+    if callable(unsupported):  # read when the kernel is loaded (e.g. from its version)
+        return Provider(name, target, loader, gates, policy, unsupported)
+    declared = check_unsupported(where, unsupported, neutral)
+    return Provider(name, target, loader, gates, policy, declared)
+
+
+def check_unsupported(where: str, unsupported: object, neutral: Mapping[str, object]) -> frozenset[str]:
+    """``unsupported`` as a set of the chain's route or drop keywords, else PolicyConfigError."""
+    if isinstance(unsupported, str) or not isinstance(unsupported, Iterable):
         raise PolicyConfigError(
-            f"{where}: unsupported= is a list of keywords, got the string {unsupported!r}.",
+            f"{where}: unsupported= is a list of keywords (or a callable of the loaded kernel "
+            f"returning one), got {unsupported!r}.",
             name="unsupported",
             value=unsupported,
         )
@@ -168,8 +184,7 @@ def declare_provider(
                 value=kwarg,
                 allowed=tuple(neutral),
             )
-    policy = _config.check_on_drop(where, on_drop, neutral)
-    return Provider(name, target, loader, gates, policy, declared)
+    return declared
 
 
 def import_target(target: str) -> Any:
@@ -199,7 +214,7 @@ class Provider:
         loader: Callable[[], Callable[..., Any]] | None,
         gates: tuple[Gate, ...],
         on_drop: str | dict[str, str] | None,
-        unsupported: frozenset[str],
+        unsupported: frozenset[str] | Callable[[Any], Iterable[str]],
     ) -> None:
         self.name = name
         self.target = target
@@ -232,6 +247,10 @@ class Loaded:
     lacking: frozenset[str]
     route_lacking: frozenset[str]
     tolerant: TolerantKernel | None = field(default=None, compare=False)
+    #: The chain's hints it lacks: removed from calls, silently (they never change results).
+    hints_lacking: frozenset[str] = frozenset()
+    #: The kernel's own positional parameters (None: no Python signature).
+    positional: tuple[str, ...] | None = None
 
 
 @final
@@ -242,6 +261,16 @@ class Unavailable:
     name: str
     reason: str
     error: BaseException | None = field(default=None, compare=False)
+
+
+def positional_names(kernel: Callable[..., Any]) -> tuple[str, ...] | None:
+    """``kernel``'s parameters that can be given by position, in order; None without a signature."""
+    try:
+        sig = inspect.signature(kernel)
+    except (TypeError, ValueError):
+        return None  # builtins and ops: no Python signature to compare
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return tuple(p.name for p in sig.parameters.values() if p.kind in kinds)
 
 
 def _positional_mismatch(kernel: Callable[..., Any], positional: tuple[str, ...]) -> str | None:
@@ -294,6 +323,7 @@ def open_provider(
     neutral: Mapping[str, object],
     route_keys: frozenset[str],
     policies: Mapping[str, str],
+    hints: frozenset[str] = frozenset(),
 ) -> Loaded | Unavailable:
     """Gate, load, check and wrap one provider; load errors give :class:`Unavailable`."""
     for gate in spec.gates:
@@ -318,12 +348,26 @@ def open_provider(
     if mismatch is not None:
         return Unavailable(spec.name, mismatch)
     support = kwarg_support(kernel)
-    lacking = frozenset(k for k in neutral if not support.accepts(k) or k in spec.unsupported)
-    source = support.source + (" + declared unsupported" if spec.unsupported else "")
+    unsupported = spec.unsupported
+    if callable(unsupported):
+        unsupported = check_unsupported(
+            f"{chain}.provider({spec.name!r}): unsupported", unsupported(kernel), neutral
+        )
+    lacking = frozenset(k for k in neutral if not support.accepts(k) or k in unsupported)
+    hints_lacking = frozenset(h for h in hints if not support.accepts(h))
+    source = support.source + (" + declared unsupported" if unsupported else "")
     if not lacking:
-        return Loaded(spec.name, kernel, source, lacking, frozenset())
+        return Loaded(
+            spec.name,
+            kernel,
+            source,
+            lacking,
+            frozenset(),
+            hints_lacking=hints_lacking,
+            positional=positional_names(kernel),
+        )
     target = kernel
-    if any(support.accepts(k) for k in spec.unsupported & neutral.keys()):
+    if any(support.accepts(k) for k in unsupported & neutral.keys()):
         target = _declared(kernel, [k for k in neutral if k not in lacking], neutral)
     merged = dict(policies)
     if isinstance(spec.on_drop, str):
@@ -332,4 +376,13 @@ def open_provider(
         merged.update(spec.on_drop)
     impl = tolerant_kwargs(dict(neutral), merged or None, name=f"{chain}.{spec.name}")(target)
     tolerant: TolerantKernel = impl.tolerant
-    return Loaded(spec.name, impl, source, lacking, lacking & route_keys, tolerant)
+    return Loaded(
+        spec.name,
+        impl,
+        source,
+        lacking,
+        lacking & route_keys,
+        tolerant,
+        hints_lacking,
+        positional_names(kernel),
+    )

@@ -110,7 +110,13 @@ x, y = torch.arange(4.0), torch.ones(4)
 # -- declaration -----------------------------------------------------------------------
 
 
-def _logical_positional_sinks(x: torch.Tensor, sinks: torch.Tensor | None = None) -> torch.Tensor:
+def _logical_positional_only_sinks(x: torch.Tensor, sinks: torch.Tensor | None = None, /) -> torch.Tensor:
+    raise NotImplementedError
+
+
+def _logical_sinks_before_star_args(
+    x: torch.Tensor, sinks: torch.Tensor | None = None, *rest: torch.Tensor
+) -> torch.Tensor:
     raise NotImplementedError
 
 
@@ -123,10 +129,46 @@ DECLARATION_ERRORS = [
         lambda: make_chain(route=["sinkz"]), PolicyConfigError, "Did you mean 'sinks'", id="route-typo"
     ),
     pytest.param(
-        lambda: kernel_chain(route=["sinks"])(_logical_positional_sinks),
+        lambda: kernel_chain(route=["sinks"])(_logical_positional_only_sinks),
         PolicyConfigError,
-        "keyword-only",
-        id="route-positional",
+        r"'sinks' is positional-only \(before `/`\)",
+        id="route-positional-only",
+    ),
+    pytest.param(
+        lambda: kernel_chain(route=["sinks"])(_logical_sinks_before_star_args),
+        PolicyConfigError,
+        "'sinks' comes before \\*args",
+        id="route-before-star-args",
+    ),
+    pytest.param(
+        lambda: make_chain(hints=["sinks"]),
+        PolicyConfigError,
+        "sinks is both in route= and hints=",
+        id="hint-overlap",
+    ),
+    pytest.param(
+        lambda: make_chain(also_neutral={"out": [0]}),
+        PolicyConfigError,
+        "'out' is not a route keyword",
+        id="also-neutral-not-route",
+    ),
+    pytest.param(
+        lambda: make_chain(meaningful_with={"sinks": ["kk"]}),
+        PolicyConfigError,
+        "'kk' is not a parameter",
+        id="meaningful-with-unknown",
+    ),
+    pytest.param(
+        lambda: make_chain(route=[], selectors={"sinks": {}}),
+        PolicyConfigError,
+        "non-empty mapping",
+        id="selector-empty",
+    ),
+    pytest.param(
+        lambda: make_chain(route=[], selectors={"sinks": {1: "auto"}}),
+        PolicyConfigError,
+        "reserved",
+        id="selector-auto",
     ),
     pytest.param(
         lambda: kernel_chain(route=["sinks"])(_logical_no_default),
@@ -194,7 +236,7 @@ PROVIDER_ERRORS = [
     pytest.param(
         {"name": "p", "loader": lambda: add, "unsupported": "sinks"},
         PolicyConfigError,
-        "string",
+        "list of keywords .*got .sinks.",
         id="unsup-str",
     ),
     pytest.param(

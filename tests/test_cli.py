@@ -535,7 +535,7 @@ def test_check_refuses_console_logs_that_show_fallbacks(
         (
             "torhc",
             1,
-            "'torhc' is not a provider of this chain; use one of hub, sgl_kernel, flash_attn, torch, reference, auto. Did you mean 'torch'?",
+            "'torhc' is not a provider of this chain; use one of hub, sgl_kernel, flash_attn, torch, reference, fa4, auto. Did you mean 'torch'?",
         ),
     ],
     ids=["valid", "typo"],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.util
+import inspect
 import json
 import os
 import subprocess
@@ -22,7 +23,7 @@ import torch
 from structlog.testing import capture_logs
 from test_torch_attention import _assert_close, _cu, _randn, _ref_sequence
 
-from kernel_fallback import ProviderUnavailableError, UnsupportedKwargError, reload_config
+from kernel_fallback import PolicyConfigError, ProviderUnavailableError, UnsupportedKwargError, reload_config
 from kernel_fallback.integrations import flash_attn as fa
 from kernel_fallback.integrations.flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
 from kernel_fallback.testing import capture_fallbacks
@@ -107,17 +108,21 @@ def test_describe_lists_every_provider_with_its_reason() -> None:
         "torch",
         "hub",
         "reference",
+        "fa4",
     ]
     assert rows["flash_attn"]["reason"] == "ModuleNotFoundError: No module named 'flash_attn'"
-    assert rows["hub"]["status"] == "not selected"
+    assert rows["hub"]["status"] == rows["reference"]["status"] == rows["fa4"]["status"] == "not selected"
     assert (
         rows["torch"]["source"]
         == "kernel_fallback.integrations._torch_fast_attention:flash_attn_with_kvcache"
     )
-    assert {"out", "qv", "rotary_cos", "scheduler_metadata"} <= set(rows["torch"]["lacks"])
+    assert {"out", "qv", "rotary_cos", "cu_seqlens_k_new"} <= set(rows["torch"]["lacks"])
     assert "page_table" not in rows["torch"]["lacks"]
+    # Hints are not lacks: no policy applies, they are removed silently.
+    assert rows["torch"]["ignores"] == ["num_splits", "pack_gqa", "scheduler_metadata", "sm_margin"]
     policies = rows["torch"]["on_drop"]
-    assert (policies["out"], policies["num_splits"], policies["qv"]) == ("copy", "warn", "raise")
+    assert (policies["out"], policies["qv"]) == ("copy", "raise")
+    assert "num_splits" not in policies
     assert "  3  torch       active" in flash_attn_with_kvcache.describe_table()
 
 
@@ -230,8 +235,172 @@ def test_keyword_no_provider_here_takes_is_refused_not_dropped() -> None:
     q, k, v, cu_q, cu_k = varlen_inputs([2], [2])
     with pytest.raises(UnsupportedKwargError, match="'qv'"):
         flash_attn_varlen_func(q, k, v, cu_q, cu_k, qv=torch.ones(2, 8, 16))
-    with pytest.raises(TypeError, match="pass the others by keyword"):
-        flash_attn_varlen_func(q, k, v, cu_q, cu_k, 2, 2, None)  # type: ignore[call-arg]
+
+
+# -- sglang's call shapes: positional order, neutral values, hints, ver -------------------
+
+
+def kvcache_inputs(seed: int = 4) -> dict[str, Any]:
+    gen = torch.Generator().manual_seed(seed)
+    return {
+        "q": _randn(gen, 2, 1, 8, 16),
+        "k_cache": _randn(gen, 2, 6, 2, 16),
+        "v_cache": _randn(gen, 2, 6, 2, 16),
+        "cache_seqlens": torch.tensor([3, 6], dtype=torch.int32),
+    }
+
+
+def fa3_positional(**given: Any) -> tuple[Any, ...]:
+    """The 28 leading arguments in FA3's order, as sglang 0.5.23's wrapper passes them."""
+    names = list(inspect.signature(flash_attn_with_kvcache).parameters)[:28]
+    defaults = inspect.signature(flash_attn_with_kvcache).parameters
+    return tuple(given.get(n, defaults[n].default) for n in names)
+
+
+def test_positional_order_is_fa3s_through_pack_gqa() -> None:
+    kv = list(inspect.signature(flash_attn_with_kvcache).parameters)
+    assert kv[:28] == [
+        "q", "k_cache", "v_cache", "k", "v", "qv", "rotary_cos", "rotary_sin", "cache_seqlens",
+        "cache_batch_idx", "cache_leftpad", "page_table", "cu_seqlens_q", "cu_seqlens_k_new",
+        "max_seqlen_q", "rotary_seqlens", "q_descale", "k_descale", "v_descale", "softmax_scale",
+        "causal", "window_size", "attention_chunk", "softcap", "rotary_interleaved",
+        "scheduler_metadata", "num_splits", "pack_gqa",
+    ]  # fmt: skip
+    kinds = {p.kind for p in list(inspect.signature(flash_attn_with_kvcache).parameters.values())[28:]}
+    assert kinds == {inspect.Parameter.KEYWORD_ONLY}
+    varlen = list(inspect.signature(flash_attn_varlen_func).parameters)
+    assert varlen[:21] == [
+        "q", "k", "v", "cu_seqlens_q", "cu_seqlens_k", "max_seqlen_q", "max_seqlen_k", "seqused_q",
+        "seqused_k", "page_table", "softmax_scale", "causal", "qv", "q_descale", "k_descale",
+        "v_descale", "window_size", "attention_chunk", "softcap", "num_splits", "pack_gqa",
+    ]  # fmt: skip
+
+
+@needs_no_native
+def test_sglangs_28_positional_kvcache_call_equals_the_keyword_call() -> None:
+    inputs = kvcache_inputs()
+    args = fa3_positional(**inputs, causal=True, softcap=3.0, num_splits=0, scheduler_metadata=None)
+    with capture_logs() as logs, capture_fallbacks() as events:
+        flash_attn_with_kvcache.chain.active  # noqa: B018 - the provider event, before the calls
+        out, lse, *rest = flash_attn_with_kvcache(
+            *args, sm_margin=0, only_qv=False, return_softmax_lse=True, sinks=None, out=None
+        )
+        by_keyword = flash_attn_with_kvcache(**inputs, causal=True, softcap=3.0, return_softmax_lse=True)
+    assert rest == []
+    torch.testing.assert_close(out, by_keyword[0], rtol=0, atol=0)
+    torch.testing.assert_close(lse, by_keyword[1], rtol=0, atol=0)
+    for b, n in enumerate([3, 6]):
+        ref_out, ref_lse = _ref_sequence(
+            inputs["q"][b],
+            inputs["k_cache"][b, :n],
+            inputs["v_cache"][b, :n],
+            scale=0.25,
+            causal=True,
+            softcap=3.0,
+        )
+        _assert_close(out[b], ref_out, "out")
+        _assert_close(lse[b], ref_lse, "lse")
+    # Hints and neutral values are not fallbacks: nothing but the provider choice is recorded.
+    assert [e.kind for e in events] == ["provider"]
+    assert [log["event"] for log in logs] == ["kernel_fallback.provider_fallback"]
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "match"),
+    [
+        pytest.param("qv", torch.ones(2, 1, 8, 16), "'qv'", id="qv"),
+        pytest.param("rotary_cos", torch.ones(6, 8), "'rotary_cos'", id="rotary_cos"),
+        pytest.param(
+            "cache_leftpad", torch.zeros(2, dtype=torch.int32), "'cache_leftpad'", id="cache_leftpad"
+        ),
+    ],
+)
+def test_a_keyword_given_by_position_is_refused_like_by_keyword(name: str, value: Any, match: str) -> None:
+    inputs = kvcache_inputs()
+    with pytest.raises(UnsupportedKwargError, match=match) as by_keyword:
+        flash_attn_with_kvcache(**inputs, **{name: value})
+    with pytest.raises(UnsupportedKwargError, match=match) as by_position:
+        flash_attn_with_kvcache(*fa3_positional(**inputs, **{name: value}))
+    assert str(by_position.value) == str(by_keyword.value)
+
+
+def test_positional_mistakes_raise_type_error_naming_them() -> None:
+    q, k, v, cu_q, cu_k = varlen_inputs([2], [2])
+    with pytest.raises(TypeError, match="got multiple values for argument 'causal'"):
+        flash_attn_varlen_func(q, k, v, cu_q, cu_k, 2, 2, None, None, None, None, True, causal=True)
+    with pytest.raises(
+        TypeError, match=r"takes at most 21 positional arguments \(q, k, .*, pack_gqa\) but 22"
+    ):
+        flash_attn_varlen_func(q, k, v, cu_q, cu_k, *([None] * 17))
+
+
+CALL_NEUTRAL = [
+    pytest.param(
+        {"cu_seqlens_k_new": torch.tensor([0, 1, 2], dtype=torch.int32)}, id="cu_seqlens_k_new-without-k"
+    ),
+    pytest.param({"attention_chunk": 0}, id="attention_chunk-0"),
+    pytest.param({"attention_chunk": None}, id="attention_chunk-None"),
+    pytest.param({"rotary_interleaved": False}, id="rotary_interleaved-without-rotary"),
+    pytest.param({"only_qv": False}, id="only_qv-False"),
+    pytest.param({"num_splits": 0, "pack_gqa": True, "sm_margin": 8}, id="hints"),
+    pytest.param({"scheduler_metadata": torch.zeros(4, dtype=torch.int32), "num_splits": 7}, id="scheduler"),
+    pytest.param({"ver": 3}, id="ver-3"),
+]
+
+
+@pytest.mark.parametrize("extra", CALL_NEUTRAL)
+def test_values_that_mean_nothing_in_fa3_are_neither_refused_nor_recorded(extra: dict[str, Any]) -> None:
+    inputs = kvcache_inputs(seed=8)
+    plain = flash_attn_with_kvcache(**inputs, causal=True)
+    with capture_logs() as logs, capture_fallbacks() as events:
+        got = flash_attn_with_kvcache(**inputs, causal=True, **extra)
+    torch.testing.assert_close(got, plain, rtol=0, atol=0)
+    assert (events, logs) == ([], [])
+
+
+def test_cu_seqlens_k_new_with_new_keys_still_counts() -> None:
+    inputs = kvcache_inputs()
+    k_new = torch.zeros(2, 1, 2, 16)
+    with pytest.raises(UnsupportedKwargError, match="'cu_seqlens_k_new'"):
+        flash_attn_with_kvcache(
+            **inputs, k=k_new, v=k_new, cu_seqlens_k_new=torch.tensor([0, 1, 2], dtype=torch.int32)
+        )
+    with pytest.raises(UnsupportedKwargError, match="'only_qv'"):
+        flash_attn_with_kvcache(**inputs, only_qv=True)
+
+
+def test_ver_4_is_fa4_or_a_refusal_and_other_values_are_errors() -> None:
+    inputs = kvcache_inputs()
+    with pytest.raises(ProviderUnavailableError) as info:
+        flash_attn_with_kvcache(**inputs, ver=4)
+    message = str(info.value)
+    assert message.startswith(
+        "flash_attn_with_kvcache(ver=4) asks for provider 'fa4', which cannot be used here: "
+    )
+    assert "Pass ver=3 to use the chain's providers (hub, sgl_kernel, flash_attn, torch, reference)." in message
+    assert list(info.value.reasons) == ["fa4"]
+    q, k, v, cu_q, cu_k = varlen_inputs([2], [2])
+    for bad in (5, "3", True):
+        with pytest.raises(PolicyConfigError) as error:
+            flash_attn_varlen_func(q, k, v, cu_q, cu_k, ver=bad)
+        assert str(error.value) == (
+            f"flash_attn_varlen_func(ver={bad!r}): ver takes 3 (this chain), 4 (provider 'fa4')."
+        )
+        assert (error.value.name, error.value.value, error.value.allowed) == ("ver", bad, ("3", "4"))
+
+
+@needs_no_native
+def test_attention_chunk_zero_stays_on_fa2_and_a_chunk_is_routed(fake_fa2: Any) -> None:
+    lens = [4, 4]
+    q, k, v, cu_q, cu_k = varlen_inputs(lens, lens, seed=11)
+    with capture_fallbacks() as events:
+        flash_attn_varlen_func(q, k, v, cu_q, cu_k, 4, 4, attention_chunk=0, num_splits=1, pack_gqa=None)
+        flash_attn_varlen_func(q, k, v, cu_q, cu_k, 4, 4, None, None, None, None, True, None, None, None, None,
+                               (-1, -1), 2)  # fmt: skip
+    assert len(fake_fa2.calls) == 1
+    assert [(e.kind, e.subject, e.policy) for e in events if e.kind != "provider"] == [
+        ("dispatch", "torch", "route:attention_chunk")
+    ]
 
 
 # -- the FA2 adapter and the hub loader, against stand-in packages ---------------------
@@ -456,7 +625,7 @@ def test_fresh_process_falls_back_with_one_event(
             "PolicyConfigError",
             [
                 "'torhc' is not a provider of this chain",
-                "hub, sgl_kernel, flash_attn, torch, reference, auto",
+                "hub, sgl_kernel, flash_attn, torch, reference, fa4, auto",
                 "'torch'?",
             ],
         ),

@@ -1,0 +1,248 @@
+"""Adapters that give FlashAttention-2 and FlashAttention-4 FA3's argument names.
+
+Each ``load_*`` function is a provider loader for :mod:`kernel_fallback.integrations.flash_attn`:
+it imports the package (ImportError when absent: the provider is then unavailable) and
+returns a function that takes FA3's names and declares in its signature exactly what the
+installed package can honour, so the chain routes the rest away instead of losing it.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Final
+
+import torch
+from torch import Tensor
+
+from kernel_fallback._providers import import_target
+from kernel_fallback._signature import kwarg_support
+
+__all__ = ["FA4_TARGET", "load_fa2_kvcache", "load_fa2_varlen", "load_fa4_kvcache", "load_fa4_varlen"]
+
+#: Where the ``fa4`` provider (``ver=4``) loads FlashAttention-4 from: the CuTe build
+#: sgl-kernel 0.3.x ships (0.4.x dropped it).
+FA4_TARGET: Final = "sgl_kernel._fa4_interface:flash_attn_varlen_func"
+
+
+def _declare_signature(fn: Callable[..., Any], options: Mapping[str, object]) -> None:
+    """Give ``fn`` (which forwards ``**kwargs``) the signature naming exactly ``options``.
+
+    kwarg_support() then reads which optional keywords this FA2 install takes, so the
+    chain routes the others away instead of passing them to a kernel that would fail.
+    """
+    params = [p for p in inspect.signature(fn).parameters.values() if p.kind is not p.VAR_KEYWORD]
+    params += [inspect.Parameter(k, inspect.Parameter.KEYWORD_ONLY, default=v) for k, v in options.items()]
+    fn.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+
+
+def _max_seqlen(cu_seqlens: Tensor) -> int:
+    # FA2 needs the value; reading it synchronises with the device (pass it to avoid that).
+    return int((cu_seqlens[1:] - cu_seqlens[:-1]).max()) if cu_seqlens.numel() > 1 else 0
+
+
+def load_fa2_varlen() -> Callable[..., Any]:
+    """FA2's ``flash_attn_varlen_func`` under FA3's argument names."""
+    fa2 = import_target("flash_attn:flash_attn_varlen_func")
+    accepts = kwarg_support(fa2).accepts
+    options = {k: v for k, v in {"window_size": (-1, -1), "softcap": 0.0}.items() if accepts(k)}
+
+    def flash_attn_varlen_func(
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        cu_seqlens_q: Tensor,
+        cu_seqlens_k: Tensor,
+        max_seqlen_q: int | None = None,
+        max_seqlen_k: int | None = None,
+        *,
+        softmax_scale: float | None = None,
+        causal: bool = False,
+        return_softmax_lse: bool = False,
+        **kwargs: Any,
+    ) -> Any:
+        result = fa2(
+            q,
+            k,
+            v,
+            cu_seqlens_q,
+            cu_seqlens_k,
+            _max_seqlen(cu_seqlens_q) if max_seqlen_q is None else max_seqlen_q,
+            _max_seqlen(cu_seqlens_k) if max_seqlen_k is None else max_seqlen_k,
+            softmax_scale=softmax_scale,
+            causal=causal,
+            return_attn_probs=return_softmax_lse,
+            **kwargs,
+        )
+        # FA2 returns (out, lse, S_dmask) when asked; FA3 callers expect (out, lse).
+        return (result[0], result[1]) if return_softmax_lse else result
+
+    _declare_signature(flash_attn_varlen_func, options)
+    return flash_attn_varlen_func
+
+
+_FA2_KVCACHE_OPTIONS: Final[Mapping[str, object]] = {
+    "rotary_cos": None,
+    "rotary_sin": None,
+    "rotary_interleaved": True,
+    "cache_batch_idx": None,
+    "cache_leftpad": None,
+    "window_size": (-1, -1),
+    "softcap": 0.0,
+    "num_splits": 0,
+    "return_softmax_lse": False,
+}
+
+
+def load_fa2_kvcache() -> Callable[..., Any]:
+    """FA2's ``flash_attn_with_kvcache``; the keywords FA2 shares with FA3 pass through."""
+    fa2 = import_target("flash_attn:flash_attn_with_kvcache")
+    accepts = kwarg_support(fa2).accepts
+    options = {k: v for k, v in _FA2_KVCACHE_OPTIONS.items() if accepts(k)}
+
+    def flash_attn_with_kvcache(
+        q: Tensor,
+        k_cache: Tensor,
+        v_cache: Tensor,
+        k: Tensor | None = None,
+        v: Tensor | None = None,
+        *,
+        cache_seqlens: Tensor | int | None = None,
+        max_seqlen_q: int | None = None,
+        softmax_scale: float | None = None,
+        causal: bool = False,
+        **kwargs: Any,
+    ) -> Any:
+        del max_seqlen_q  # a hint for packed queries (cu_seqlens_q), which FA2 lacks
+        return fa2(
+            q,
+            k_cache,
+            v_cache,
+            k,
+            v,
+            cache_seqlens=cache_seqlens,
+            softmax_scale=softmax_scale,
+            causal=causal,
+            **kwargs,
+        )
+
+    _declare_signature(flash_attn_with_kvcache, options)
+    return flash_attn_with_kvcache
+
+
+def _fa4_window(window_size: Sequence[int]) -> tuple[int | None, int | None]:
+    # FA4 says "unbounded" with None where FA3 says -1.
+    left, right = (int(w) for w in window_size)
+    return (None if left < 0 else left, None if right < 0 else right)
+
+
+def load_fa4_varlen() -> Callable[..., Any]:
+    """FlashAttention-4 (the CuTe build shipped in sgl-kernel 0.3.x) under FA3's names."""
+    fa4 = import_target(FA4_TARGET)
+
+    def flash_attn_varlen_func(
+        q: Tensor,
+        k: Tensor,
+        v: Tensor,
+        cu_seqlens_q: Tensor,
+        cu_seqlens_k: Tensor,
+        max_seqlen_q: int | None = None,
+        max_seqlen_k: int | None = None,
+        *,
+        seqused_q: Tensor | None = None,
+        seqused_k: Tensor | None = None,
+        page_table: Tensor | None = None,
+        softmax_scale: float | None = None,
+        causal: bool = False,
+        window_size: Sequence[int] = (-1, -1),
+        softcap: float = 0.0,
+        num_splits: int = 1,
+        pack_gqa: bool | None = None,
+        return_softmax_lse: bool = False,
+        sinks: Tensor | None = None,
+        score_mod: Callable[..., Any] | None = None,
+        aux_tensors: list[Tensor] | None = None,
+    ) -> Any:
+        del max_seqlen_q, max_seqlen_k  # FA4 reads the lengths from cu_seqlens
+        out, lse = fa4(
+            q,
+            k,
+            v,
+            cu_seqlens_q,
+            cu_seqlens_k,
+            seqused_q,
+            seqused_k,
+            page_table=page_table,
+            softmax_scale=softmax_scale,
+            causal=causal,
+            window_size=_fa4_window(window_size),
+            learnable_sink=sinks,
+            softcap=softcap,
+            num_splits=num_splits,
+            pack_gqa=pack_gqa,
+            return_softmax_lse=return_softmax_lse,
+            score_mod=score_mod,
+            aux_tensors=aux_tensors,
+        )
+        return (out, lse) if return_softmax_lse else out
+
+    return flash_attn_varlen_func
+
+
+def load_fa4_kvcache() -> Callable[..., Any]:
+    """FA4 over a (paged) cache, as sgl-kernel 0.3.21 maps it: no in-place append."""
+    fa4 = import_target(FA4_TARGET)
+
+    def flash_attn_with_kvcache(
+        q: Tensor,
+        k_cache: Tensor,
+        v_cache: Tensor,
+        k: Tensor | None = None,
+        v: Tensor | None = None,
+        *,
+        cache_seqlens: Tensor | int | None = None,
+        page_table: Tensor | None = None,
+        cu_seqlens_q: Tensor | None = None,
+        max_seqlen_q: int | None = None,
+        softmax_scale: float | None = None,
+        causal: bool = False,
+        window_size: Sequence[int] = (-1, -1),
+        softcap: float = 0.0,
+        num_splits: int = 0,
+        pack_gqa: bool | None = None,
+        return_softmax_lse: bool = False,
+        sinks: Tensor | None = None,
+        score_mod: Callable[..., Any] | None = None,
+        aux_tensors: list[Tensor] | None = None,
+    ) -> Any:
+        del max_seqlen_q
+        if k is not None or v is not None:
+            raise ValueError(
+                "flash_attn_with_kvcache(ver=4): FlashAttention-4 cannot append k/v to the cache in "
+                "place; write them into k_cache/v_cache first, or use ver=3."
+            )
+        if isinstance(cache_seqlens, int):
+            cache_seqlens = torch.full((q.shape[0],), cache_seqlens, dtype=torch.int32, device=q.device)
+        out, lse = fa4(
+            q,
+            k_cache,
+            v_cache,
+            cu_seqlens_q,
+            None,
+            None,
+            cache_seqlens,
+            page_table=page_table,
+            softmax_scale=softmax_scale,
+            causal=causal,
+            window_size=_fa4_window(window_size),
+            learnable_sink=sinks,
+            softcap=softcap,
+            num_splits=num_splits,
+            pack_gqa=pack_gqa,
+            return_softmax_lse=return_softmax_lse,
+            score_mod=score_mod,
+            aux_tensors=aux_tensors,
+        )
+        return (out, lse) if return_softmax_lse else out
+
+    return flash_attn_with_kvcache
