@@ -9,7 +9,6 @@ summarised at exit; the chain table shows the same facts.
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import json
 import os
@@ -60,22 +59,22 @@ def _check_variable(name: str, raw: str, kernels: Sequence[Any]) -> tuple[str, s
     """(status, message) of one KERNEL_FALLBACK_* variable: ok, invalid, unknown or unchecked."""
     try:
         if name == _config.ENV_ON_DROP:
-            if raw:
-                _config.check_policy(name, raw.strip().lower())
+            if _config.env_value(raw):
+                _config.parse_policy(name, raw)
         elif name == _config.ENV_STRICT:
             _config.parse_bool(name, raw)
         elif name == _config.ENV_LOG_FORMAT:
-            if raw:
+            if _config.env_value(raw):
                 _config.parse_log_format(name, raw)
         elif name == _config.ENV_LOG_FILE:
-            if raw:
+            if _config.env_value(raw):
                 _config.check_log_file(name, raw)
         elif name == _config.ENV_ALLOW:
             AllowList.parse(name, raw)
         elif name.startswith(_config.ENV_ON_DROP_PREFIX):
             return _check_per_kernel(name, raw, kernels)
         elif name.startswith(_config.ENV_PROVIDER_PREFIX):
-            return _check_provider(name)
+            return _check_provider(name, raw)
         else:
             _config.check_known_variables({name: raw})  # raises for a set, unknown name
             return "unknown", "empty, and not a variable kernel_fallback reads." + _unknown_hint(
@@ -94,24 +93,13 @@ def _check_per_kernel(name: str, raw: str, kernels: Sequence[Any]) -> tuple[str,
     if matching:
         return "ok", ""
     _check_policy_values(name, raw)
-    known = [_config.env_suffix(k.name) for k in kernels]
-    # TODO(issue 11, item 4): call _config's ON_DROP__ near-miss check here once merged;
-    # until then the same rule, so that a typo of a registered kernel is not ignored.
-    close = [s for s in known if s == suffix.upper()] or difflib.get_close_matches(
-        suffix.upper().strip("_"), known, n=1, cutoff=0.8
-    )
-    if close:
-        raise PolicyConfigError(
-            f"{name} names no registered kernel, so it is ignored. "
-            f"Did you mean {_config.ENV_ON_DROP_PREFIX + close[0]!r}?",
-            name=name,
-            value=raw,
-            allowed=tuple(_config.ENV_ON_DROP_PREFIX + s for s in known),
-        )
+    # A near miss of a registered kernel's variable (other case, other runs of '_', one
+    # typo) is an error, by the rule the decorator applies when a kernel is declared.
+    _config.check_per_kernel_name(name, raw, [k.name for k in kernels])
     return "unchecked", f"no kernel named {suffix!r} is registered in this process (--import MODULE)."
 
 
-def _check_provider(name: str) -> tuple[str, str]:
+def _check_provider(name: str, raw: str) -> tuple[str, str]:
     """Check a KERNEL_FALLBACK_PROVIDER__<NAME> against the chain of that name, if declared."""
     from kernel_fallback._chain import chains  # here: `report` and `check` need no chains
 
@@ -121,6 +109,7 @@ def _check_provider(name: str) -> tuple[str, str]:
         chain.select(_config.snapshot())  # raises for a provider the chain does not have
     if matching:
         return "ok", ""
+    _config.check_per_kernel_name(name, raw, [c.name for c in declared])
     hint = _config.did_you_mean(name, [c.env_var for c in declared])
     return "unchecked", f"no chain with this variable is declared in this process (--import MODULE).{hint}"
 

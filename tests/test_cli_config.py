@@ -94,7 +94,7 @@ def test_a_per_kernel_variable_close_to_a_declared_kernel_fails_config(project: 
     done = config("--import", "my_kernels", cwd=project, **{name: "raise"})
     assert done.returncode == 1, done.stdout + done.stderr
     assert f"kernel-fallback: invalid variable {name}: " in done.stderr
-    assert "Did you mean 'KERNEL_FALLBACK_ON_DROP__CLI_ATTN'?" in done.stderr
+    assert "Did you mean 'KERNEL_FALLBACK_ON_DROP__CLI_ATTN' (kernel 'cli_attn')?" in done.stderr
 
 
 def test_a_module_that_fails_to_import_is_one_line_exit_2(project: Path) -> None:
@@ -140,3 +140,19 @@ def test_config_writes_no_events_into_the_log_file_check_reads(tmp_path: Path) -
     assert done.returncode == 0, done.stdout + done.stderr
     data = json.loads(done.stdout)
     assert (data["processes"], [r["kernel"] for r in data["allowed"]]) == (1, ["toy_add"])
+
+
+@pytest.mark.parametrize(
+    "name",
+    [
+        "KERNEL_FALLBACK_PROVIDER__flash_attn_varlen_func",
+        "KERNEL_FALLBACK_PROVIDER__FLASH_ATTN_VARLN_FUNC",
+    ],
+    ids=["lower-case", "misspelt"],
+)
+def test_a_provider_variable_close_to_a_declared_chain_fails_config(name: str) -> None:
+    done = config("--import", FLASH_ATTN, **{name: "torch"})
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    assert name in done.stderr
+    assert "Did you mean 'KERNEL_FALLBACK_PROVIDER__FLASH_ATTN_VARLEN_FUNC'" in done.stderr

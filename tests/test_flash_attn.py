@@ -377,7 +377,9 @@ def test_ver_4_is_fa4_or_a_refusal_and_other_values_are_errors() -> None:
     assert message.startswith(
         "flash_attn_with_kvcache(ver=4) asks for provider 'fa4', which cannot be used here: "
     )
-    assert "Pass ver=3 to use the chain's providers (hub, sgl_kernel, flash_attn, torch, reference)." in message
+    assert (
+        "Pass ver=3 to use the chain's providers (hub, sgl_kernel, flash_attn, torch, reference)." in message
+    )
     assert list(info.value.reasons) == ["fa4"]
     q, k, v, cu_q, cu_k = varlen_inputs([2], [2])
     for bad in (5, "3", True):
