@@ -218,3 +218,23 @@ def test_fully_masked_rows_are_zero_with_neg_inf_lse() -> None:
     out, lse = fast.flash_attn_varlen_func(q, k, k, _cu([6]), _cu([2]), causal=True, return_softmax_lse=True)
     assert torch.equal(out[:4], torch.zeros(4, 2, 8))
     assert lse[:, :4].tolist() == [[-math.inf] * 4] * 2
+
+
+def test_block_mask_is_rebuilt_and_not_cached_when_reuse_is_off() -> None:
+    # What the provider does while a CUDA graph is captured: replays must rebuild it.
+    _attention_masks.cache_clear()
+    builds: list[int] = []
+    lo, hi = torch.zeros(1, 10, dtype=torch.long), torch.arange(1, 11).view(1, -1)
+
+    def build() -> tuple[Tensor, Tensor]:
+        builds.append(1)
+        return lo, hi
+
+    layout = (torch.tensor([0, 10], dtype=torch.int32),)
+    for _ in range(2):
+        _attention_masks.block_mask_for(layout, "p", build, 10, reuse=False)
+    assert len(builds) == 2
+    assert not _attention_masks._cache
+    for _ in range(2):
+        _attention_masks.block_mask_for(layout, "p", build, 10)
+    assert len(builds) == 3

@@ -141,6 +141,8 @@ def block_mask_for(
     params: Hashable,
     build: Callable[[], tuple[Tensor, Tensor]],
     kv_len: int,
+    *,
+    reuse: bool = True,
 ) -> BlockMask:
     """The BlockMask of the intervals ``build()`` returns, cached per batch layout.
 
@@ -148,7 +150,14 @@ def block_mask_for(
     cache_seqlens...), ``params`` everything else they depend on (shapes, mask spec).
     An entry is reused while the same tensor objects are alive and unmodified (their
     version counter unchanged), as in the layers of one forward pass.
+
+    With ``reuse=False`` (while a CUDA graph is being captured) the mask is built anew
+    and not cached: a replay must recompute it from the values then in the layout
+    tensors, which Python never sees change.
     """
+    if not reuse:
+        lo, hi = build()
+        return _build(lo, hi, kv_len, BLOCK)
     present = tuple(t for t in layout if t is not None)
     key = (tuple(id(t) for t in present), tuple(t is None for t in layout), params)
     entry = _cache.get(key)

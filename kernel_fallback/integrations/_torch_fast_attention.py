@@ -10,9 +10,11 @@ Lq x Lk score matrix on CUDA:
   log-sum-exp go to ``torch.nn.attention.flex_attention``, with a block-sparse mask
   built on the device from per-query key intervals (document, causal, window,
   ``attention_chunk``, ``seqused_*``) and cached per batch layout, so the layers of a
-  forward pass share it. On CUDA flex is compiled (Triton); on CPU it runs eagerly
+  forward pass share it (while a CUDA graph is captured it is rebuilt inside the
+  capture instead). On CUDA flex is compiled (Triton); on CPU it runs eagerly
   (``torch.compile`` of flex on CPU cannot return the log-sum-exp), which materializes
-  the scores of one batch element at a time: correct, not fast.
+  the scores (Hq x total_q x total_k for a packed batch): correct, not fast, and
+  O(L^2) memory on CPU only.
 * Decode over a KV cache (at most 64 query rows per kv head, no softcap, sinks or lse)
   goes to ``scaled_dot_product_attention`` with the query heads of a kv head folded into
   the query length (no kv head replication) and a small boolean mask of cache lengths.
@@ -111,6 +113,11 @@ def _flex(
     return out, lse, backend
 
 
+def _capturing(device: torch.device) -> bool:
+    """Whether a CUDA graph is being captured on the current stream of ``device``."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def _check_int32(name: str, t: Tensor, length: int | None = None) -> None:
     if t.dtype != torch.int32:
         raise ValueError(f"{name} must have dtype torch.int32, got {t.dtype}")
@@ -198,6 +205,7 @@ def flash_attn_varlen_func(
         ("varlen", total_q, total_k, spec, q.device),
         intervals,
         total_k,
+        reuse=not _capturing(q.device),
     )
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
     out, lse, backend = _flex(
@@ -363,7 +371,7 @@ def flash_attn_with_kvcache(
             lo, hi = intervals()
             _last["flash_attn_with_kvcache"] = "sdpa (decode, gqa folded into rows)"
             return _sdpa_decode(q, k_log, v_log, lo, hi, scale).to(q.dtype)
-        mask = block_mask_for(layout, params, intervals, capacity)
+        mask = block_mask_for(layout, params, intervals, capacity, reuse=not _capturing(dev))
         out, lse, backend = _flex(
             q.transpose(1, 2),
             k_log.transpose(1, 2),
@@ -387,7 +395,7 @@ def flash_attn_with_kvcache(
         lo, hi = row_intervals(pos, lens_q[doc], lens_k[doc], valid, spec)
         return (lo + doc * capacity).unsqueeze(0), (hi + doc * capacity).unsqueeze(0)
 
-    mask = block_mask_for(layout, params, packed_intervals, batch * capacity)
+    mask = block_mask_for(layout, params, packed_intervals, batch * capacity, reuse=not _capturing(dev))
     out, lse, backend = _flex(
         q.transpose(0, 1).unsqueeze(0),
         k_log.reshape(1, batch * capacity, hkv, -1).transpose(1, 2),
