@@ -22,8 +22,9 @@ import pytest
 import torch
 
 import kernel_fallback
-from kernel_fallback import PolicyConfigError, _events, _logging, tolerant_kwargs
-from kernel_fallback._logging import configure_logging, expand_log_path
+from kernel_fallback import PolicyConfigError, _events, _logging, _sinks, tolerant_kwargs
+from kernel_fallback._logging import configure_logging
+from kernel_fallback._sinks import expand_log_path
 from kernel_fallback.exceptions import LogFileError
 
 WORKLOAD = Path(__file__).with_name("fallback_workload.py")
@@ -55,9 +56,9 @@ def close_log_files() -> Iterator[None]:
     if _logging._configured is not None:
         _logging._configured.close()
         _logging._configured = None
-    if _logging._from_env is not None:
-        _logging._from_env[1].close()
-        _logging._from_env = None
+    if _sinks._from_env is not None:
+        _sinks._from_env[1].close()
+        _sinks._from_env = None
 
 
 def test_json_event_carries_what_aggregation_needs(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -245,7 +246,7 @@ def test_a_hostile_host_name_stays_one_file_name(tmp_path: Path, host: str, expe
     # A real host name, set in a UTS namespace of our own; nothing is mocked.
     code = (
         f"import socket, sys; socket.sethostname({host!r}); "
-        "from kernel_fallback._logging import expand_log_path; print(expand_log_path(sys.argv[1]))"
+        "from kernel_fallback._sinks import expand_log_path; print(expand_log_path(sys.argv[1]))"
     )
     template = str(tmp_path / "logs" / "kf-{host}" / "{host}.jsonl")
     proc = subprocess.run(
@@ -262,10 +263,10 @@ def test_a_hostile_host_name_stays_one_file_name(tmp_path: Path, host: str, expe
 def test_lines_appended_by_many_writers_stay_whole(tmp_path: Path) -> None:
     # Two loggers on one file stand for two processes; threads write at once.
     path = tmp_path / "shared.jsonl"
-    writers = [_logging._LineWriter(str(path), None) for _ in range(2)]
+    writers = [_sinks._LineWriter(str(path), None) for _ in range(2)]
     payload = "x" * 20000  # longer than any stdio buffer, so a torn line would show
 
-    def write(writer: _logging._LineWriter, n: int) -> None:
+    def write(writer: _sinks._LineWriter, n: int) -> None:
         for i in range(200):
             writer.msg(json.dumps({"writer": n, "i": i, "payload": payload}))
 
