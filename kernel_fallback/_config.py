@@ -59,7 +59,7 @@ ENV_LOG_FORMAT: Final = "KERNEL_FALLBACK_LOG_FORMAT"
 ENV_LOG_FILE: Final = "KERNEL_FALLBACK_LOG_FILE"
 ENV_ALLOW: Final = "KERNEL_FALLBACK_ALLOW"
 LOG_FORMATS: Final = ("json", "console")
-#: Placeholders a log file name may hold, expanded in each process (see _logging).
+#: Placeholders a log file name may hold, expanded in each process (see _sinks).
 LOG_FILE_PLACEHOLDERS: Final = ("pid", "rank", "host")
 
 #: Every variable this library reads whose name is fixed, with what it does. Names

@@ -14,13 +14,19 @@ are read. A listener, a reset or a CUDA graph capture sends calls back through
 Where the events go:
 - if ``configure_logging()`` (or ``set_logger()``) installed a logger, there;
 - else, if ``KERNEL_FALLBACK_LOG_FORMAT`` or ``KERNEL_FALLBACK_LOG_FILE`` is set, to
-  the logger they describe (built by :mod:`kernel_fallback._logging` at the first
-  event, never on import);
+  the logger they describe (built by :func:`kernel_fallback._sinks.env_logger` at
+  the first event, never on import);
 - else, if the host configured structlog (``structlog.is_configured()``), through
   the host's structlog pipeline (so ``structlog.testing.capture_logs()`` sees them);
 - else through a structlog logger wrapped around the standard library logger
   ``"kernel_fallback"``, so the host's ``logging`` set-up decides what is shown.
 Nothing is configured globally on import.
+
+Layering is one way: this module imports :mod:`kernel_fallback._sinks` (log files,
+writers, the environment's logger, ``add_process_info``), which imports neither it nor
+:mod:`kernel_fallback._logging`; ``_logging`` (``configure_logging()``) imports both,
+and this module never imports it. So a process that only decorates kernels still
+writes the log the variables describe.
 
 ``flush()`` logs one ``kernel_fallback.summary`` event per counted key, with the
 exact count that first-occurrence logging hides; it also runs at interpreter exit
@@ -35,7 +41,6 @@ import datetime
 import functools
 import logging
 import os
-import socket
 import sys
 import threading
 import types
@@ -47,7 +52,7 @@ from typing import Any, Final, final
 import structlog
 import torch
 
-from kernel_fallback import _config
+from kernel_fallback import _config, _sinks
 from kernel_fallback._counter import Counter as Counter
 from kernel_fallback._counter import FallbackEvent as FallbackEvent
 from kernel_fallback._counter import Key as Key
@@ -59,7 +64,6 @@ __all__ = [
     "OVERFLOW_EVENT",
     "SUMMARY_EVENT",
     "add_listener",
-    "add_process_info",
     "counter",
     "describe_key",
     "emit",
@@ -124,7 +128,6 @@ _epoch = 0
 _atexit_registered = False
 _exit_armed_pid = 0
 _exit_flushed_pid = 0
-_hostname: str | None = None
 
 
 def _reinit_after_fork() -> None:
@@ -369,7 +372,7 @@ def _stdlib_logger() -> Any:
             logging.getLogger(LOGGER_NAME),
             processors=[
                 structlog.processors.TimeStamper(fmt="iso", utc=True),
-                add_process_info,
+                _sinks.add_process_info,
                 _render_for_stdlib,
             ],
             wrapper_class=structlog.stdlib.BoundLogger,
@@ -377,46 +380,12 @@ def _stdlib_logger() -> Any:
     return _stdlib_bound
 
 
-#: Builds the logger of KERNEL_FALLBACK_LOG_FORMAT/_LOG_FILE; set by kernel_fallback._logging
-#: (which the package imports), so that this module does not import it: one-way layering.
-_env_logger_factory: Callable[[_config.Snapshot], Any] | None = None
-
-
-def set_env_logger_factory(factory: Callable[[_config.Snapshot], Any]) -> None:
-    """Register what builds the logger the environment describes (``_logging.env_logger``)."""
-    global _env_logger_factory
-    _env_logger_factory = factory
-
-
 def _env_logger() -> Any:
     """The logger KERNEL_FALLBACK_LOG_FORMAT/_LOG_FILE describe, or None when both are unset."""
     snap = _config.snapshot()
     if snap.log_format is None and snap.log_file is None:
         return None
-    factory = _env_logger_factory
-    return None if factory is None else factory(snap)
-
-
-def add_process_info(
-    _logger: Any, _method: str, event_dict: structlog.typing.EventDict
-) -> structlog.typing.EventDict:
-    """structlog processor: add ``pid``, ``host`` and, when set, ``rank`` and ``local_rank``.
-
-    Enough to tell the processes of a multi-process job apart once their logs are
-    merged. ``rank`` is ``RANK`` and ``local_rank`` is ``LOCAL_RANK``, as torchrun sets them.
-    """
-    global _hostname
-    if _hostname is None:
-        _hostname = socket.gethostname()
-    event_dict.setdefault("pid", os.getpid())
-    event_dict.setdefault("host", _hostname)
-    for variable, key in (("RANK", "rank"), ("LOCAL_RANK", "local_rank")):
-        value = _config.env_value(os.environ.get(variable))
-        if value:
-            # "²".isdigit() is true but int() refuses it (and very long digit strings): that lost every event.
-            plain = value.isascii() and value.strip().isdigit() and len(value) < 19
-            event_dict.setdefault(key, int(value) if plain else value)
-    return event_dict
+    return _sinks.env_logger(snap)
 
 
 def flush() -> int:

@@ -10,222 +10,31 @@ Two ways in:
 - ``KERNEL_FALLBACK_LOG_FORMAT=json|console`` and ``KERNEL_FALLBACK_LOG_FILE=path``,
   read by ``configure_logging()`` for the arguments it is not given, and applied by
   themselves at the first event of a process that installed no logger (so a launcher
-  can turn logs on for every rank without touching code).
+  can turn logs on for every rank without touching code). That second way does not
+  go through this module: :mod:`kernel_fallback._events` calls
+  :func:`kernel_fallback._sinks.env_logger` itself.
 
-Each event is one line, written with a single ``write()`` to a file opened in append
-mode, so several processes may share one file without tearing lines. The file name
-may hold ``{pid}``, ``{rank}`` (``RANK``, else ``LOCAL_RANK``, else ``0``) and
-``{host}``; they are expanded again in a forked child, which then writes its own file.
-
-The file is opened without blocking and without following a symbolic link, and must
-be a regular file (see :func:`open_log_file`): a FIFO, a device or a symlink planted
-in a shared log directory is refused, never waited on or written through.
+Layering is one way: this module imports :mod:`kernel_fallback._sinks` (files,
+writers, the processor chain; see there for how lines are written and which files
+are refused) and :mod:`kernel_fallback._events` (where the logger is installed);
+neither imports it back.
 """
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
-import re
-import socket
-import stat
-import sys
-import threading
-import weakref
-from typing import IO, Any, Final, final
+from typing import IO, Final
 
-import structlog
+from kernel_fallback import _config, _events, _sinks
+from kernel_fallback.exceptions import PolicyConfigError
 
-from kernel_fallback import _config, _events
-from kernel_fallback.exceptions import LogFileError, PolicyConfigError
-
-__all__ = ["LOG_LEVELS", "configure_logging", "env_logger", "expand_log_path", "open_log_file"]
+__all__ = ["LOG_LEVELS", "configure_logging"]
 
 LOG_LEVELS: Final = ("debug", "info", "warning", "error", "critical")
 
-_writers: weakref.WeakSet[_LineWriter] = weakref.WeakSet()
 #: The writer of the logger configure_logging() installed, closed when replaced.
-_configured: _LineWriter | None = None
-#: (config snapshot version, writer, logger) of the logger built from the environment.
-_from_env: tuple[int, _LineWriter, Any] | None = None
-#: (config snapshot version, error) when the environment's log file could not be opened.
-_env_failed: tuple[int, OSError] | None = None
-_env_lock = threading.Lock()
-
-
-#: What ``{rank}`` becomes when ``RANK`` (or ``LOCAL_RANK``) is set but not a rank.
-INVALID_RANK: Final = "unknown"
-_UNSAFE_IN_NAME = re.compile(r"[^A-Za-z0-9._-]")
-
-
-def _rank_for_path() -> str:
-    """``RANK``, else ``LOCAL_RANK``, else ``0``; ``unknown`` for a set value that is not
-    a plain non-negative integer in ASCII digits (``RANK=../../x`` or ``RANK=²``)."""
-    for variable in ("RANK", "LOCAL_RANK"):
-        raw = _config.env_value(os.environ.get(variable))
-        if raw is not None:
-            value = raw.strip()
-            return value if value.isascii() and value.isdigit() else INVALID_RANK
-    return "0"
-
-
-def _host_for_path() -> str:
-    """The host name, with every character but ``A-Z a-z 0-9 . _ -`` as ``_`` and a
-    leading ``_`` added before a ``.``: never a separator, ``~``, ``.`` or ``..``."""
-    host = _UNSAFE_IN_NAME.sub("_", socket.gethostname())
-    return host if host and not host.startswith(".") else "_" + host
-
-
-def expand_log_path(template: str) -> str:
-    """``template`` with ``~``, ``{pid}``, ``{rank}`` and ``{host}`` replaced for this process.
-
-    The values are made safe as parts of a file name, so the expanded path is always
-    in the directory the template names: ``{pid}`` is digits, ``{rank}`` digits or
-    ``unknown`` (see ``INVALID_RANK``), ``{host}`` the host name with anything but
-    letters, digits, ``.``, ``_`` and ``-`` replaced, never starting with ``.``.
-    """
-    # `~` first: a value must not be read as a home directory.
-    path = os.path.expanduser(template)
-    values = {"pid": str(os.getpid()), "rank": _rank_for_path(), "host": _host_for_path()}
-    for name, value in values.items():
-        path = path.replace(f"{{{name}}}", value)
-    return path
-
-
-_KINDS: Final = (
-    (stat.S_ISDIR, "a directory"),
-    (stat.S_ISFIFO, "a FIFO (named pipe)"),
-    (stat.S_ISCHR, "a character device"),
-    (stat.S_ISBLK, "a block device"),
-    (stat.S_ISSOCK, "a socket"),
-    (stat.S_ISLNK, "a symbolic link"),
-)
-_ALLOWED = "a log file must be a regular file, or a name that does not exist yet (it is created)"
-_OPEN_FLAGS: Final = (
-    os.O_WRONLY
-    | os.O_APPEND
-    | os.O_CREAT
-    # Never wait: opening a FIFO for writing blocks until a reader comes.
-    | os.O_NONBLOCK
-    # A symlink planted in a shared directory must not redirect (or create) anything.
-    | getattr(os, "O_NOFOLLOW", 0)
-    | getattr(os, "O_CLOEXEC", 0)
-    | getattr(os, "O_NOCTTY", 0)
-)
-
-
-def _kind(mode: int) -> str:
-    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
-
-
-def open_log_file(path: str, origin: str) -> int:
-    """Open ``path`` for appending and return the descriptor; only a regular file will do.
-
-    Opened with ``O_NONBLOCK`` (a FIFO with no reader never blocks), ``O_NOFOLLOW`` (a
-    symbolic link as the last component is refused, a dangling one creates nothing)
-    and ``O_CLOEXEC``; then ``fstat`` must show a regular file, and ``O_NONBLOCK`` is
-    cleared. Raises :class:`~kernel_fallback.exceptions.LogFileError` naming
-    ``origin`` (the argument or variable that gave the path), the path, what it is
-    and what is allowed.
-    """
-    try:
-        fd = os.open(path, _OPEN_FLAGS, 0o644)
-    except OSError as exc:
-        try:
-            mode = os.lstat(path).st_mode
-            reason = "" if stat.S_ISREG(mode) else _kind(mode)
-        except OSError:
-            reason = ""
-        if exc.errno in (errno.ELOOP, errno.EMLINK, errno.ENXIO, errno.EISDIR) and reason:
-            message = f"{origin}: {path!r} is {reason}; {_ALLOWED}."
-        else:  # not about what the file is: permissions, a full disk, a bad directory...
-            reason = exc.strerror or str(exc)
-            message = f"{origin}: cannot open {path!r} for appending: {reason}."
-        raise LogFileError(message, path=path, reason=reason) from exc
-    try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
-            reason = _kind(mode)
-            raise LogFileError(f"{origin}: {path!r} is {reason}; {_ALLOWED}.", path=path, reason=reason)
-        os.set_blocking(fd, True)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
-@final
-class _LineWriter:
-    """A structlog logger that appends each rendered event as one line.
-
-    To a path: one ``os.write`` per line on an ``O_APPEND`` descriptor, so lines of
-    processes sharing the file never interleave; the file is reopened (and the name
-    expanded again) in a forked child. To a stream: ``write`` then ``flush``; with no
-    stream, whatever ``sys.stderr`` is at the time of the write.
-    """
-
-    def __init__(self, template: str | None, stream: IO[str] | None, origin: str = "") -> None:
-        self.template = template
-        self.stream = stream
-        #: The argument or variable the template came from, for errors.
-        self.origin = origin or f"log file {template!r}"
-        self.path: str | None = None
-        self._fd = -1
-        self._pid = 0
-        self._lock = threading.Lock()
-        if template is not None:
-            self._open(template)  # fail now, naming the file, rather than at the first event
-        _writers.add(self)
-
-    def _open(self, template: str) -> int:
-        path = expand_log_path(template)
-        directory = os.path.dirname(path)
-        if directory:
-            os.makedirs(directory, exist_ok=True)
-        fd = open_log_file(path, self.origin)
-        if self._fd >= 0:
-            os.close(self._fd)  # in a forked child this closes only the child's copy
-        self._fd, self._pid, self.path = fd, os.getpid(), path
-        return fd
-
-    def msg(self, message: str) -> None:
-        """Write ``message`` and a newline."""
-        template = self.template
-        if template is None:
-            stream = self.stream if self.stream is not None else sys.stderr
-            stream.write(message + "\n")
-            stream.flush()
-            return
-        data = (message + "\n").encode("utf-8", "backslashreplace")
-        with self._lock:
-            fd = self._fd if self._pid == os.getpid() else self._open(template)
-            while data:
-                data = data[os.write(fd, data) :]
-
-    debug = info = warning = warn = error = err = critical = fatal = exception = failure = log = msg
-
-    def close(self) -> None:
-        """Close the file, if any; a later write reopens it."""
-        with self._lock:
-            if self._fd >= 0:
-                os.close(self._fd)
-            self._fd, self._pid = -1, 0
-
-    def _after_fork(self) -> None:
-        # A thread of the parent may have held the lock at fork time.
-        self._lock = threading.Lock()
-
-
-def _reinit_writers_after_fork() -> None:
-    global _env_lock
-    _env_lock = threading.Lock()
-    for writer in list(_writers):
-        writer._after_fork()
-
-
-if hasattr(os, "register_at_fork"):  # POSIX only
-    os.register_at_fork(after_in_child=_reinit_writers_after_fork)
+_configured: _sinks._LineWriter | None = None
 
 
 def _check_level(level: object) -> int:
@@ -239,41 +48,6 @@ def _check_level(level: object) -> int:
         name="level",
         value=level,
         allowed=LOG_LEVELS,
-    )
-
-
-def _lead_with_time_and_event(
-    _logger: Any, _method: str, event_dict: structlog.typing.EventDict
-) -> structlog.typing.EventDict:
-    """Put ``timestamp``, ``level`` and ``event`` first, so a JSON line reads like a log line."""
-    head = {k: event_dict.pop(k) for k in ("timestamp", "level", "event") if k in event_dict}
-    return {**head, **event_dict}
-
-
-def _build(format: str, writer: _LineWriter, level: int) -> Any:
-    """A structlog logger of our own processors around ``writer``; nothing global changes."""
-    renderer: structlog.typing.Processor
-    if format == "json":
-        # repr: a field that is not JSON (a dtype, a tuple key) must not lose the event.
-        renderer = structlog.processors.JSONRenderer(default=repr)
-    else:
-        # Colours only for a terminal; a file gets plain text.
-        target: object = writer.stream
-        if target is None and writer.template is None:
-            target = sys.stderr
-        isatty = getattr(target, "isatty", None)
-        renderer = structlog.dev.ConsoleRenderer(colors=bool(callable(isatty) and isatty()))
-    return structlog.wrap_logger(
-        writer,
-        processors=[
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            _events.add_process_info,
-            _lead_with_time_and_event,
-            renderer,
-        ],
-        wrapper_class=structlog.make_filtering_bound_logger(level),
-        cache_logger_on_first_use=True,
     )
 
 
@@ -327,46 +101,8 @@ def configure_logging(
         stream = file
     else:
         raise TypeError(f"configure_logging(file={file!r}): use a path, an open text stream or None.")
-    writer = _LineWriter(template, stream, origin)
+    writer = _sinks._LineWriter(template, stream, origin)
     old, _configured = _configured, writer
-    _events.set_logger(_build(format, writer, threshold))
+    _events.set_logger(_sinks._build(format, writer, threshold))
     if old is not None:
         old.close()
-
-
-def env_logger(snap: _config.Snapshot) -> Any:
-    """The logger ``KERNEL_FALLBACK_LOG_FORMAT``/``_LOG_FILE`` describe in ``snap``.
-
-    Built once per configuration snapshot (``reload_config()`` makes a new one); the
-    writer of the previous one is closed. When the file cannot be used, the error is
-    kept for the snapshot and raised again at each event without touching the file
-    system: ``_events.emit`` reports the first on standard error and counts them
-    (``_events.log_errors()``); the kernel call goes on.
-    """
-    global _from_env, _env_failed
-    current = _from_env
-    if current is not None and current[0] == snap.version:
-        return current[2]
-    with _env_lock:
-        if _from_env is not None and _from_env[0] == snap.version:  # another thread built it
-            return _from_env[2]
-        failed = _env_failed
-        if failed is not None and failed[0] == snap.version:
-            # A fresh traceback each time: re-raising one object would grow its traceback.
-            raise failed[1].with_traceback(None)
-        origin = f"{_config.ENV_LOG_FILE}={snap.log_file!r}"
-        try:
-            writer = _LineWriter(snap.log_file, None, origin)
-        except OSError as exc:
-            _env_failed = (snap.version, exc)
-            raise
-        logger = _build(snap.log_format or "json", writer, logging.WARNING)
-        old, _from_env = _from_env, (snap.version, writer, logger)
-    if old is not None:
-        old[1].close()
-    return logger
-
-
-# The routing in _events reaches the environment's logger through this hook, so that
-# _events never imports this module (which imports _events).
-_events.set_env_logger_factory(env_logger)
