@@ -81,7 +81,7 @@ class Hooks:
 
 
 def forwarder(
-    fn: types.FunctionType, missing: Mapping[str, object], hooks: Hooks, counters: Sequence[Counter]
+    fn: Callable[..., Any], missing: Mapping[str, object], hooks: Hooks, counters: Sequence[Counter]
 ) -> tuple[types.FunctionType, dict[str, Any]] | None:
     """Generate ``fn``'s forwarder; return it with its globals, or None when it cannot be made.
 
@@ -89,24 +89,32 @@ def forwarder(
     ``counters`` holds one counter per missing keyword, for its current policy. The
     caller swaps them in the returned globals (``_kf_S0``...) when the policies change.
     ``hooks.slow(args, kwargs, *values)`` receives every missing keyword's value
-    (``UNSET`` when not passed) and must do what a generic wrapper does.
+    (``UNSET`` when not passed) and must do what a generic wrapper does. A Python
+    function gets its own parameters; any other callable (builtins, torch ops,
+    pybind11, callable objects), whose parameters Python cannot bind for it, gets
+    ``*args`` and ``**kwargs`` around the missing keywords.
     """
-    code = fn.__code__
-    names = code.co_varnames
-    n_args, n_posonly, n_kwonly = code.co_argcount, code.co_posonlyargcount, code.co_kwonlyargcount
-    positional = names[:n_args]
-    kwonly = names[n_args : n_args + n_kwonly]
-    rest = n_args + n_kwonly
-    varargs = names[rest] if code.co_flags & 0x04 else None  # CO_VARARGS
-    varkw = names[rest + (varargs is not None)] if code.co_flags & 0x08 else None  # CO_VARKEYWORDS
-    params = [*positional, *kwonly, *(n for n in (varargs, varkw) if n is not None)]
-    if any(
-        not n.isidentifier() or keyword.iskeyword(n) or n.startswith(_PREFIX) or n in missing for n in params
-    ):
-        return None  # a parameter we could not spell or would shadow: keep the generic wrapper
-
-    n_defaults = len(fn.__defaults__ or ())
-    kwdefaults = fn.__kwdefaults__ or {}
+    if isinstance(fn, types.FunctionType):
+        code = fn.__code__
+        names = code.co_varnames
+        n_args, n_posonly, n_kwonly = code.co_argcount, code.co_posonlyargcount, code.co_kwonlyargcount
+        positional = names[:n_args]
+        kwonly = names[n_args : n_args + n_kwonly]
+        rest = n_args + n_kwonly
+        varargs = names[rest] if code.co_flags & 0x04 else None  # CO_VARARGS
+        varkw = names[rest + (varargs is not None)] if code.co_flags & 0x08 else None  # CO_VARKEYWORDS
+        params = [*positional, *kwonly, *(n for n in (varargs, varkw) if n is not None)]
+        if any(
+            not n.isidentifier() or keyword.iskeyword(n) or n.startswith(_PREFIX) or n in missing
+            for n in params
+        ):
+            return None  # a parameter we could not spell or would shadow: keep the generic wrapper
+        defaults, kwdefaults = fn.__defaults__, fn.__kwdefaults__ or {}
+    else:
+        n_args, n_posonly, positional, kwonly = 0, 0, (), ()
+        varargs, varkw = "_kf_args", "_kf_kwargs"
+        defaults, kwdefaults = None, {}
+    n_defaults = len(defaults or ())
     signature: list[str] = []
     for i, name in enumerate(positional):
         signature.append(f"{name}=None" if i >= n_args - n_defaults else name)  # defaults set below
@@ -182,15 +190,19 @@ def forwarder(
         namespace[f"_kf_S{i}"] = counters[i]
     # A file name inside the package: the caller's `where` skips the forwarder's frame,
     # and tracebacks show its source through linecache.
-    filename = os.path.join(_PACKAGE_DIR, f"<forwarder of {fn.__module__}.{fn.__qualname__}>")
+    found = getattr(fn, "__name__", None)
+    fn_name: str = found if isinstance(found, str) else type(fn).__name__
+    found = getattr(fn, "__qualname__", None)
+    qualname: str = found if isinstance(found, str) else fn_name
+    filename = os.path.join(_PACKAGE_DIR, f"<forwarder of {getattr(fn, '__module__', None)}.{qualname}>")
     linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)
     exec(compile(source, filename, "exec"), namespace)  # source made of the kernel's own parameter names
     made: types.FunctionType = namespace.pop("_kf_forward")
     # What tracebacks, profilers and "f() got an unexpected keyword argument" show.
-    renamed = made.__code__.replace(co_name=fn.__name__)
+    renamed = made.__code__.replace(co_name=fn_name)
     if hasattr(renamed, "co_qualname"):  # Python 3.11+
-        renamed = cast(Any, renamed).replace(co_qualname=fn.__qualname__)
+        renamed = cast(Any, renamed).replace(co_qualname=qualname)
     made.__code__ = renamed
-    made.__defaults__ = fn.__defaults__
+    made.__defaults__ = defaults
     made.__kwdefaults__ = {**kwdefaults, **dict.fromkeys(missing, UNSET)}
     return made, namespace

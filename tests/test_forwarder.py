@@ -327,3 +327,34 @@ def test_tracebacks_show_the_forwarder_and_where_skips_it() -> None:
     frames = traceback.extract_tb(info.value.__traceback__)
     assert any("forwarder of" in f.filename and f.line and "_kf_fn(" in f.line for f in frames)
     assert repr(UNSET) == "<not passed>"
+
+
+@pytest.mark.parametrize(
+    ("kernel", "args", "unknown_error"),
+    [
+        (torch.nn.functional.scaled_dot_product_attention, (4,), TypeError),
+        (torch.ops.aten.mm.default, (2,), RuntimeError),
+    ],
+    ids=["torch-builtin", "torch-op"],
+)
+def test_builtins_and_ops_get_a_forwarder_around_their_arguments(
+    kernel: Any, args: tuple[int], unknown_error: type[Exception]
+) -> None:
+    wrapped: Any = tolerant_kwargs(["out"], "copy", name="native")(kernel)
+    assert wrapped.__code__.co_varnames[:3] == ("out", "_kf_args", "_kf_kwargs")
+    x = torch.randn(1, 2, *args, 4) if args == (4,) else torch.randn(2, 2)
+    inputs = (x, x, x) if args == (4,) else (x, x)
+    expected = kernel(*inputs)
+    with capture_logs():
+        for _ in range(4):
+            buf = torch.empty_like(expected)
+            assert wrapped(*inputs, out=buf) is buf
+            torch.testing.assert_close(buf, expected)
+        assert hot(wrapped.tolerant._counters["out"])
+    torch.testing.assert_close(wrapped(*inputs), expected)
+    with pytest.raises(unknown_error) as direct:
+        kernel(*inputs, bogus=1)
+    with pytest.raises(unknown_error) as decorated:
+        wrapped(*inputs, bogus=1)
+    assert str(decorated.value) == str(direct.value)
+    assert [r["count"] for r in stats()] == [4]
