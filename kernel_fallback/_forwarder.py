@@ -160,7 +160,8 @@ def forwarder(
             f"                    _kf_r = {call}",
             f"                    if (_kf_r.__class__ is _kf_T and _kf_r.dtype is {name}.dtype",
             f"                            and _kf_r.shape == {name}.shape",
-            f"                            and _kf_r.device == {name}.device):",
+            # get_device(): an int, cheaper than two device objects; -1 on the CPU.
+            f"                            and _kf_r.get_device() == {name}.get_device()):",
             f"                        {name}.copy_(_kf_r)",
             "                        _kf_s.tick()",
             f"                        return {name}",
