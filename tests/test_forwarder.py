@@ -358,3 +358,11 @@ def test_builtins_and_ops_get_a_forwarder_around_their_arguments(
         wrapped(*inputs, bogus=1)
     assert str(decorated.value) == str(direct.value)
     assert [r["count"] for r in stats()] == [4]
+
+
+def test_a_listed_keyword_named_like_the_forwarders_own_names_keeps_the_generic_wrapper() -> None:
+    wrapped: Any = tolerant_kwargs(["_kf_fn"], name="shadow")(lambda x: x + 1)
+    assert wrapped.__code__.co_varnames == ("args", "kwargs")
+    with capture_logs():
+        assert wrapped(1, _kf_fn=2) == 2
+    assert [r["kwarg"] for r in stats()] == ["_kf_fn"]
