@@ -441,7 +441,11 @@ def tolerant_kwargs(
     keywords not listed, are passed through untouched.
 
     The wrapper keeps ``__name__``, ``__doc__`` and ``__wrapped__``, and exposes its
-    state as ``wrapper.tolerant`` (a :class:`TolerantKernel`).
+    state as ``wrapper.tolerant`` (a :class:`TolerantKernel`). For a Python function it
+    is a function too (a clone, or a forwarder with the kernel's parameters), so it
+    binds as a method as the kernel does. Stored at module level
+    (``fa3 = tolerant_kwargs(...)(flash_attn_varlen_func)``), it takes the name it is
+    stored under as ``__module__``/``__qualname__`` so that pickle (and ``spawn``) finds it.
     """
     neutral, policy = _check_options(drop, on_drop, name, env)
 
