@@ -13,7 +13,7 @@ import pytest
 import torch
 from structlog.testing import capture_logs
 
-from kernel_fallback import UnsupportedKwargError, reload_config, reset_stats, stats, tolerant_kwargs
+from kernel_fallback import UnsupportedKwargError, _events, reload_config, reset_stats, stats, tolerant_kwargs
 from kernel_fallback._events import Counter
 from kernel_fallback._forwarder import UNSET
 from kernel_fallback.testing import capture_fallbacks
@@ -366,3 +366,41 @@ def test_a_listed_keyword_named_like_the_forwarders_own_names_keeps_the_generic_
     with capture_logs():
         assert wrapped(1, _kf_fn=2) == 2
     assert [r["kwarg"] for r in stats()] == ["_kf_fn"]
+
+
+def test_resets_racing_threads_never_break_counting_and_rearm_logging() -> None:
+    wrapped = tolerant_kwargs(["out"], name="reset_race")(fa3_like)
+    q, buf = torch.ones(2), torch.zeros(2)
+    per_thread, threads = 1000, 8
+    start, phase_two = threading.Barrier(threads + 1), threading.Barrier(threads + 1)
+    after_reset = threading.Barrier(threads + 1)
+
+    def work() -> None:
+        start.wait()
+        for _ in range(per_thread):  # resets race these calls
+            wrapped(q, q, q, q, q, out=buf)
+        phase_two.wait()
+        after_reset.wait()
+        for _ in range(per_thread):  # and none race these
+            wrapped(q, q, q, q, q, out=buf)
+
+    sys.setswitchinterval(1e-6)
+    try:
+        with capture_logs() as logs:
+            pool = [threading.Thread(target=work) for _ in range(threads)]
+            for t in pool:
+                t.start()
+            start.wait()
+            for _ in range(20):
+                reset_stats()
+                assert sum(r["count"] for r in stats()) <= per_thread * threads
+            phase_two.wait()
+            reset_stats()
+            after_reset.wait()
+            for t in pool:
+                t.join()
+    finally:
+        sys.setswitchinterval(0.005)
+    assert [r["count"] for r in stats()] == [per_thread * threads]
+    epochs = [e.get("epoch") for e in logs if e["event"] == "kernel_fallback.kwarg_dropped"]
+    assert epochs.count(_events._epoch) == 1, "the first call after the last reset is logged, once"
