@@ -20,7 +20,33 @@ from typing import Final
 
 __all__ = ["stored_as"]
 
-_SKIPPED: Final = frozenset({"CACHE", "EXTENDED_ARG", "NOP"})
+_CACHE: Final = dis.opmap.get("CACHE", -1)  # inline cache entries of 3.11+, after a call
+_EXTENDED_ARG: Final = dis.EXTENDED_ARG
+_STORE_NAME: Final = dis.opmap["STORE_NAME"]
+_STORE_GLOBAL: Final = dis.opmap["STORE_GLOBAL"]
+
+
+def _next_store(code: types.CodeType, lasti: int) -> tuple[int, str] | None:
+    """The instruction after the one at ``lasti``, when it stores a name: (opcode, name).
+
+    Reads the bytecode from ``lasti`` on (two bytes an instruction since 3.6) instead of
+    disassembling the whole module, which a module decorating many kernels would pay
+    for each one.
+    """
+    raw = code.co_code
+    offset, arg = lasti + 2, 0
+    while offset + 1 < len(raw):
+        op, value = raw[offset], raw[offset + 1]
+        offset += 2
+        if op == _CACHE:
+            continue
+        if op == _EXTENDED_ARG:
+            arg = (arg | value) << 8
+            continue
+        if op in (_STORE_NAME, _STORE_GLOBAL):
+            return op, code.co_names[arg | value]
+        return None
+    return None
 
 
 def stored_as(frame: types.FrameType) -> tuple[str, str] | None:
@@ -33,18 +59,13 @@ def stored_as(frame: types.FrameType) -> tuple[str, str] | None:
     module = frame.f_globals.get("__name__")
     if not isinstance(module, str):
         return None
-    code = frame.f_code
-    following = next(
-        (i for i in dis.get_instructions(code) if i.offset > frame.f_lasti and i.opname not in _SKIPPED), None
-    )
-    if following is None or not isinstance(following.argval, str):
+    store = _next_store(frame.f_code, frame.f_lasti)
+    if store is None:
         return None
-    name = following.argval
-    at_module_level = following.opname == "STORE_NAME" and code.co_name == "<module>"
-    if following.opname == "STORE_GLOBAL" or at_module_level:
+    op, name = store
+    if op == _STORE_GLOBAL or frame.f_code.co_name == "<module>":
         return module, name
-    if following.opname == "STORE_NAME":  # a class body: its __qualname__ is set before it runs
-        owner = frame.f_locals.get("__qualname__")
-        if isinstance(owner, str) and "<locals>" not in owner:
-            return module, f"{owner}.{name}"
+    owner = frame.f_locals.get("__qualname__")  # a class body: set before it runs
+    if isinstance(owner, str) and "<locals>" not in owner:
+        return module, f"{owner}.{name}"
     return None

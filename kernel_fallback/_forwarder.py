@@ -7,12 +7,14 @@ plain Python function the wrapper does not need to be generic:
 - when the kernel lacks none of the listed keywords, :func:`clone` returns a copy of
   the function itself (same code, globals, defaults and closure);
 - otherwise :func:`forwarder` generates a function with the kernel's exact parameters
-  plus each missing keyword as a keyword-only parameter. A call that does not pass one
-  costs one identity test per missing keyword; one that passes a tensor whose key is
-  already logged ticks the key's counter (see ``_events.Counter``) and calls the kernel
-  without it. Everything else (the first occurrence, listeners, ``raise``, ``copy``
-  checks that fail, non-tensor values, CUDA graph capture, torch.compile tracing) goes
-  to the kernel's general slow path, which decides exactly as for any other callable.
+  plus each missing keyword as a keyword-only parameter (for builtins, torch ops,
+  pybind11 functions and callable objects: ``*args`` and ``**kwargs`` around them).
+  A call that does not pass one costs one identity test per missing keyword; one
+  that passes a tensor whose key is already logged ticks the key's counter (see
+  ``_events.Counter``) and calls the kernel without it. Everything else (the first
+  occurrence, listeners, ``raise``, ``copy`` checks that fail, non-tensor values, CUDA
+  graph capture, torch.compile tracing) goes to the kernel's general slow path, which
+  decides exactly as for any other callable.
 
 Under torch.compile the forwarder asks ``is_dynamo_compiling()`` before it reads any
 counter state, so Dynamo traces only the slow path: no guard on the counters, no
@@ -21,11 +23,13 @@ recompile when they change, no graph break.
 
 from __future__ import annotations
 
+import inspect
 import keyword
 import linecache
 import os
 import types
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Final, cast
 
 import torch
@@ -80,53 +84,74 @@ class Hooks:
         self.copy_back = copy_back
 
 
-def forwarder(
-    fn: types.FunctionType, missing: Mapping[str, object], hooks: Hooks, counters: Sequence[Counter]
-) -> tuple[types.FunctionType, dict[str, Any]] | None:
-    """Generate ``fn``'s forwarder; return it with its globals, or None when it cannot be made.
+@dataclass(frozen=True, slots=True)
+class _Params:
+    """A forwarder's parameters, as the kernel's code object lists them."""
 
-    ``missing`` maps each keyword ``fn`` lacks to its neutral value, in order;
-    ``counters`` holds one counter per missing keyword, for its current policy. The
-    caller swaps them in the returned globals (``_kf_S0``...) when the policies change.
-    ``hooks.slow(args, kwargs, *values)`` receives every missing keyword's value
-    (``UNSET`` when not passed) and must do what a generic wrapper does.
+    positional: tuple[str, ...]
+    n_posonly: int
+    kwonly: tuple[str, ...]
+    varargs: str | None
+    varkw: str | None
+    defaults: tuple[Any, ...] | None
+    kwdefaults: dict[str, Any]
+
+
+def _parameters(fn: Callable[..., Any], missing: Mapping[str, object]) -> _Params | None:
+    """``fn``'s own parameters for a Python function, ``*args, **kwargs`` for anything else.
+
+    None when a name could not be spelt in source or would shadow one the forwarder uses.
     """
+    if any(name.startswith(_PREFIX) for name in missing):
+        return None
+    if not isinstance(fn, types.FunctionType):
+        # Builtins, torch ops, pybind11, callable objects: Python cannot bind their
+        # parameters for them, so they bind them themselves, as on a direct call.
+        return _Params((), 0, (), "_kf_args", "_kf_kwargs", None, {})
     code = fn.__code__
     names = code.co_varnames
-    n_args, n_posonly, n_kwonly = code.co_argcount, code.co_posonlyargcount, code.co_kwonlyargcount
-    positional = names[:n_args]
-    kwonly = names[n_args : n_args + n_kwonly]
+    n_args, n_kwonly = code.co_argcount, code.co_kwonlyargcount
     rest = n_args + n_kwonly
-    varargs = names[rest] if code.co_flags & 0x04 else None  # CO_VARARGS
-    varkw = names[rest + (varargs is not None)] if code.co_flags & 0x08 else None  # CO_VARKEYWORDS
-    params = [*positional, *kwonly, *(n for n in (varargs, varkw) if n is not None)]
+    varargs = names[rest] if code.co_flags & inspect.CO_VARARGS else None
+    varkw = names[rest + (varargs is not None)] if code.co_flags & inspect.CO_VARKEYWORDS else None
+    params = _Params(
+        names[:n_args],
+        code.co_posonlyargcount,
+        names[n_args:rest],
+        varargs,
+        varkw,
+        fn.__defaults__,
+        dict(fn.__kwdefaults__ or {}),
+    )
+    spelt = [*params.positional, *params.kwonly, *(n for n in (varargs, varkw) if n is not None)]
     if any(
-        not n.isidentifier() or keyword.iskeyword(n) or n.startswith(_PREFIX) or n in missing for n in params
+        not n.isidentifier() or keyword.iskeyword(n) or n.startswith(_PREFIX) or n in missing for n in spelt
     ):
-        return None  # a parameter we could not spell or would shadow: keep the generic wrapper
+        return None
+    return params
 
-    n_defaults = len(fn.__defaults__ or ())
-    kwdefaults = fn.__kwdefaults__ or {}
+
+def _source(params: _Params, missing: Mapping[str, object]) -> str:
+    """The forwarder's source: test each missing keyword, tick or go the general way."""
+    n_args, n_defaults = len(params.positional), len(params.defaults or ())
     signature: list[str] = []
-    for i, name in enumerate(positional):
-        signature.append(f"{name}=None" if i >= n_args - n_defaults else name)  # defaults set below
-        if i == n_posonly - 1:
+    for i, name in enumerate(params.positional):
+        signature.append(f"{name}=None" if i >= n_args - n_defaults else name)  # real defaults set later
+        if i == params.n_posonly - 1:
             signature.append("/")
-    signature.append(f"*{varargs}" if varargs else "*")
-    signature += [f"{name}=None" if name in kwdefaults else name for name in kwonly]
+    signature.append(f"*{params.varargs}" if params.varargs else "*")
+    signature += [f"{name}=None" if name in params.kwdefaults else name for name in params.kwonly]
     signature += [f"{name}=None" for name in missing]
-    if varkw:
-        signature.append(f"**{varkw}")
+    if params.varkw:
+        signature.append(f"**{params.varkw}")
 
-    star = [f"*{varargs}"] if varargs else []
-    call_args = ", ".join(
-        [*positional, *star, *(f"{n}={n}" for n in kwonly), *([f"**{varkw}"] if varkw else [])]
-    )
-    call = f"_kf_fn({call_args})"
-    packed_args = f"({', '.join([*positional, *star])}{',' if len(positional) + len(star) == 1 else ''})"
-    packed_kwargs = (
-        "{" + ", ".join([*(f"{n!r}: {n}" for n in kwonly), *([f"**{varkw}"] if varkw else [])]) + "}"
-    )
+    star = [f"*{params.varargs}"] if params.varargs else []
+    double_star = [f"**{params.varkw}"] if params.varkw else []
+    by_name = [f"{n}={n}" for n in params.kwonly]
+    call = f"_kf_fn({', '.join([*params.positional, *star, *by_name, *double_star])})"
+    packed = [*params.positional, *star]
+    packed_args = f"({', '.join(packed)}{',' if len(packed) == 1 else ''})"
+    packed_kwargs = "{" + ", ".join([*(f"{n!r}: {n}" for n in params.kwonly), *double_star]) + "}"
     slow = f"return _kf_slow({packed_args}, {packed_kwargs}, {', '.join(missing)})"
 
     body: list[str] = []
@@ -139,6 +164,7 @@ def forwarder(
         ]
         body += [
             f"    if {name} is not _kf_U and {name} is not {neutral}:",
+            # Dynamo must not read the counter (a guard, a recompile when it turns hot).
             f"        if {' and '.join(['not _kf_C()', *later])}:",
             f"            _kf_s = _kf_S{i}",
             f"            if _kf_s.hot and {name}.__class__ is _kf_T and not ({name}.is_cuda and _kf_cap()):",
@@ -152,7 +178,8 @@ def forwarder(
             f"                    _kf_r = {call}",
             f"                    if (_kf_r.__class__ is _kf_T and _kf_r.dtype is {name}.dtype",
             f"                            and _kf_r.shape == {name}.shape",
-            f"                            and _kf_r.device == {name}.device):",
+            # get_device(): an int, cheaper than two device objects; -1 on the CPU.
+            f"                            and _kf_r.get_device() == {name}.get_device()):",
             f"                        {name}.copy_(_kf_r)",
             "                        _kf_s.tick()",
             f"                        return {name}",
@@ -165,8 +192,24 @@ def forwarder(
             f"        {slow}",
         ]
     body.append(f"    return {call}")
-    source = f"def _kf_forward({', '.join(signature)}):\n" + "\n".join(body) + "\n"
+    return f"def _kf_forward({', '.join(signature)}):\n" + "\n".join(body) + "\n"
 
+
+def forwarder(
+    fn: Callable[..., Any], missing: Mapping[str, object], hooks: Hooks, counters: Sequence[Counter]
+) -> tuple[types.FunctionType, dict[str, Any]] | None:
+    """Generate ``fn``'s forwarder; return it with its globals, or None when it cannot be made.
+
+    ``missing`` maps each keyword ``fn`` lacks to its neutral value, in order;
+    ``counters`` holds one counter per missing keyword, for its current policy. The
+    caller swaps them in the returned globals (``_kf_S0``...) when the policies change.
+    ``hooks.slow(args, kwargs, *values)`` receives every missing keyword's value
+    (``UNSET`` when not passed) and must do what a generic wrapper does.
+    """
+    params = _parameters(fn, missing)
+    if params is None:
+        return None
+    source = _source(params, missing)
     namespace: dict[str, Any] = {
         "_kf_fn": fn,
         "_kf_U": UNSET,
@@ -177,20 +220,24 @@ def forwarder(
         "_kf_check": hooks.check_buffer,
         "_kf_copy": hooks.copy_back,
     }
-    for i, name in enumerate(kwargs):
+    for i, name in enumerate(missing):
         namespace[f"_kf_N{i}"] = missing[name]
         namespace[f"_kf_S{i}"] = counters[i]
     # A file name inside the package: the caller's `where` skips the forwarder's frame,
     # and tracebacks show its source through linecache.
-    filename = os.path.join(_PACKAGE_DIR, f"<forwarder of {fn.__module__}.{fn.__qualname__}>")
+    found = getattr(fn, "__name__", None)
+    fn_name: str = found if isinstance(found, str) else type(fn).__name__
+    found = getattr(fn, "__qualname__", None)
+    qualname: str = found if isinstance(found, str) else fn_name
+    filename = os.path.join(_PACKAGE_DIR, f"<forwarder of {getattr(fn, '__module__', None)}.{qualname}>")
     linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)
     exec(compile(source, filename, "exec"), namespace)  # source made of the kernel's own parameter names
     made: types.FunctionType = namespace.pop("_kf_forward")
     # What tracebacks, profilers and "f() got an unexpected keyword argument" show.
-    renamed = made.__code__.replace(co_name=fn.__name__)
+    renamed = made.__code__.replace(co_name=fn_name)
     if hasattr(renamed, "co_qualname"):  # Python 3.11+
-        renamed = cast(Any, renamed).replace(co_qualname=fn.__qualname__)
+        renamed = cast(Any, renamed).replace(co_qualname=qualname)
     made.__code__ = renamed
-    made.__defaults__ = fn.__defaults__
-    made.__kwdefaults__ = {**kwdefaults, **dict.fromkeys(missing, UNSET)}
+    made.__defaults__ = params.defaults
+    made.__kwdefaults__ = {**params.kwdefaults, **dict.fromkeys(missing, UNSET)}
     return made, namespace

@@ -441,7 +441,11 @@ def tolerant_kwargs(
     keywords not listed, are passed through untouched.
 
     The wrapper keeps ``__name__``, ``__doc__`` and ``__wrapped__``, and exposes its
-    state as ``wrapper.tolerant`` (a :class:`TolerantKernel`).
+    state as ``wrapper.tolerant`` (a :class:`TolerantKernel`). For a Python function it
+    is a function too (a clone, or a forwarder with the kernel's parameters), so it
+    binds as a method as the kernel does. Stored at module level
+    (``fa3 = tolerant_kwargs(...)(flash_attn_varlen_func)``), it takes the name it is
+    stored under as ``__module__``/``__qualname__`` so that pickle (and ``spawn``) finds it.
     """
     neutral, policy = _check_options(drop, on_drop, name, env)
 
@@ -478,30 +482,25 @@ def tolerant_kwargs(
 def _make_wrapper(fn: Callable[..., Any], plan: TolerantKernel) -> Any:
     """The cheapest callable that behaves as ``plan`` says (metadata is the caller's)."""
     missing = frozenset(plan.missing)
-    if isinstance(fn, types.FunctionType):
-        if not missing:
+    if not missing:
+        if isinstance(fn, types.FunctionType):
             return _forwarder.clone(fn)  # nothing can be missing: fn at its own cost
-        hooks = _forwarder.Hooks(plan._call_from_forwarder, plan._check_buffer, plan._copy_back)
-        with _registry_lock:  # no reload commits between reading the counters and publishing them
-            made = _forwarder.forwarder(
-                fn,
-                {k: plan.neutral[k] for k in plan.missing},
-                hooks,
-                [plan._counters[k] for k in plan.missing],
-            )
-            if made is not None:
-                wrapper, plan._namespace = made
-                return wrapper
+        # No method binding to keep (builtins, torch ops and callable objects are no
+        # descriptors): a C-level forwarder costs next to nothing on launch-bound calls
+        # (torch.mm(out=) on decode shapes).
+        return functools.partial(fn)
+    hooks = _forwarder.Hooks(plan._call_from_forwarder, plan._check_buffer, plan._copy_back)
+    with _registry_lock:  # no reload commits between reading the counters and publishing them
+        neutral = {k: plan.neutral[k] for k in plan.missing}
+        made = _forwarder.forwarder(fn, neutral, hooks, [plan._counters[k] for k in plan.missing])
+        if made is not None:
+            wrapper, plan._namespace = made
+            return wrapper
     call_dropping = plan.call_dropping
-    if missing:
 
-        def generic(*args: Any, **kwargs: Any) -> Any:
-            if kwargs and not missing.isdisjoint(kwargs):
-                return call_dropping(args, kwargs)
-            return fn(*args, **kwargs)
+    def generic(*args: Any, **kwargs: Any) -> Any:  # parameters a forwarder could not spell
+        if kwargs and not missing.isdisjoint(kwargs):
+            return call_dropping(args, kwargs)
+        return fn(*args, **kwargs)
 
-        return generic
-    # Nothing to drop, and no method binding to keep (builtins, torch ops and callable
-    # objects are no descriptors): a C-level forwarder costs next to nothing on
-    # launch-bound calls (torch.mm(out=) on decode shapes).
-    return functools.partial(fn)
+    return generic

@@ -13,7 +13,7 @@ import pytest
 import torch
 from structlog.testing import capture_logs
 
-from kernel_fallback import UnsupportedKwargError, reload_config, reset_stats, stats, tolerant_kwargs
+from kernel_fallback import UnsupportedKwargError, _events, reload_config, reset_stats, stats, tolerant_kwargs
 from kernel_fallback._events import Counter
 from kernel_fallback._forwarder import UNSET
 from kernel_fallback.testing import capture_fallbacks
@@ -327,3 +327,80 @@ def test_tracebacks_show_the_forwarder_and_where_skips_it() -> None:
     frames = traceback.extract_tb(info.value.__traceback__)
     assert any("forwarder of" in f.filename and f.line and "_kf_fn(" in f.line for f in frames)
     assert repr(UNSET) == "<not passed>"
+
+
+@pytest.mark.parametrize(
+    ("kernel", "args", "unknown_error"),
+    [
+        (torch.nn.functional.scaled_dot_product_attention, (4,), TypeError),
+        (torch.ops.aten.mm.default, (2,), RuntimeError),
+    ],
+    ids=["torch-builtin", "torch-op"],
+)
+def test_builtins_and_ops_get_a_forwarder_around_their_arguments(
+    kernel: Any, args: tuple[int], unknown_error: type[Exception]
+) -> None:
+    wrapped: Any = tolerant_kwargs(["out"], "copy", name="native")(kernel)
+    assert wrapped.__code__.co_varnames[:3] == ("out", "_kf_args", "_kf_kwargs")
+    x = torch.randn(1, 2, *args, 4) if args == (4,) else torch.randn(2, 2)
+    inputs = (x, x, x) if args == (4,) else (x, x)
+    expected = kernel(*inputs)
+    with capture_logs():
+        for _ in range(4):
+            buf = torch.empty_like(expected)
+            assert wrapped(*inputs, out=buf) is buf
+            torch.testing.assert_close(buf, expected)
+        assert hot(wrapped.tolerant._counters["out"])
+    torch.testing.assert_close(wrapped(*inputs), expected)
+    with pytest.raises(unknown_error) as direct:
+        kernel(*inputs, bogus=1)
+    with pytest.raises(unknown_error) as decorated:
+        wrapped(*inputs, bogus=1)
+    assert str(decorated.value) == str(direct.value)
+    assert [r["count"] for r in stats()] == [4]
+
+
+def test_a_listed_keyword_named_like_the_forwarders_own_names_keeps_the_generic_wrapper() -> None:
+    wrapped: Any = tolerant_kwargs(["_kf_fn"], name="shadow")(lambda x: x + 1)
+    assert wrapped.__code__.co_varnames == ("args", "kwargs")
+    with capture_logs():
+        assert wrapped(1, _kf_fn=2) == 2
+    assert [r["kwarg"] for r in stats()] == ["_kf_fn"]
+
+
+def test_resets_racing_threads_never_break_counting_and_rearm_logging() -> None:
+    wrapped = tolerant_kwargs(["out"], name="reset_race")(fa3_like)
+    q, buf = torch.ones(2), torch.zeros(2)
+    per_thread, threads = 1000, 8
+    start, phase_two = threading.Barrier(threads + 1), threading.Barrier(threads + 1)
+    after_reset = threading.Barrier(threads + 1)
+
+    def work() -> None:
+        start.wait()
+        for _ in range(per_thread):  # resets race these calls
+            wrapped(q, q, q, q, q, out=buf)
+        phase_two.wait()
+        after_reset.wait()
+        for _ in range(per_thread):  # and none race these
+            wrapped(q, q, q, q, q, out=buf)
+
+    sys.setswitchinterval(1e-6)
+    try:
+        with capture_logs() as logs:
+            pool = [threading.Thread(target=work) for _ in range(threads)]
+            for t in pool:
+                t.start()
+            start.wait()
+            for _ in range(20):
+                reset_stats()
+                assert sum(r["count"] for r in stats()) <= per_thread * threads
+            phase_two.wait()
+            reset_stats()
+            after_reset.wait()
+            for t in pool:
+                t.join()
+    finally:
+        sys.setswitchinterval(0.005)
+    assert [r["count"] for r in stats()] == [per_thread * threads]
+    epochs = [e.get("epoch") for e in logs if e["event"] == "kernel_fallback.kwarg_dropped"]
+    assert epochs.count(_events._epoch) == 1, "the first call after the last reset is logged, once"
