@@ -73,8 +73,12 @@ def chain_of(*providers: Any) -> Any:
         raise NotImplementedError
 
     for provider in providers:
-        toy.provider(provider.__name__, loader=lambda p=provider: p)
+        toy.provider(provider.__name__, loader=_loader(provider))
     return toy
+
+
+def _loader(provider: Any) -> Any:
+    return lambda: provider
 
 
 @pytest.fixture(autouse=True)
