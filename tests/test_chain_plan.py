@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 import torch
+from structlog.testing import capture_logs
 
 from kernel_fallback import kernel_chain
 from kernel_fallback._chain_plan import make_plan
@@ -126,14 +127,16 @@ def test_calls_are_served_where_the_general_path_would_serve_them(
     assert [e.kind for e in events] == (["dispatch"] if routed else [])
 
 
-def test_out_is_copied_into_by_the_providers_policy() -> None:
+def test_out_is_copied_into_by_the_providers_policy_and_logged_at_the_callers_line() -> None:
     chain = chain_of(lean, full)
     buffer = torch.zeros(4)
-    with capture_fallbacks() as events:
+    with capture_fallbacks() as events, capture_logs() as logs:
         result = chain(x, y, out=buffer)
     assert result is buffer
     assert torch.equal(buffer, x + y)
     assert [(e.kind, e.subject, e.policy) for e in events] == [("kwarg", "out", "copy")]
+    (log,) = [log for log in logs if log["event"] == "kernel_fallback.kwarg_dropped"]
+    assert log["where"].startswith(f"{__file__}:")
 
 
 def test_mistakes_raise_what_the_general_path_raises() -> None:
