@@ -39,9 +39,11 @@ class CallShape:
         "names",
         "neutral",
         "positional",
+        "quiet_selectors",
         "route_keys",
         "routed",
         "selectors",
+        "signature",
     )
 
     def __init__(
@@ -57,8 +59,11 @@ class CallShape:
         also_neutral: Mapping[str, tuple[object, ...]],
         meaningful_with: Mapping[str, tuple[str, ...]],
         selectors: Mapping[str, Mapping[object, str | None]],
+        signature: inspect.Signature | None = None,
     ) -> None:
         self.kernel = kernel
+        #: The logical signature (a chain's fast paths are generated from it).
+        self.signature = signature
         #: Every parameter that may be given by position, in order.
         self.names = names
         #: The leading plain parameters: passed on to providers by position.
@@ -72,6 +77,25 @@ class CallShape:
         self.also_neutral = dict(also_neutral)
         self.meaningful_with = dict(meaningful_with)
         self.selectors = {k: dict(v) for k, v in selectors.items()}
+        #: Per selector, the values asking for the chain's own choice that a fast path
+        #: may consume by itself: ints and strings (never a bool, which is no version).
+        self.quiet_selectors = {
+            k: frozenset(v for v, p in choices.items() if p is None and v.__class__ in (int, str))
+            for k, choices in self.selectors.items()
+        }
+
+    def quiet(self, kwargs: dict[str, Any], check: frozenset[str]) -> bool:
+        """Consume selectors asking for the chain's own choice; True when nothing else in ``check`` is passed.
+
+        Removing them first is what the slow path does too, so a False answer loses nothing.
+        """
+        for key, values in self.quiet_selectors.items():
+            value = kwargs.get(key, kwargs)
+            if value is not kwargs:
+                if not ((value.__class__ is int or value.__class__ is str) and value in values):
+                    return False
+                del kwargs[key]
+        return check.isdisjoint(kwargs)
 
     def keywords(
         self, args: tuple[Any, ...], kwargs: dict[str, Any]
@@ -199,6 +223,7 @@ def call_shape(
         also_neutral=_per_route_key("also_neutral", also_neutral, routed, None),
         meaningful_with=_per_route_key("meaningful_with", meaningful_with, routed, sig),
         selectors=_check_selectors(where, selectors),
+        signature=sig,
     )
     return shape
 

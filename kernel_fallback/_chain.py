@@ -42,6 +42,7 @@ from typing import Any, ParamSpec, Protocol, TypeVar
 
 from kernel_fallback import _config
 from kernel_fallback._call_shape import call_shape
+from kernel_fallback._chain_plan import SLOW
 from kernel_fallback._chain_state import KernelChain, activate, chains
 from kernel_fallback._describe import render_table
 from kernel_fallback._gates import BoolFlag, Gate
@@ -91,8 +92,9 @@ class ChainFunction(Protocol[P, R_co]):
 def _chained(state: KernelChain, fn: Callable[P, R]) -> ChainFunction[P, R]:
     """The function callers call: the fast path, then the state's slow paths."""
     token = state._token
-    keywords = state._shape.keywords
     dispatch = state._dispatch
+    quiet = state._shape.quiet
+    slow = SLOW
 
     def chained(*args: Any, **kwargs: Any) -> Any:
         fast = state._fast
@@ -100,12 +102,14 @@ def _chained(state: KernelChain, fn: Callable[P, R]) -> ChainFunction[P, R]:
             activate(token, state._generation)
             # A second name: torch.compile has already read `_fast` (None) in this trace.
             fast = state._state
-        impl, check, active, bind_from = fast
-        if len(args) > bind_from:
-            args, kwargs = keywords(args, kwargs)
-        if kwargs and not check.isdisjoint(kwargs):
-            return dispatch(impl, active, args, kwargs)
-        return impl(*args, **kwargs)
+        plan, impl, check, active, bind_from = fast
+        if plan is not None:  # the provider lacks something: its generated fast path
+            result = plan(*args, **kwargs)
+            if result is not slow:
+                return result
+        elif len(args) <= bind_from and (not kwargs or check.isdisjoint(kwargs) or quiet(kwargs, check)):
+            return impl(*args, **kwargs)
+        return dispatch(impl, active, args, kwargs)
 
     functools.update_wrapper(chained, fn)
     chained.chain = state  # type: ignore[attr-defined]

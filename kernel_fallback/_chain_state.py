@@ -22,6 +22,7 @@ import torch
 
 from kernel_fallback import _config, _events
 from kernel_fallback._call_shape import CallShape
+from kernel_fallback._chain_plan import make_plan
 from kernel_fallback._describe import Selection, describe_chain, render_table
 from kernel_fallback._gates import BoolFlag, Gate
 from kernel_fallback._providers import (
@@ -36,7 +37,7 @@ from kernel_fallback._providers import (
 from kernel_fallback._tolerant import _capturing
 from kernel_fallback.exceptions import PolicyConfigError, ProviderUnavailableError, UnsupportedKwargError
 
-__all__ = ["KernelChain", "Selection", "activate", "chains", "route"]
+__all__ = ["Fast", "KernelChain", "Selection", "activate", "chains", "route"]
 
 PROVIDER_EVENT: Final = "kernel_fallback.provider_fallback"
 DISPATCH_EVENT: Final = "kernel_fallback.dispatch"
@@ -49,7 +50,10 @@ def _not_active(*args: object, **kwargs: object) -> None:
     raise AssertionError("kernel_fallback: a chain was called before choosing its provider")
 
 
-_NOT_ACTIVE: Final = (_not_active, frozenset[str](), "", 0)
+#: (generated fast path or None, callable, keywords that need the slow path, provider
+#: name, positional arguments from which on are turned into keywords first)
+Fast = tuple[Callable[..., Any] | None, Callable[..., Any], frozenset[str], str, int]
+_NOT_ACTIVE: Final[Fast] = (None, _not_active, frozenset[str](), "", 0)
 
 
 @final
@@ -111,10 +115,8 @@ class KernelChain:
         self._routes: dict[tuple[str, tuple[str, ...]], tuple[str, str]] = {}
         self._selection: Selection | None = None
         self._active: tuple[str, tuple[str, ...], dict[str, str]] | None = None
-        # (callable, keywords that need the slow path, provider name, positional
-        # arguments from which on are turned into keywords first)
-        self._fast: tuple[Callable[..., Any], frozenset[str], str, int] | None = None
-        self._state: tuple[Callable[..., Any], frozenset[str], str, int] = _NOT_ACTIVE
+        self._fast: Fast | None = None
+        self._state: Fast = _NOT_ACTIVE
         self._use: str | None = None
         self._event_fields: dict[tuple[str, str, str, str], object] = {}
         self._generation = ""
@@ -357,7 +359,7 @@ class KernelChain:
             self._loads[name] = got
         return got
 
-    def _activate(self) -> tuple[Callable[..., Any], frozenset[str], str, int]:
+    def _activate(self) -> Fast:
         """Choose and open the active provider, unless done; raise when none can serve."""
         with self._lock:
             if self._fast is not None:
@@ -384,8 +386,29 @@ class KernelChain:
             # What sends a call to the slow path: a route keyword it lacks, a hint it
             # lacks (removed there), a selector (never passed to a provider).
             check = chosen.route_lacking | chosen.hints_lacking | frozenset(self._shape.selectors)
-            self._fast = self._state = (chosen.impl, check, chosen.name, self._bind_from(chosen))
+            plan = self._plan(chosen)
+            self._fast = self._state = (plan, chosen.impl, check, chosen.name, self._bind_from(chosen))
             return self._fast
+
+    def _plan(self, chosen: Loaded) -> Callable[..., Any] | None:
+        """The fast path generated for ``chosen`` (see :mod:`kernel_fallback._chain_plan`), or None."""
+        shape = self._shape
+        if shape.signature is None or chosen.kernel is None:
+            return None
+        return make_plan(
+            self.name,
+            chosen.name,
+            shape.signature,
+            kernel=chosen.kernel,
+            impl=chosen.impl,
+            lacking=chosen.lacking,
+            hints_lacking=chosen.hints_lacking,
+            neutral=shape.neutral,
+            routed=shape.routed,
+            also_neutral=shape.also_neutral,
+            meaningful_with=shape.meaningful_with,
+            quiet_selectors=shape.quiet_selectors,
+        )
 
     def _bind_from(self, chosen: Loaded) -> int:
         """Where the fast path starts turning positional arguments into keywords for ``chosen``.

@@ -251,6 +251,8 @@ class Loaded:
     hints_lacking: frozenset[str] = frozenset()
     #: The kernel's own positional parameters (None: no Python signature).
     positional: tuple[str, ...] | None = None
+    #: The kernel itself, unwrapped (``impl`` may be its ``tolerant_kwargs`` wrapper).
+    kernel: Callable[..., Any] | None = field(default=None, compare=False)
 
 
 @final
@@ -365,6 +367,7 @@ def open_provider(
             frozenset(),
             hints_lacking=hints_lacking,
             positional=positional_names(kernel),
+            kernel=kernel,
         )
     target = kernel
     if any(support.accepts(k) for k in unsupported & neutral.keys()):
@@ -385,4 +388,5 @@ def open_provider(
         tolerant,
         hints_lacking,
         positional_names(kernel),
+        kernel,
     )

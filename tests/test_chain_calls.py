@@ -251,7 +251,7 @@ def test_a_provider_with_the_chains_positional_order_takes_positional_calls_as_t
     chain.provider("full", loader=lambda: full)
     sinks = torch.full((4,), 3.0)
     assert torch.equal(chain(x, y, None, sinks, None, 0, 4), x + y + sinks)
-    assert chain.chain._fast[3] == 7  # no binding: all 7 positional parameters pass through
+    assert chain.chain._fast[4] == 7  # no binding: all 7 positional parameters pass through
     assert SEEN[0] == {"provider": "positional_full", "splits": 4}
     # A selector sends the call to `full`: the positional arguments are bound first.
     SEEN.clear()
@@ -259,7 +259,7 @@ def test_a_provider_with_the_chains_positional_order_takes_positional_calls_as_t
     assert SEEN == [{"provider": "full", "splits": 5, "chunk": 0}]
     other = declared()
     other(x, y)
-    assert other.chain._fast[3] == 3  # `fast` lacks them: positional arguments become keywords
+    assert other.chain._fast[4] == 3  # `fast` lacks them: positional arguments become keywords
 
 
 def pure_fast(

@@ -52,3 +52,9 @@ def test_bench_cli_prints_time_and_peak_memory() -> None:
     rows = {line.split()[0]: line.split()[1:] for line in out.splitlines()[1:]}
     assert sorted(rows) == ["(python)", "app-lines", "events", "gzip", "small"]
     assert all(float(row[-1]) > 0 for row in rows.values())  # peak RSS in MB
+
+
+def test_bench_chain_prints_every_row_with_its_ratio() -> None:
+    out = run("examples/bench_chain.py", "--rounds", "1", "--calls", "40")
+    for row in ["exact chain ver=3", "torch-like chain", "varlen torch-like chain", "torch chain"]:
+        assert re.search(rf"^{re.escape(row)}\s+\d+\s+\d+\.\d\dx", out, re.M), row
