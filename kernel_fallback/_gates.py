@@ -29,6 +29,7 @@ __all__ = [
     "is_load_error",
     "platform_is",
     "torch_version",
+    "version_key",
 ]
 
 #: What a provider that cannot be used here raises while being gated or loaded: a
@@ -128,13 +129,19 @@ def cuda_capability(*majors: int) -> Gate:
     return Gate(f"compute capability {text}", check)
 
 
-def _version(option: str, text: str) -> tuple[int, ...]:
+def version_key(text: object) -> tuple[int, ...] | None:
+    """The leading dotted numbers of a version (``'2.4.1+cu121'`` -> ``(2, 4, 1)``), None if none."""
     match = re.match(r"^\s*(\d+(?:\.\d+)*)", text) if isinstance(text, str) else None
-    if match is None:
+    return tuple(int(part) for part in match.group(1).split(".")) if match else None
+
+
+def _version(option: str, text: str) -> tuple[int, ...]:
+    key = version_key(text)
+    if key is None:
         raise PolicyConfigError(
             f"{option}={text!r} is not a version; write it like '12.3' or '2.4.1'.", name=option, value=text
         )
-    return tuple(int(part) for part in match.group(1).split("."))
+    return key
 
 
 def _at_least(have: tuple[int, ...], want: tuple[int, ...]) -> bool:
