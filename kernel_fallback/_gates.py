@@ -16,7 +16,7 @@ from typing import Final, final
 
 import torch
 
-from kernel_fallback._config import Snapshot, parse_bool
+from kernel_fallback._config import Snapshot, is_env_name, parse_bool
 from kernel_fallback.exceptions import PolicyConfigError
 
 __all__ = [
@@ -36,7 +36,6 @@ __all__ = [
 #: missing package or name (ImportError), a missing shared object (OSError), a failed
 #: CUDA initialisation (RuntimeError). RecursionError, a RuntimeError, is a bug.
 LOAD_ERRORS: Final = (ImportError, OSError, RuntimeError)
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 def is_load_error(exc: BaseException) -> bool:
@@ -218,7 +217,7 @@ class BoolFlag:
     def __init__(
         self, var: str, *, default: bool, when_true: Sequence[str], when_false: Sequence[str]
     ) -> None:
-        if not isinstance(var, str) or not _ENV_NAME.match(var):
+        if not is_env_name(var):
             raise PolicyConfigError(
                 f"BoolFlag({var!r}): the first argument must be an environment variable name.",
                 name="var",
