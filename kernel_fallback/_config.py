@@ -31,7 +31,6 @@ __all__ = [
     "LOG_FORMATS",
     "POLICIES",
     "Snapshot",
-    "check_env_name",
     "check_kernel_declared",
     "check_known_variables",
     "check_log_file",
@@ -40,6 +39,7 @@ __all__ = [
     "check_per_kernel_name",
     "env_suffix",
     "env_value",
+    "is_env_name",
     "parse_bool",
     "parse_log_format",
     "parse_policy",
@@ -91,17 +91,10 @@ def env_value(raw: str | None) -> str | None:
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 
-def check_env_name(where: str, name: object) -> str:
-    """Return ``name`` if it is an environment variable name, else raise naming ``where``."""
+def is_env_name(name: object) -> bool:
+    """True when ``name`` can name an environment variable (what ``env=`` and flags take)."""
     # fullmatch: `$` would accept a trailing newline ("A\n"), a name no one can set.
-    if isinstance(name, str) and _ENV_NAME.fullmatch(name):
-        return name
-    raise PolicyConfigError(
-        f"{where}: {name!r} is not an environment variable name (ASCII letters, digits and "
-        "underscores, not starting with a digit).",
-        name=where,
-        value=name,
-    )
+    return isinstance(name, str) and _ENV_NAME.fullmatch(name) is not None
 
 
 def env_suffix(name: str) -> str:
@@ -242,18 +235,15 @@ def check_per_kernel_name(name: str, raw: str, kernels: Iterable[str]) -> None:
     )
 
 
-def check_kernel_declared(kernel: str, env: str | None, declared: Callable[[], Iterable[str]]) -> None:
+def check_kernel_declared(kernel: str, declared: Callable[[], Iterable[str]]) -> None:
     """Checks made when a kernel is declared (decorated), against the current snapshot.
 
-    ``kernel`` is its name, ``env`` its decorator's ``env=`` variable, ``declared``
-    returns the names of the kernels declared before it (called only when needed:
-    declaring many kernels stays linear). Raises :class:`PolicyConfigError` for an
-    ``env`` that is not a variable name, and for a set ``KERNEL_FALLBACK_ON_DROP__*``
-    variable that is a near miss of ``kernel``'s and names no declared kernel (see
+    ``kernel`` is its name, ``declared`` returns the names of the kernels declared
+    before it (called only when needed: declaring many kernels stays linear). Raises
+    :class:`PolicyConfigError` for a set ``KERNEL_FALLBACK_ON_DROP__*`` variable that
+    is a near miss of ``kernel``'s and names no declared kernel (see
     :func:`check_per_kernel_name`).
     """
-    if env is not None:
-        check_env_name(f"tolerant_kwargs(env={env!r})", env)
     snap = snapshot()
     for name in _set_on_drop_variables(snap):
         if per_kernel_near_miss(name, [kernel]) is not None:

@@ -39,7 +39,6 @@ import atexit
 import contextlib
 import datetime
 import functools
-import logging
 import os
 import sys
 import threading
@@ -76,7 +75,6 @@ __all__ = [
     "stats",
 ]
 
-LOGGER_NAME: Final = "kernel_fallback"
 #: Distinct keys kept before new ones are folded into one overflow entry; a bound on
 #: memory for programs that make kernels (and so names) dynamically.
 MAX_ENTRIES: Final = 4096
@@ -335,8 +333,10 @@ def emit(event: str, fields: Mapping[str, Any]) -> None:
         logger = _logger_override
         if logger is None:
             logger = _env_logger()
+        if logger is None and structlog.is_configured():
+            logger = structlog.get_logger(_sinks.LOGGER_NAME)
         if logger is None:
-            logger = structlog.get_logger(LOGGER_NAME) if structlog.is_configured() else _stdlib_logger()
+            logger = _sinks.stdlib_logger()
         logger.warning(event, **{k: v for k, v in fields.items() if k != "event"})
     except Exception as exc:  # noqa: BLE001 - a log handler must not break a kernel call
         _observer_failed(f"logging {event}", exc)
@@ -350,34 +350,6 @@ def _observer_failed(what: str, exc: Exception) -> None:
         # If stderr itself is gone there is nothing left to tell.
         with contextlib.suppress(Exception):
             sys.stderr.write(f"kernel_fallback: {what} failed: {exc!r}\n")
-
-
-def _render_for_stdlib(
-    _logger: Any, _method: str, event_dict: structlog.typing.EventDict
-) -> tuple[tuple[str], dict[str, Any]]:
-    rendered = _KV(_logger, _method, dict(event_dict))
-    return (str(rendered),), {"extra": {"kernel_fallback": dict(event_dict)}}
-
-
-_KV = structlog.processors.KeyValueRenderer(
-    key_order=["event", "kernel", "kwarg", "policy"], drop_missing=True
-)
-_stdlib_bound: Any = None
-
-
-def _stdlib_logger() -> Any:
-    global _stdlib_bound
-    if _stdlib_bound is None:
-        _stdlib_bound = structlog.wrap_logger(
-            logging.getLogger(LOGGER_NAME),
-            processors=[
-                structlog.processors.TimeStamper(fmt="iso", utc=True),
-                _sinks.add_process_info,
-                _render_for_stdlib,
-            ],
-            wrapper_class=structlog.stdlib.BoundLogger,
-        )
-    return _stdlib_bound
 
 
 def _env_logger() -> Any:

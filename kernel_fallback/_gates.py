@@ -16,7 +16,7 @@ from typing import Final, final
 
 import torch
 
-from kernel_fallback._config import Snapshot, parse_bool
+from kernel_fallback._config import Snapshot, is_env_name, parse_bool
 from kernel_fallback.exceptions import PolicyConfigError
 
 __all__ = [
@@ -29,13 +29,13 @@ __all__ = [
     "is_load_error",
     "platform_is",
     "torch_version",
+    "version_key",
 ]
 
 #: What a provider that cannot be used here raises while being gated or loaded: a
 #: missing package or name (ImportError), a missing shared object (OSError), a failed
 #: CUDA initialisation (RuntimeError). RecursionError, a RuntimeError, is a bug.
 LOAD_ERRORS: Final = (ImportError, OSError, RuntimeError)
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 def is_load_error(exc: BaseException) -> bool:
@@ -128,13 +128,19 @@ def cuda_capability(*majors: int) -> Gate:
     return Gate(f"compute capability {text}", check)
 
 
-def _version(option: str, text: str) -> tuple[int, ...]:
+def version_key(text: object) -> tuple[int, ...] | None:
+    """The leading dotted numbers of a version (``'2.4.1+cu121'`` -> ``(2, 4, 1)``), None if none."""
     match = re.match(r"^\s*(\d+(?:\.\d+)*)", text) if isinstance(text, str) else None
-    if match is None:
+    return tuple(int(part) for part in match.group(1).split(".")) if match else None
+
+
+def _version(option: str, text: str) -> tuple[int, ...]:
+    key = version_key(text)
+    if key is None:
         raise PolicyConfigError(
             f"{option}={text!r} is not a version; write it like '12.3' or '2.4.1'.", name=option, value=text
         )
-    return tuple(int(part) for part in match.group(1).split("."))
+    return key
 
 
 def _at_least(have: tuple[int, ...], want: tuple[int, ...]) -> bool:
@@ -211,7 +217,7 @@ class BoolFlag:
     def __init__(
         self, var: str, *, default: bool, when_true: Sequence[str], when_false: Sequence[str]
     ) -> None:
-        if not isinstance(var, str) or not _ENV_NAME.match(var):
+        if not is_env_name(var):
             raise PolicyConfigError(
                 f"BoolFlag({var!r}): the first argument must be an environment variable name.",
                 name="var",

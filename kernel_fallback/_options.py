@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import keyword
-import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, Final
 
@@ -23,7 +22,6 @@ __all__ = ["stream_capturing"]
 
 _PLAIN = (type(None), bool, int, float, str)
 _NOT_PLAIN: Final = object()
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
 def _plain(value: object) -> object:
@@ -95,10 +93,10 @@ def _check_options(
         raise PolicyConfigError(
             f"tolerant_kwargs(name={name!r}): name must be a non-empty string.", name="name", value=name
         )
-    if env is not None and (not isinstance(env, str) or not _ENV_NAME.match(env)):
+    if env is not None and not _config.is_env_name(env):
         raise PolicyConfigError(
             f"tolerant_kwargs(env={env!r}): env must be an environment variable name "
-            "(letters, digits, underscores, not starting with a digit).",
+            "(ASCII letters, digits, underscores, not starting with a digit).",
             name="env",
             value=env,
         )

@@ -8,7 +8,7 @@ it: ``_events`` sends an event to :func:`env_logger` when ``KERNEL_FALLBACK_LOG_
 or ``KERNEL_FALLBACK_LOG_FILE`` is set (so whatever imports ``_events``, a decorated
 kernel included, gets the log those variables describe), and
 ``_logging.configure_logging()`` wraps a :class:`_LineWriter` in the processor chain of
-``_build``.
+``_build``. When nothing is configured, ``_events`` logs through :func:`stdlib_logger`.
 
 Each event is one line, written with a single ``write()`` to a file opened in append
 mode, so several processes may share one file without tearing lines. The file name
@@ -39,7 +39,18 @@ import structlog
 from kernel_fallback import _config
 from kernel_fallback.exceptions import LogFileError
 
-__all__ = ["INVALID_RANK", "add_process_info", "env_logger", "expand_log_path", "open_log_file"]
+__all__ = [
+    "INVALID_RANK",
+    "LOGGER_NAME",
+    "add_process_info",
+    "env_logger",
+    "expand_log_path",
+    "open_log_file",
+    "stdlib_logger",
+]
+
+#: The standard library logger that events go to when nothing else is configured.
+LOGGER_NAME: Final = "kernel_fallback"
 
 _writers: weakref.WeakSet[_LineWriter] = weakref.WeakSet()
 #: (config snapshot version, writer, logger) of the logger built from the environment.
@@ -48,6 +59,7 @@ _from_env: tuple[int, _LineWriter, Any] | None = None
 _env_failed: tuple[int, OSError] | None = None
 _env_lock = threading.Lock()
 _hostname: str | None = None
+_stdlib_bound: Any = None
 
 
 #: What ``{rank}`` becomes when ``RANK`` (or ``LOCAL_RANK``) is set but not a rank.
@@ -279,6 +291,38 @@ def _build(format: str, writer: _LineWriter, level: int) -> Any:
         wrapper_class=structlog.make_filtering_bound_logger(level),
         cache_logger_on_first_use=True,
     )
+
+
+def _render_for_stdlib(
+    _logger: Any, _method: str, event_dict: structlog.typing.EventDict
+) -> tuple[tuple[str], dict[str, Any]]:
+    rendered = _KV(_logger, _method, dict(event_dict))
+    return (str(rendered),), {"extra": {"kernel_fallback": dict(event_dict)}}
+
+
+_KV = structlog.processors.KeyValueRenderer(
+    key_order=["event", "kernel", "kwarg", "policy"], drop_missing=True
+)
+
+
+def stdlib_logger() -> Any:
+    """structlog around the standard library logger :data:`LOGGER_NAME` (built once).
+
+    The host's ``logging`` set-up decides what is shown; each record carries the event's
+    fields in ``extra["kernel_fallback"]``.
+    """
+    global _stdlib_bound
+    if _stdlib_bound is None:
+        _stdlib_bound = structlog.wrap_logger(
+            logging.getLogger(LOGGER_NAME),
+            processors=[
+                structlog.processors.TimeStamper(fmt="iso", utc=True),
+                add_process_info,
+                _render_for_stdlib,
+            ],
+            wrapper_class=structlog.stdlib.BoundLogger,
+        )
+    return _stdlib_bound
 
 
 def env_logger(snap: _config.Snapshot) -> Any:

@@ -459,7 +459,7 @@ def tolerant_kwargs(
             raise TypeError(f"tolerant_kwargs can only wrap a callable, got {fn!r}.")
         kernel_name = name or _default_name(fn)
         # Before registering: a misspelt per-kernel variable must not leave a kernel behind.
-        _config.check_kernel_declared(kernel_name, env, lambda: [k.name for k in kernels()])
+        _config.check_kernel_declared(kernel_name, lambda: [k.name for k in kernels()])
         with _registry_lock:
             plan = TolerantKernel(fn, kernel_name, neutral, policy, env)
             _registry.add(plan)

@@ -9,7 +9,7 @@ import pytest
 import structlog
 
 import kernel_fallback
-from kernel_fallback import _events
+from kernel_fallback import _events, _logging, _sinks
 
 
 @pytest.fixture(autouse=True)
@@ -30,3 +30,18 @@ def clean_state(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
             monkeypatch.delenv(name)
     kernel_fallback.reload_config()
     kernel_fallback.reset_stats()
+
+
+@pytest.fixture
+def close_log_files() -> Iterator[None]:
+    """Close what configure_logging() or the KERNEL_FALLBACK_LOG_* logger opened.
+
+    For the modules that open log files, so each test leaves no descriptor behind.
+    """
+    yield
+    if _logging._configured is not None:
+        _logging._configured.close()
+        _logging._configured = None
+    if _sinks._from_env is not None:
+        _sinks._from_env[1].close()
+        _sinks._from_env = None

@@ -34,14 +34,6 @@ def _cannot(**features: Any) -> None:
         raise NotImplementedError(f"the sgl_kernel stand-in cannot compute {', '.join(given)}")
 
 
-def _with_rest(result: Any, return_softmax_lse: bool) -> Any:
-    # The builds return (out, softmax_lse, *rest): the op's further outputs follow.
-    if not return_softmax_lse:
-        return result
-    out, lse = result
-    return (out, lse, torch.empty(0), torch.empty(0))
-
-
 def _varlen(args: dict[str, Any]) -> Any:
     """Both builds' varlen path: ``page_table`` never reaches the kernel (None is passed)."""
     _cannot(
@@ -49,7 +41,7 @@ def _varlen(args: dict[str, Any]) -> Any:
     )
     if args["max_seqlen_q"] is None or args["max_seqlen_k"] is None:
         raise ValueError("max_seqlen_q and max_seqlen_k are required for FA3")
-    result = ref.flash_attn_varlen_func(
+    return ref.flash_attn_varlen_func(
         args["q"],
         args["k"],
         args["v"],
@@ -67,7 +59,6 @@ def _varlen(args: dict[str, Any]) -> Any:
         sinks=args["sinks"],
         return_softmax_lse=True,
     )
-    return result
 
 
 def _kvcache(args: dict[str, Any]) -> Any:
@@ -109,7 +100,10 @@ def _finish(
     if out is not None:  # 0.4.10 hands `out` to the op, which writes the result there
         out.copy_(computed)
         computed = out
-    return _with_rest((computed, lse), return_softmax_lse) if return_softmax_lse else computed
+    if not return_softmax_lse:
+        return computed
+    # The builds return (out, softmax_lse, *rest): the op's further outputs follow.
+    return (computed, lse, torch.empty(0), torch.empty(0))
 
 
 # -- sgl-kernel 0.3.21 -------------------------------------------------------------------

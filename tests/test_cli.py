@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from child_env import clean_env
 
 from kernel_fallback._cli import main
 
@@ -31,14 +32,6 @@ FOREIGN_LINES = [
     "[1, 2, 3]",
     "\x00\x01 binary",
 ]
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("KERNEL_FALLBACK_", "RANK", "LOCAL_RANK"))
-    }
-    env.update(extra)
-    return env
 
 
 @pytest.fixture(scope="module")

@@ -4,26 +4,16 @@ and the config process writes no events, in real processes."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
 import pytest
+from child_env import clean_env
 
 WORKLOAD = Path(__file__).with_name("fallback_workload.py")
 FLASH_ATTN = "kernel_fallback.integrations.flash_attn"
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("KERNEL_FALLBACK_", "SGLANG_", "RANK", "LOCAL_RANK"))
-    }
-    env.update(extra)
-    return env
 
 
 def config(*args: str, cwd: Path | str = ".", **env: str) -> subprocess.CompletedProcess[str]:

@@ -13,7 +13,6 @@ import os
 import re
 import socket
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +20,12 @@ import pytest
 import torch
 
 import kernel_fallback
-from kernel_fallback import PolicyConfigError, _events, _logging, _sinks, tolerant_kwargs
+from kernel_fallback import PolicyConfigError, _events, tolerant_kwargs
 from kernel_fallback._logging import configure_logging
 
 WORKLOAD = Path(__file__).with_name("fallback_workload.py")
+
+pytestmark = pytest.mark.usefixtures("close_log_files")
 
 
 @tolerant_kwargs(drop=["out"], name="log_add")
@@ -44,18 +45,6 @@ def fall_back(times: int = 1) -> None:
 
 def json_lines(text: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-
-@pytest.fixture(autouse=True)
-def close_log_files() -> Iterator[None]:
-    """Close what configure_logging() opened, so each test leaves no descriptor behind."""
-    yield
-    if _logging._configured is not None:
-        _logging._configured.close()
-        _logging._configured = None
-    if _sinks._from_env is not None:
-        _sinks._from_env[1].close()
-        _sinks._from_env = None
 
 
 def test_json_event_carries_what_aggregation_needs(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from child_env import clean_env
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -27,14 +28,6 @@ from kernel_fallback._loglines import MAX_LINE_BYTES
 
 WORKLOAD = Path(__file__).with_name("fallback_workload.py")
 BOM = b"\xef\xbb\xbf"
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    env = {
-        k: v for k, v in os.environ.items() if not k.startswith(("KERNEL_FALLBACK_", "RANK", "LOCAL_RANK"))
-    }
-    env.update(extra)
-    return env
 
 
 def cli(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[str]:

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import textwrap
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -31,6 +30,8 @@ from kernel_fallback._sinks import expand_log_path
 from kernel_fallback.exceptions import LogFileError
 
 WORKLOAD = Path(__file__).with_name("fallback_workload.py")
+
+pytestmark = pytest.mark.usefixtures("close_log_files")
 
 
 @tolerant_kwargs(drop=["out"], name="sink_add")
@@ -50,18 +51,6 @@ def fall_back(times: int = 1) -> None:
 
 def json_lines(text: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in text.splitlines() if line.strip()]
-
-
-@pytest.fixture(autouse=True)
-def close_log_files() -> Iterator[None]:
-    """Close what configure_logging() opened, so each test leaves no descriptor behind."""
-    yield
-    if _logging._configured is not None:
-        _logging._configured.close()
-        _logging._configured = None
-    if _sinks._from_env is not None:
-        _sinks._from_env[1].close()
-        _sinks._from_env = None
 
 
 @pytest.mark.parametrize(

@@ -26,10 +26,11 @@ distributions' metadata is present (which one installed the module is then unkno
 from __future__ import annotations
 
 import importlib.metadata
-import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final, final
+
+from kernel_fallback._gates import version_key
 
 __all__ = ["BUILDS", "DISTRIBUTIONS", "Build", "build_for", "ignored_by_installed", "installed"]
 
@@ -79,8 +80,7 @@ BUILDS: Final = (
 
 
 def _key(version: str) -> tuple[int, ...]:
-    match = re.match(r"^\s*(\d+(?:\.\d+)*)", version)
-    return tuple(int(p) for p in match.group(1).split(".")) if match else ()
+    return version_key(version) or ()  # no number: below every listed build
 
 
 def installed() -> tuple[str, str] | None:

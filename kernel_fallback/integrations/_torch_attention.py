@@ -113,13 +113,18 @@ def _check_common(
         )
 
 
-def _check_int32_vector(name: str, t: Tensor, length: int | None = None) -> list[int]:
-    """Check that ``t`` is a 1-D int32 tensor (of ``length`` if given); return its values."""
+def _check_int32_shape(name: str, t: Tensor, length: int | None = None) -> None:
+    """Check that ``t`` is a 1-D int32 tensor (of ``length`` if given), without reading it."""
     if t.dtype != torch.int32:
         raise ValueError(f"{name} must have dtype torch.int32, got {t.dtype}")
     if t.dim() != 1 or (length is not None and t.shape[0] != length):
         want = f"({length},)" if length is not None else "1-D"
         raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
+
+
+def _check_int32_vector(name: str, t: Tensor, length: int | None = None) -> list[int]:
+    """:func:`_check_int32_shape`, then ``t``'s values (a device sync for a CUDA tensor)."""
+    _check_int32_shape(name, t, length)
     values: list[int] = t.tolist()
     return values
 
