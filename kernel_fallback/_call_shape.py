@@ -19,8 +19,8 @@ import sys
 from collections.abc import Iterable, Mapping
 from typing import Any, final
 
+from kernel_fallback._options import _is_neutral
 from kernel_fallback._providers import Loaded, check_provider_name, neutral_spec
-from kernel_fallback._tolerant import _is_neutral
 from kernel_fallback.exceptions import PolicyConfigError
 
 __all__ = ["CallShape", "call_shape"]

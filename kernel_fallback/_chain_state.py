@@ -25,6 +25,7 @@ from kernel_fallback._call_shape import CallShape
 from kernel_fallback._chain_plan import make_plan
 from kernel_fallback._describe import Selection, describe_chain, render_table
 from kernel_fallback._gates import BoolFlag, Gate
+from kernel_fallback._options import _capturing
 from kernel_fallback._providers import (
     AUTO,
     Loaded,
@@ -34,7 +35,6 @@ from kernel_fallback._providers import (
     lookup_provider,
     open_provider,
 )
-from kernel_fallback._tolerant import _capturing
 from kernel_fallback.exceptions import PolicyConfigError, ProviderUnavailableError, UnsupportedKwargError
 
 __all__ = ["Fast", "KernelChain", "Selection", "activate", "chains", "route"]
@@ -148,8 +148,10 @@ class KernelChain:
         if torch.compiler.is_dynamo_compiling():
             _events.note_traced("dispatch", self.name, target, policy)
         else:
-            # Under CUDA graph capture the route is baked into the graph: say so.
-            captured = bool(args) and _capturing(args[0])
+            # Under CUDA graph capture the route is baked into the graph: say so. The query
+            # may come by keyword (sglang's varlen call passes every argument so).
+            probe = args[0] if args else next(iter(kwargs.values()), None)
+            captured = _capturing(probe)
             _events.record(("dispatch", self.name, target, policy), captured=captured)
         got = self._loads.get(target)
         if not isinstance(got, Loaded):  # reset() while this call was in flight: open it again

@@ -27,9 +27,7 @@ from typing import Any, Final, NoReturn, Protocol, TypeVar, final
 import torch
 
 from kernel_fallback import _binding, _config, _events, _forwarder
-from kernel_fallback._options import _capturing as _capturing  # also the chains'
-from kernel_fallback._options import _check_options, _default_name
-from kernel_fallback._options import _is_neutral as _is_neutral
+from kernel_fallback._options import _capturing, _check_options, _default_name, _is_neutral
 from kernel_fallback._signature import KwargSupport, kwarg_support
 from kernel_fallback.exceptions import PolicyConfigError, UnsupportedKwargError
 
