@@ -396,3 +396,30 @@ def test_paged_decode_through_the_chain_captured_in_a_cuda_graph(page: int, extr
                 out_now = out
             torch.testing.assert_close(out_now, expected, atol=2e-2, rtol=2e-2)
             torch.testing.assert_close(k_cache, before_k)  # both appended the same new keys
+
+
+def test_triton_decode_opt_out_takes_the_sdpa_path_with_the_same_result(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pytest.importorskip("triton")
+    from kernel_fallback.integrations import _torch_fast_attention as fast
+
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    q = torch.randn(3, 1, 8, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
+    k_cache, v_cache = (
+        torch.randn(12, 16, 2, 64, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(2)
+    )
+    page_table = torch.randperm(12, device="cuda", generator=gen)[:12].view(3, 4).int()
+    seqlens = torch.tensor([64, 0, 17], dtype=torch.int32, device="cuda")
+
+    def call() -> Any:
+        return fast.flash_attn_with_kvcache(
+            q, k_cache, v_cache, cache_seqlens=seqlens, page_table=page_table, causal=True
+        )
+
+    with_kernel = call()
+    assert fast.last_backend("flash_attn_with_kvcache") == fast.TRITON_DECODE
+    monkeypatch.setenv(fast.TRITON_DECODE_ENV, "0")
+    without = call()
+    assert fast.last_backend("flash_attn_with_kvcache") == "sdpa (decode, gqa folded into rows)"
+    torch.testing.assert_close(with_kernel, without, atol=2e-2, rtol=2e-2)

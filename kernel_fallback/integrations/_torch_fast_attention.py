@@ -292,13 +292,16 @@ def _triton_decode_fits(q: Tensor, k_cache: Tensor, v_cache: Tensor, spec: MaskS
     """Whether the Triton split-K decode kernel serves this (non-packed) cache call.
 
     CUDA tensors of one 16-bit dtype, at most 64 query rows per kv head, head
-    dims up to 256, no ``attention_chunk``; ``KERNEL_FALLBACK_TRITON_DECODE=0`` opts out.
+    dims up to 256 (unit stride in the cache), no ``attention_chunk``;
+    ``KERNEL_FALLBACK_TRITON_DECODE=0`` opts out.
     """
     if os.environ.get(TRITON_DECODE_ENV, "").strip() == "0" or not _has_triton():
         return False
     if q.device.type != "cuda" or k_cache.device != q.device:
         return False
     if q.dtype not in (torch.float16, torch.bfloat16) or not (q.dtype == k_cache.dtype == v_cache.dtype):
+        return False
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:  # the kernel reads head dims contiguously
         return False
     rows = q.shape[1] * (q.shape[2] // k_cache.shape[2])
     return spec.chunk == 0 and rows <= 64 and q.shape[-1] <= 256 and v_cache.shape[-1] <= 256
