@@ -288,16 +288,22 @@ def _has_triton() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+@functools.cache
+def _capability(device: torch.device) -> tuple[int, int]:
+    """Compute capability; the kernel's 16-bit dots are checked on sm_80 and newer only."""
+    return torch.cuda.get_device_capability(device)
+
+
 def _triton_decode_fits(q: Tensor, k_cache: Tensor, v_cache: Tensor, spec: MaskSpec) -> bool:
     """Whether the Triton split-K decode kernel serves this (non-packed) cache call.
 
-    CUDA tensors of one 16-bit dtype, at most 64 query rows per kv head, head
+    CUDA tensors (compute capability 8.0+) of one 16-bit dtype, at most 64 query rows per kv head, head
     dims up to 256 (unit stride in the cache), no ``attention_chunk``;
     ``KERNEL_FALLBACK_TRITON_DECODE=0`` opts out.
     """
     if os.environ.get(TRITON_DECODE_ENV, "").strip() == "0" or not _has_triton():
         return False
-    if q.device.type != "cuda" or k_cache.device != q.device:
+    if q.device.type != "cuda" or k_cache.device != q.device or _capability(q.device) < (8, 0):
         return False
     if q.dtype not in (torch.float16, torch.bfloat16) or not (q.dtype == k_cache.dtype == v_cache.dtype):
         return False
