@@ -22,7 +22,7 @@ Lq x Lk score matrix on CUDA:
   query rows per kv head, no ``attention_chunk``, bf16/fp16) go to the Triton split-K
   kernel of :mod:`~kernel_fallback.integrations._triton_decode`, which follows
   ``page_table`` itself (softcap, sinks, windows and the lse included);
-  ``KERNEL_FALLBACK_TRITON_DECODE=0`` opts out.
+  ``KERNEL_FALLBACK_TRITON=0`` opts out.
 * Otherwise a paged cache is gathered through ``page_table`` into a (B, capacity) layout first.
 * Sinks fold in through the log-sum-exp: ``out *= sigmoid(lse - sink)``.
 
@@ -44,6 +44,8 @@ import torch
 from torch import Tensor
 from torch.nn.attention import flex_attention as _flex_mod
 
+from kernel_fallback import _config
+from kernel_fallback.exceptions import PolicyConfigError
 from kernel_fallback.integrations._attention_masks import MaskSpec, block_mask_for, row_intervals
 from kernel_fallback.integrations._torch_attention import (
     WindowSize,
@@ -54,8 +56,8 @@ from kernel_fallback.integrations._torch_attention import (
 
 __all__ = ["flash_attn_varlen_func", "flash_attn_with_kvcache", "last_backend"]
 
-#: Environment variable: ``0`` keeps CUDA decode off the Triton kernel (SDPA/flex instead).
-TRITON_DECODE_ENV = "KERNEL_FALLBACK_TRITON_DECODE"
+#: Environment variable: false (``0``) keeps CUDA decode off the Triton kernel (SDPA/flex instead).
+TRITON_DECODE_ENV = "KERNEL_FALLBACK_TRITON"  # listed in _config.KNOWN_VARIABLES
 #: The backend name of the Triton split-K decode path in ``describe_table()``.
 TRITON_DECODE = "triton split-k decode (paged)"
 
@@ -283,6 +285,22 @@ def _check_cache_args(
     return batch, k.shape[1]
 
 
+def triton_decode_enabled() -> bool:
+    """``KERNEL_FALLBACK_TRITON`` as a boolean: unset or blank means on."""
+    raw = _config.env_value(os.environ.get(TRITON_DECODE_ENV))
+    if raw is None:
+        return True
+    value = raw.strip().lower()
+    if value not in _config.BOOL_VALUES:
+        raise PolicyConfigError(
+            f"{TRITON_DECODE_ENV}={raw!r} is not a boolean; use one of {', '.join(_config.BOOL_VALUES)}",
+            name=TRITON_DECODE_ENV,
+            value=raw,
+            allowed=_config.BOOL_VALUES,
+        )
+    return value in ("true", "1", "yes", "on")
+
+
 @functools.cache
 def _has_triton() -> bool:
     return importlib.util.find_spec("triton") is not None
@@ -299,9 +317,9 @@ def _triton_decode_fits(q: Tensor, k_cache: Tensor, v_cache: Tensor, spec: MaskS
 
     CUDA tensors (compute capability 8.0+) of one 16-bit dtype, at most 64 query rows per kv head, head
     dims up to 256 (unit stride in the cache), no ``attention_chunk``;
-    ``KERNEL_FALLBACK_TRITON_DECODE=0`` opts out.
+    ``KERNEL_FALLBACK_TRITON=0`` opts out.
     """
-    if os.environ.get(TRITON_DECODE_ENV, "").strip() == "0" or not _has_triton():
+    if not triton_decode_enabled() or not _has_triton():
         return False
     if q.device.type != "cuda" or k_cache.device != q.device or _capability(q.device) < (8, 0):
         return False
