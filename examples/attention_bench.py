@@ -10,7 +10,7 @@ heads, head dim 128, causal. Each row times the chain call and PyTorch's
   mask is cached per batch layout; ``mask build ms`` is what a new layout costs once.
 * decode (1 query per sequence) over a paged cache (page size 1 and 64) vs SDPA over
   a contiguous (B, Hkv, L, D) cache, batch 8 and 64, 4k and 32k cached; one more row
-  per shape asks for the lse, which takes the flex path.
+  per shape asks for the lse. On CUDA both take the Triton split-K decode kernel.
 
 Peak memory is the device's peak while the call runs, inputs included (so a paged
 decode counts its pool where SDPA counts its contiguous cache).

@@ -5,6 +5,7 @@ Run on a CUDA machine: ``python -m pytest -m gpu tests/test_gpu.py``.
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -348,9 +349,11 @@ def test_fast_varlen_on_cuda_within_upstreams_bf16_rule(options: dict[str, Any])
     torch.testing.assert_close(lse.cpu()[finite], oracle_lse[finite].float(), atol=1e-3, rtol=1e-3)
 
 
+@pytest.mark.parametrize("extras", [False, True], ids=["plain", "lse-softcap-sinks"])
 @pytest.mark.parametrize("page", [1, 16, 256], ids=["page1", "page16", "page256"])
-def test_paged_decode_through_the_chain_captured_in_a_cuda_graph(page: int) -> None:
+def test_paged_decode_through_the_chain_captured_in_a_cuda_graph(page: int, extras: bool) -> None:
     from kernel_fallback.integrations import _torch_attention as ref
+    from kernel_fallback.integrations import _torch_fast_attention as fast
     from kernel_fallback.integrations.flash_attn import flash_attn_with_kvcache
 
     batch, blocks_per_seq = 4, 512 // page
@@ -365,13 +368,17 @@ def test_paged_decode_through_the_chain_captured_in_a_cuda_graph(page: int) -> N
     )
     seqlens = torch.tensor([0, 100, 300, 510], dtype=torch.int32, device="cuda")
 
+    opts: dict[str, Any] = {"page_table": page_table, "causal": True}
+    if extras:
+        opts |= {"softcap": 5.0, "sinks": torch.randn(8, device="cuda"), "return_softmax_lse": True}
+
     def step() -> Any:
-        return flash_attn_with_kvcache(
-            q, k_cache, v_cache, k_new, v_new, cache_seqlens=seqlens, page_table=page_table, causal=True
-        )
+        return flash_attn_with_kvcache(q, k_cache, v_cache, k_new, v_new, cache_seqlens=seqlens, **opts)
 
     with capture_logs():
         graph, out = capture(step)
+        if importlib.util.find_spec("triton") is not None:
+            assert fast.last_backend("flash_attn_with_kvcache") == fast.TRITON_DECODE
         for lens in ([5, 200, 1, 400], [511, 0, 64, 7]):  # new inputs in the static buffers
             q.normal_()
             k_new.normal_()
@@ -380,7 +387,39 @@ def test_paged_decode_through_the_chain_captured_in_a_cuda_graph(page: int) -> N
             before_k, before_v = k_cache.clone(), v_cache.clone()
             graph.replay()
             expected = ref.flash_attn_with_kvcache(
-                q, before_k, before_v, k_new, v_new, cache_seqlens=seqlens, page_table=page_table, causal=True
+                q, before_k, before_v, k_new, v_new, cache_seqlens=seqlens, **opts
             )
-            torch.testing.assert_close(out, expected, atol=2e-2, rtol=2e-2)
+            if extras:
+                torch.testing.assert_close(out[1], expected[1], atol=2e-3, rtol=2e-3)  # lse
+                out_now, expected = out[0], expected[0]
+            else:
+                out_now = out
+            torch.testing.assert_close(out_now, expected, atol=2e-2, rtol=2e-2)
             torch.testing.assert_close(k_cache, before_k)  # both appended the same new keys
+
+
+def test_triton_decode_opt_out_takes_the_sdpa_path_with_the_same_result(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    pytest.importorskip("triton")
+    from kernel_fallback.integrations import _torch_fast_attention as fast
+
+    gen = torch.Generator(device="cuda").manual_seed(3)
+    q = torch.randn(3, 1, 8, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
+    k_cache, v_cache = (
+        torch.randn(12, 16, 2, 64, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in range(2)
+    )
+    page_table = torch.randperm(12, device="cuda", generator=gen)[:12].view(3, 4).int()
+    seqlens = torch.tensor([64, 0, 17], dtype=torch.int32, device="cuda")
+
+    def call() -> Any:
+        return fast.flash_attn_with_kvcache(
+            q, k_cache, v_cache, cache_seqlens=seqlens, page_table=page_table, causal=True
+        )
+
+    with_kernel = call()
+    assert fast.last_backend("flash_attn_with_kvcache") == fast.TRITON_DECODE
+    monkeypatch.setenv(fast.TRITON_DECODE_ENV, "0")
+    without = call()
+    assert fast.last_backend("flash_attn_with_kvcache") == "sdpa (decode, gqa folded into rows)"
+    torch.testing.assert_close(with_kernel, without, atol=2e-2, rtol=2e-2)

@@ -238,3 +238,29 @@ def test_block_mask_is_rebuilt_and_not_cached_when_reuse_is_off() -> None:
     for _ in range(2):
         _attention_masks.block_mask_for(layout, "p", build, 10)
     assert len(builds) == 3
+
+
+@pytest.mark.parametrize(
+    ("raw", "enabled"),
+    [(None, True), ("  ", True), ("1", True), ("on", True), ("0", False), ("False", False), ("off", False)],
+    ids=["unset", "blank", "1", "on", "0", "False", "off"],
+)
+def test_triton_decode_variable_is_a_boolean(
+    monkeypatch: pytest.MonkeyPatch, raw: str | None, enabled: bool
+) -> None:
+    from kernel_fallback import _config
+
+    if raw is None:
+        monkeypatch.delenv(fast.TRITON_DECODE_ENV, raising=False)
+    else:
+        monkeypatch.setenv(fast.TRITON_DECODE_ENV, raw)
+        _config.check_known_variables({fast.TRITON_DECODE_ENV: raw})  # a variable the library reads
+    assert fast.triton_decode_enabled() is enabled
+
+
+def test_triton_decode_variable_refuses_a_non_boolean(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kernel_fallback.exceptions import PolicyConfigError
+
+    monkeypatch.setenv(fast.TRITON_DECODE_ENV, "maybe")
+    with pytest.raises(PolicyConfigError, match="KERNEL_FALLBACK_TRITON='maybe' is not a boolean"):
+        fast.triton_decode_enabled()

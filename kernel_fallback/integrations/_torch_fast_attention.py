@@ -18,7 +18,12 @@ Lq x Lk score matrix on CUDA:
 * Decode over a KV cache (at most 64 query rows per kv head, no softcap, sinks or lse)
   goes to ``scaled_dot_product_attention`` with the query heads of a kv head folded into
   the query length (no kv head replication) and a small boolean mask of cache lengths.
-* A paged cache is gathered through ``page_table`` into a (B, capacity) layout first.
+* On CUDA, decode and short appends over a (paged) cache (q not packed, at most 64
+  query rows per kv head, no ``attention_chunk``, bf16/fp16) go to the Triton split-K
+  kernel of :mod:`~kernel_fallback.integrations._triton_decode`, which follows
+  ``page_table`` itself (softcap, sinks, windows and the lse included);
+  ``KERNEL_FALLBACK_TRITON=0`` opts out.
+* Otherwise a paged cache is gathered through ``page_table`` into a (B, capacity) layout first.
 * Sinks fold in through the log-sum-exp: ``out *= sigmoid(lse - sink)``.
 
 Values are not validated (that would read them on the host): ``cu_seqlens`` must be
@@ -29,6 +34,8 @@ within ``num_blocks``, as for FA3; the reference checks them all.
 from __future__ import annotations
 
 import functools
+import importlib.util
+import os
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -37,6 +44,8 @@ import torch
 from torch import Tensor
 from torch.nn.attention import flex_attention as _flex_mod
 
+from kernel_fallback import _config
+from kernel_fallback.exceptions import PolicyConfigError
 from kernel_fallback.integrations._attention_masks import MaskSpec, block_mask_for, row_intervals
 from kernel_fallback.integrations._torch_attention import (
     WindowSize,
@@ -46,6 +55,11 @@ from kernel_fallback.integrations._torch_attention import (
 )
 
 __all__ = ["flash_attn_varlen_func", "flash_attn_with_kvcache", "last_backend"]
+
+#: Environment variable: false (``0``) keeps CUDA decode off the Triton kernel (SDPA/flex instead).
+TRITON_DECODE_ENV = "KERNEL_FALLBACK_TRITON"  # listed in _config.KNOWN_VARIABLES
+#: The backend name of the Triton split-K decode path in ``describe_table()``.
+TRITON_DECODE = "triton split-k decode (paged)"
 
 #: Most query rows per kv head the SDPA decode path takes (its mask is rows x capacity).
 SDPA_DECODE_MAX_ROWS = 64
@@ -271,6 +285,52 @@ def _check_cache_args(
     return batch, k.shape[1]
 
 
+def triton_decode_enabled() -> bool:
+    """``KERNEL_FALLBACK_TRITON`` as a boolean: unset or blank means on."""
+    raw = _config.env_value(os.environ.get(TRITON_DECODE_ENV))
+    if raw is None:
+        return True
+    value = raw.strip().lower()
+    if value not in _config.BOOL_VALUES:
+        raise PolicyConfigError(
+            f"{TRITON_DECODE_ENV}={raw!r} is not a boolean; use one of {', '.join(_config.BOOL_VALUES)}",
+            name=TRITON_DECODE_ENV,
+            value=raw,
+            allowed=_config.BOOL_VALUES,
+        )
+    return value in ("true", "1", "yes", "on")
+
+
+@functools.cache
+def _has_triton() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+@functools.cache
+def _capability(device: torch.device) -> tuple[int, int]:
+    """Compute capability; the kernel's 16-bit dots are checked on sm_80 and newer only."""
+    return torch.cuda.get_device_capability(device)
+
+
+def _triton_decode_fits(q: Tensor, k_cache: Tensor, v_cache: Tensor, spec: MaskSpec) -> bool:
+    """Whether the Triton split-K decode kernel serves this (non-packed) cache call.
+
+    CUDA tensors (compute capability 8.0+) of one 16-bit dtype, at most 64 query rows per kv head, head
+    dims up to 256 (unit stride in the cache), no ``attention_chunk``;
+    ``KERNEL_FALLBACK_TRITON=0`` opts out.
+    """
+    if not triton_decode_enabled() or not _has_triton():
+        return False
+    if q.device.type != "cuda" or k_cache.device != q.device or _capability(q.device) < (8, 0):
+        return False
+    if q.dtype not in (torch.float16, torch.bfloat16) or not (q.dtype == k_cache.dtype == v_cache.dtype):
+        return False
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:  # the kernel reads head dims contiguously
+        return False
+    rows = q.shape[1] * (q.shape[2] // k_cache.shape[2])
+    return spec.chunk == 0 and rows <= 64 and q.shape[-1] <= 256 and v_cache.shape[-1] <= 256
+
+
 def _sdpa_decode(q: Tensor, k_log: Tensor, v_log: Tensor, lo: Tensor, hi: Tensor, scale: float) -> Tensor:
     """SDPA with the G query heads of each kv head folded into the query length.
 
@@ -339,12 +399,21 @@ def flash_attn_with_kvcache(
         k_cache.index_put_(index, k.to(device=dev, dtype=k_cache.dtype))
         v_cache.index_put_(index, v.to(device=dev, dtype=v_cache.dtype))
     lens_k = cached + s_new
+    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    if cu_seqlens_q is None and _triton_decode_fits(q, k_cache, v_cache, spec):
+        from kernel_fallback.integrations._triton_decode import decode_attention
+
+        out, lse = decode_attention(
+            q, k_cache, v_cache, lens_k, page_table, scale, (spec.left, spec.right), softcap, sinks,
+            return_softmax_lse,
+        )  # fmt: skip
+        _last["flash_attn_with_kvcache"] = TRITON_DECODE
+        return (out, lse) if return_softmax_lse and lse is not None else out
     if blocks is not None:  # the logical cache, (B, capacity, Hkv, D)
         k_log = k_cache[blocks].flatten(1, 2)
         v_log = v_cache[blocks].flatten(1, 2)
     else:
         k_log, v_log = k_cache, v_cache
-    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
     layout = (cache_seqlens if isinstance(cache_seqlens, Tensor) else None, cu_seqlens_q)
     params = (
         "kvcache",
