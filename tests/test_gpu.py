@@ -250,7 +250,8 @@ def test_raise_policy_under_inductor_on_cuda(fullgraph: bool) -> None:
             step(a, out)
 
 
-def test_a_routed_chain_call_under_capture_replays_right_and_is_reported() -> None:
+@pytest.mark.parametrize("by_keyword", [False, True], ids=["positional-query", "keyword-query"])
+def test_a_routed_chain_call_under_capture_replays_right_and_is_reported(by_keyword: bool) -> None:
     from kernel_fallback import kernel_chain
 
     def fast(x: torch.Tensor) -> torch.Tensor:
@@ -267,7 +268,8 @@ def test_a_routed_chain_call_under_capture_replays_right_and_is_reported() -> No
     toy.provider("ref", loader=lambda: with_sinks)
     x, s = torch.randn(64, device="cuda"), torch.randn(64, device="cuda")
     with capture_logs() as logs:
-        graph, result = capture(lambda: toy(x, sinks=s))
+        # sglang's varlen wrapper passes every argument by keyword, the query too.
+        graph, result = capture(lambda: toy(x=x, sinks=s) if by_keyword else toy(x, sinks=s))
     for _ in range(3):
         x.copy_(torch.randn_like(x))
         s.copy_(torch.randn_like(s))
