@@ -104,7 +104,7 @@ def environment() -> dict[str, str]:
 def fast_path(rows: list[dict[str, Any]], repeats: int) -> None:
     sdpa = tolerant_kwargs(["out"], "copy", name="sdpa")(F.scaled_dot_product_attention)
     mm = tolerant_kwargs(["out"], "raise")(torch.mm)
-    from kernel_fallback.integrations import _torch_attention as ref
+    from kernel_fallback.integrations import _torch_fast_attention as provider
     from kernel_fallback.integrations.flash_attn import flash_attn_with_kvcache as chain_kvcache
 
     chain_kvcache.use("torch")  # the torch provider, through the whole chain
@@ -136,10 +136,10 @@ def fast_path(rows: list[dict[str, Any]], repeats: int) -> None:
         vc = torch.randn_like(kc)
         ms = cuda_ms(
             {
-                "direct": partial(ref.flash_attn_with_kvcache, qc, kc, vc),
+                "direct": partial(provider.flash_attn_with_kvcache, qc, kc, vc),
                 "decorated": partial(chain_kvcache, qc, kc, vc),
             },
-            iters=20,
+            iters=50,
             repeats=max(5, repeats // 2),
         )
         rows.append({"kernel": "FA chain (torch provider) flash_attn_with_kvcache", "batch": batch, **ms})
