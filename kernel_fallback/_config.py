@@ -255,6 +255,20 @@ def check_kernel_declared(kernel: str, declared: Callable[[], Iterable[str]]) ->
             check_per_kernel_name(name, raw, [kernel, *declared()])
 
 
+def check_declared_kernels(snap: Snapshot, kernels: Iterable[str]) -> None:
+    """What :func:`check_kernel_declared` checks, for every kernel already declared.
+
+    ``reload_config()`` calls it before anything changes, so a misspelt
+    ``KERNEL_FALLBACK_ON_DROP__*`` set after the kernels were declared fails the
+    reload (all or nothing) instead of leaving ``warn`` in force.
+    """
+    names = list(kernels)
+    for name in _set_on_drop_variables(snap):
+        raw = snap.get(name)
+        assert raw is not None
+        check_per_kernel_name(name, raw, names)
+
+
 _on_drop_variables: tuple[int, tuple[str, ...]] = (0, ())
 
 

@@ -379,6 +379,7 @@ class TolerantFunction(Protocol[R_co]):
 def _prepare_reload(snap: _config.Snapshot) -> Callable[[], None]:
     with _registry_lock:
         plans = list(_registry)
+    _config.check_declared_kernels(snap, [plan.name for plan in plans])
     resolved = [plan.resolve(snap) for plan in plans]
 
     def commit() -> None:

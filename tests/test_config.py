@@ -329,6 +329,27 @@ def test_a_misspelt_per_kernel_variable_is_an_error_at_decoration(
 
 
 @pytest.mark.parametrize(
+    "variable",
+    ["KERNEL_FALLBACK_ON_DROP__reload_attn", "KERNEL_FALLBACK_ON_DROP__RELOAD_ATN"],
+    ids=["lower-case", "letter-left-out"],
+)
+def test_a_misspelt_per_kernel_variable_set_after_declaration_fails_the_reload(
+    monkeypatch: pytest.MonkeyPatch, variable: str
+) -> None:
+    gc.collect()
+    declared = tolerant_kwargs(["out"], name="reload_attn")(kernel)
+    monkeypatch.setenv(variable, "raise")
+    with pytest.raises(
+        PolicyConfigError, match=re.escape("Did you mean 'KERNEL_FALLBACK_ON_DROP__RELOAD_ATTN'")
+    ):
+        reload_config()
+    # All or nothing: the kernel keeps the policy it had, and still serves.
+    x = torch.ones(2)
+    assert declared.tolerant.policies["out"][0] == "warn"
+    torch.testing.assert_close(declared(x, x, out=torch.empty(2)), x + x)
+
+
+@pytest.mark.parametrize(
     ("first", "second"),
     [("fa3_varlen", "fa2_varlen"), ("attn", "attn2"), ("varlen_fwd", "varlen_bwd"), ("mha", "mla")],
     ids=["digit-changed", "digit-added", "letter-changed", "short-names"],
