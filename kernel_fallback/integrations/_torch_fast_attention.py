@@ -51,6 +51,7 @@ from kernel_fallback.integrations._torch_attention import (
     WindowSize,
     _check_chunk,
     _check_common,
+    _check_int32_shape,
     _check_window,
 )
 
@@ -132,16 +133,8 @@ def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
-def _check_int32(name: str, t: Tensor, length: int | None = None) -> None:
-    if t.dtype != torch.int32:
-        raise ValueError(f"{name} must have dtype torch.int32, got {t.dtype}")
-    if t.dim() != 1 or (length is not None and t.shape[0] != length):
-        want = f"({length},)" if length is not None else "1-D"
-        raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
-
-
 def _check_cu(name: str, cu: Tensor) -> int:
-    _check_int32(name, cu)
+    _check_int32_shape(name, cu)
     if cu.shape[0] < 2:
         raise ValueError(f"{name} must have batch_size + 1 >= 2 entries, got {cu.shape[0]}")
     return cu.shape[0] - 1
@@ -202,7 +195,7 @@ def flash_attn_varlen_func(
         )
     for name, used in (("seqused_q", seqused_q), ("seqused_k", seqused_k)):
         if used is not None:
-            _check_int32(name, used, batch)
+            _check_int32_shape(name, used, batch)
     total_q, total_k = q.shape[0], k.shape[0]
 
     def intervals() -> tuple[Tensor, Tensor]:
@@ -270,7 +263,7 @@ def _check_cache_args(
     elif k_cache.shape[0] != batch:
         raise ValueError(f"k_cache batch size ({k_cache.shape[0]}) must equal the batch size of q ({batch})")
     if isinstance(cache_seqlens, Tensor):
-        _check_int32("cache_seqlens", cache_seqlens, batch)
+        _check_int32_shape("cache_seqlens", cache_seqlens, batch)
     if (k is None) != (v is None):
         raise ValueError("k and v must be given together (both or neither)")
     if k is None or v is None:
