@@ -30,17 +30,13 @@ from __future__ import annotations
 
 import inspect
 import keyword
-import linecache
-import os
 from collections.abc import Callable, Mapping
 from typing import Any, Final, cast
 
+from kernel_fallback._codegen import PREFIX, define
 from kernel_fallback._options import _is_neutral
 
 __all__ = ["SLOW", "make_plan"]
-
-_PREFIX: Final = "_kf_"
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 class _Slow:
@@ -95,7 +91,7 @@ def make_plan(
     params = list(logical.parameters.values())
     if any(p.kind not in (*_PASSED, inspect.Parameter.POSITIONAL_ONLY) for p in params):
         return None
-    if any(p.name.startswith(_PREFIX) or keyword.iskeyword(p.name) for p in params):
+    if any(p.name.startswith(PREFIX) or keyword.iskeyword(p.name) for p in params):
         return None
     try:
         own = inspect.signature(kernel)
@@ -195,17 +191,8 @@ def make_plan(
         body += [f"    if {with_values}:", f"        return _kf_impl({policy_args})"]
     body.append(f"    return {call}")
     source = f"def _kf_plan({', '.join(signature)}):\n" + "\n".join(body) + "\n"
-    # A file name inside the package: events recorded below it skip this frame for
-    # `where`, and tracebacks show the source through linecache.
-    filename = os.path.join(_PACKAGE_DIR, f"<chain plan of {kernel_name} for {provider}>")
-    linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)
-    exec(compile(source, filename, "exec"), namespace)  # source made of the chain's own parameter names
-    made = cast(Any, namespace.pop("_kf_plan"))
-    # CPython's own errors name the function: "<kernel>() got multiple values for ...".
-    renamed = made.__code__.replace(co_name=kernel_name)
-    if hasattr(renamed, "co_qualname"):  # Python 3.11+
-        renamed = renamed.replace(co_qualname=kernel_name)
-    made.__code__ = renamed
+    label = f"chain plan of {kernel_name} for {provider}"
+    made = define(source, "_kf_plan", label, namespace, name=kernel_name, qualname=kernel_name)
     made.__name__ = made.__qualname__ = kernel_name
     made.__doc__ = f"The fast path of chain {kernel_name} for provider {provider}.\n\n{source}"
     return cast(Callable[..., Any], made)

@@ -25,22 +25,18 @@ from __future__ import annotations
 
 import inspect
 import keyword
-import linecache
-import os
 import types
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Final, cast
+from typing import Any, Final
 
 import torch
 
+from kernel_fallback._codegen import PREFIX, define
 from kernel_fallback._events import Counter
 from kernel_fallback._options import stream_capturing
 
 __all__ = ["UNSET", "Hooks", "clone", "forwarder"]
-
-_PREFIX: Final = "_kf_"
-_PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
 
 
 class _Unset:
@@ -102,7 +98,7 @@ def _parameters(fn: Callable[..., Any], missing: Mapping[str, object]) -> _Param
 
     None when a name could not be spelt in source or would shadow one the forwarder uses.
     """
-    if any(name.startswith(_PREFIX) for name in missing):
+    if any(name.startswith(PREFIX) for name in missing):
         return None
     if not isinstance(fn, types.FunctionType):
         # Builtins, torch ops, pybind11, callable objects: Python cannot bind their
@@ -125,7 +121,7 @@ def _parameters(fn: Callable[..., Any], missing: Mapping[str, object]) -> _Param
     )
     spelt = [*params.positional, *params.kwonly, *(n for n in (varargs, varkw) if n is not None)]
     if any(
-        not n.isidentifier() or keyword.iskeyword(n) or n.startswith(_PREFIX) or n in missing for n in spelt
+        not n.isidentifier() or keyword.iskeyword(n) or n.startswith(PREFIX) or n in missing for n in spelt
     ):
         return None
     return params
@@ -223,21 +219,18 @@ def forwarder(
     for i, name in enumerate(missing):
         namespace[f"_kf_N{i}"] = missing[name]
         namespace[f"_kf_S{i}"] = counters[i]
-    # A file name inside the package: the caller's `where` skips the forwarder's frame,
-    # and tracebacks show its source through linecache.
     found = getattr(fn, "__name__", None)
     fn_name: str = found if isinstance(found, str) else type(fn).__name__
     found = getattr(fn, "__qualname__", None)
     qualname: str = found if isinstance(found, str) else fn_name
-    filename = os.path.join(_PACKAGE_DIR, f"<forwarder of {getattr(fn, '__module__', None)}.{qualname}>")
-    linecache.cache[filename] = (len(source), None, source.splitlines(keepends=True), filename)
-    exec(compile(source, filename, "exec"), namespace)  # source made of the kernel's own parameter names
-    made: types.FunctionType = namespace.pop("_kf_forward")
-    # What tracebacks, profilers and "f() got an unexpected keyword argument" show.
-    renamed = made.__code__.replace(co_name=fn_name)
-    if hasattr(renamed, "co_qualname"):  # Python 3.11+
-        renamed = cast(Any, renamed).replace(co_qualname=qualname)
-    made.__code__ = renamed
+    made = define(
+        source,
+        "_kf_forward",
+        f"forwarder of {getattr(fn, '__module__', None)}.{qualname}",
+        namespace,
+        name=fn_name,
+        qualname=qualname,
+    )
     made.__defaults__ = params.defaults
     made.__kwdefaults__ = {**params.kwdefaults, **dict.fromkeys(missing, UNSET)}
     return made, namespace
