@@ -45,6 +45,7 @@ from torch import Tensor
 from torch.nn.attention import flex_attention as _flex_mod
 
 from kernel_fallback import _config
+from kernel_fallback._options import stream_capturing
 from kernel_fallback.exceptions import PolicyConfigError
 from kernel_fallback.integrations._attention_masks import MaskSpec, block_mask_for, row_intervals
 from kernel_fallback.integrations._torch_attention import (
@@ -130,7 +131,7 @@ def _flex(
 
 def _capturing(device: torch.device) -> bool:
     """Whether a CUDA graph is being captured on the current stream of ``device``."""
-    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    return device.type == "cuda" and stream_capturing()
 
 
 def _check_cu(name: str, cu: Tensor) -> int:
