@@ -59,7 +59,12 @@ def _sdpa_loop(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lens: list[int
 
 
 def prefill(rows: list[dict[str, Any]], cuda_ms: Callable[..., dict[str, float]], repeats: int) -> None:
-    from kernel_fallback.integrations import _attention_masks, _torch_fast_attention
+    from kernel_fallback.integrations.flash_attn import (
+        _fast as _torch_fast_attention,
+    )
+    from kernel_fallback.integrations.flash_attn import (
+        _masks as _attention_masks,
+    )
     from kernel_fallback.integrations.flash_attn import flash_attn_varlen_func
 
     cases: list[tuple[str, list[int], dict[str, Any]]] = [
@@ -103,7 +108,7 @@ def prefill(rows: list[dict[str, Any]], cuda_ms: Callable[..., dict[str, float]]
 
 
 def decode(rows: list[dict[str, Any]], cuda_ms: Callable[..., dict[str, float]], repeats: int) -> None:
-    from kernel_fallback.integrations import _torch_fast_attention
+    from kernel_fallback.integrations.flash_attn import _fast as _torch_fast_attention
     from kernel_fallback.integrations.flash_attn import flash_attn_with_kvcache
 
     for batch in (8, 64):

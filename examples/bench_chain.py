@@ -33,8 +33,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kernel_fallback.integrations import _torch_fast_attention as torch_attention
-from kernel_fallback.integrations.flash_attn import _kvcache_chain, _varlen_chain
+from kernel_fallback.integrations.flash_attn import _fast as torch_attention
+from kernel_fallback.integrations.flash_attn._chains import _kvcache_chain, _varlen_chain
 
 
 def exact_kvcache(

@@ -104,7 +104,7 @@ def environment() -> dict[str, str]:
 def fast_path(rows: list[dict[str, Any]], repeats: int) -> None:
     sdpa = tolerant_kwargs(["out"], "copy", name="sdpa")(F.scaled_dot_product_attention)
     mm = tolerant_kwargs(["out"], "raise")(torch.mm)
-    from kernel_fallback.integrations import _torch_fast_attention as provider
+    from kernel_fallback.integrations.flash_attn import _fast as provider
     from kernel_fallback.integrations.flash_attn import flash_attn_with_kvcache as chain_kvcache
 
     chain_kvcache.use("torch")  # the torch provider, through the whole chain

@@ -71,7 +71,7 @@ KNOWN_VARIABLES: Final[dict[str, str]] = {
     ENV_LOG_FORMAT: "json|console: format of the event log (see configure_logging())",
     ENV_LOG_FILE: "event log file; {pid}, {rank} and {host} are replaced in each process",
     ENV_ALLOW: "kernel:kwarg,... fallbacks accepted by the strict test helpers and `kernel-fallback check`",
-    # read by kernel_fallback.integrations._torch_fast_attention
+    # read by kernel_fallback.integrations.flash_attn._fast
     "KERNEL_FALLBACK_TRITON": "boolean, default true: the torch attention provider decodes on CUDA in Triton",
 }
 PER_KERNEL_PREFIXES: Final = (ENV_ON_DROP_PREFIX, ENV_PROVIDER_PREFIX)

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from kernel_fallback.integrations import _torch_attention as ref
+from kernel_fallback.integrations.flash_attn import _reference as ref
 
 #: One entry per call a stand-in received: (build, entry point, every argument by name).
 CALLS: list[tuple[str, str, dict[str, Any]]] = []

@@ -24,7 +24,7 @@ from structlog.testing import capture_logs
 from test_torch_attention import _assert_close, _cu, _randn, _ref_sequence
 
 from kernel_fallback import PolicyConfigError, ProviderUnavailableError, UnsupportedKwargError, reload_config
-from kernel_fallback.integrations import flash_attn as fa
+from kernel_fallback.integrations.flash_attn import _chains as fa
 from kernel_fallback.integrations.flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
 from kernel_fallback.testing import capture_fallbacks
 
@@ -112,10 +112,7 @@ def test_describe_lists_every_provider_with_its_reason() -> None:
     ]
     assert rows["flash_attn"]["reason"] == "ModuleNotFoundError: No module named 'flash_attn'"
     assert rows["hub"]["status"] == rows["reference"]["status"] == rows["fa4"]["status"] == "not selected"
-    assert (
-        rows["torch"]["source"]
-        == "kernel_fallback.integrations._torch_fast_attention:flash_attn_with_kvcache"
-    )
+    assert rows["torch"]["source"] == "kernel_fallback.integrations.flash_attn._fast:flash_attn_with_kvcache"
     assert {"out", "qv", "rotary_cos", "cu_seqlens_k_new"} <= set(rows["torch"]["lacks"])
     assert "page_table" not in rows["torch"]["lacks"]
     # Hints are not lacks: no policy applies, they are removed silently.
@@ -409,7 +406,7 @@ def test_attention_chunk_zero_stays_on_fa2_and_a_chunk_is_routed(fake_fa2: Any) 
 
 FAKE_FA2 = '''
 """A stand-in for FlashAttention-2 2.5 (no softcap yet), computing with the torch reference."""
-from kernel_fallback.integrations import _torch_attention as ref
+from kernel_fallback.integrations.flash_attn import _reference as ref
 
 calls = []
 

@@ -300,8 +300,8 @@ ATTENTION_CASES = [
 
 @pytest.mark.parametrize("options", ATTENTION_CASES)
 def test_fast_varlen_on_cuda_within_upstreams_bf16_rule(options: dict[str, Any]) -> None:
-    from kernel_fallback.integrations import _torch_attention as ref
-    from kernel_fallback.integrations import _torch_fast_attention as fast
+    from kernel_fallback.integrations.flash_attn import _fast as fast
+    from kernel_fallback.integrations.flash_attn import _reference as ref
 
     gen = torch.Generator().manual_seed(5)
     lens_q, lens_k = [5, 130, 0, 77, 300], [9, 130, 4, 200, 300]
@@ -354,8 +354,8 @@ def test_fast_varlen_on_cuda_within_upstreams_bf16_rule(options: dict[str, Any])
 @pytest.mark.parametrize("extras", [False, True], ids=["plain", "lse-softcap-sinks"])
 @pytest.mark.parametrize("page", [1, 16, 256], ids=["page1", "page16", "page256"])
 def test_paged_decode_through_the_chain_captured_in_a_cuda_graph(page: int, extras: bool) -> None:
-    from kernel_fallback.integrations import _torch_attention as ref
-    from kernel_fallback.integrations import _torch_fast_attention as fast
+    from kernel_fallback.integrations.flash_attn import _fast as fast
+    from kernel_fallback.integrations.flash_attn import _reference as ref
     from kernel_fallback.integrations.flash_attn import flash_attn_with_kvcache
 
     batch, blocks_per_seq = 4, 512 // page
@@ -404,7 +404,7 @@ def test_triton_decode_opt_out_takes_the_sdpa_path_with_the_same_result(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     pytest.importorskip("triton")
-    from kernel_fallback.integrations import _torch_fast_attention as fast
+    from kernel_fallback.integrations.flash_attn import _fast as fast
 
     gen = torch.Generator(device="cuda").manual_seed(3)
     q = torch.randn(3, 1, 8, 64, device="cuda", dtype=torch.bfloat16, generator=gen)

@@ -21,8 +21,8 @@ import sgl_kernel_stubs as stubs
 import torch
 
 from kernel_fallback import ProviderUnavailableError, UnsupportedKwargError
-from kernel_fallback.integrations import _sgl_kernel_builds as builds
-from kernel_fallback.integrations import flash_attn as fa
+from kernel_fallback.integrations.flash_attn import _builds as builds
+from kernel_fallback.integrations.flash_attn import _chains as fa
 from kernel_fallback.testing import capture_fallbacks
 
 BUILD_IDS = list(stubs.BUILDS)

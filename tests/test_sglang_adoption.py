@@ -21,7 +21,7 @@ import pytest
 import sgl_kernel_stubs as stubs
 import torch
 
-from kernel_fallback.integrations import flash_attn as fa
+from kernel_fallback.integrations.flash_attn import _chains as fa
 
 ROOT = Path(__file__).resolve().parent.parent
 EXAMPLE = ROOT / "examples" / "sglang_adoption.py"

@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from kernel_fallback.integrations._torch_attention import (
+from kernel_fallback.integrations.flash_attn._reference import (
     flash_attn_varlen_func,
     flash_attn_with_kvcache,
 )

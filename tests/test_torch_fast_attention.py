@@ -14,9 +14,9 @@ import pytest
 import torch
 from torch import Tensor
 
-from kernel_fallback.integrations import _attention_masks
-from kernel_fallback.integrations import _torch_attention as ref
-from kernel_fallback.integrations import _torch_fast_attention as fast
+from kernel_fallback.integrations.flash_attn import _fast as fast
+from kernel_fallback.integrations.flash_attn import _masks as _attention_masks
+from kernel_fallback.integrations.flash_attn import _reference as ref
 from kernel_fallback.integrations.flash_attn import flash_attn_varlen_func as chain_varlen
 
 
@@ -179,7 +179,7 @@ def test_describe_table_names_the_backend_of_the_last_call() -> None:
     assert "last call: flex_attention (eager, cpu)" in table
     row = {r["name"]: r for r in chain_varlen.chain.describe()["providers"]}["torch"]
     assert row["backend"] == "flex_attention (eager, cpu)"
-    assert row["source"] == "kernel_fallback.integrations._torch_fast_attention:flash_attn_varlen_func"
+    assert row["source"] == "kernel_fallback.integrations.flash_attn._fast:flash_attn_varlen_func"
 
 
 @pytest.mark.parametrize(

@@ -66,8 +66,8 @@ CASES = [
 
 def run_case(case: Case, device: str) -> dict[str, Any]:
     """Run ``case`` through the kernel and the reference; return max errors and tolerances."""
-    from kernel_fallback.integrations import _torch_attention as ref
-    from kernel_fallback.integrations._triton_decode import decode_attention
+    from kernel_fallback.integrations.flash_attn import _reference as ref
+    from kernel_fallback.integrations.flash_attn._triton_decode import decode_attention
 
     gen = torch.Generator().manual_seed(hash(case.id) % (1 << 31))
     dtype = getattr(torch, case.dtype)
@@ -173,7 +173,7 @@ def test_decode_matches_reference(case: Case, results: dict[str, dict[str, Any]]
 def test_num_splits_depends_on_shapes_only() -> None:
     if not HAS_TRITON:
         pytest.skip("triton is not installed")
-    from kernel_fallback.integrations._triton_decode import num_splits
+    from kernel_fallback.integrations.flash_attn._triton_decode import num_splits
 
     cpu = torch.device("cpu")
     assert num_splits(1, 1, 64, cpu) == 1  # one key block: nothing to split

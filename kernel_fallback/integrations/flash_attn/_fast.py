@@ -1,7 +1,7 @@
 """FlashAttention-3 entry points on PyTorch's fused attention: the ``torch`` provider.
 
 Same arguments and results as the exact reference in
-:mod:`kernel_fallback.integrations._torch_attention` (which documents the semantics),
+:mod:`kernel_fallback.integrations.flash_attn._reference` (which documents the semantics),
 computed without a Python loop over sequences, without reading ``cu_seqlens``,
 ``seqused_*``, ``cache_seqlens`` or ``page_table`` on the host, and without an
 Lq x Lk score matrix on CUDA:
@@ -20,7 +20,7 @@ Lq x Lk score matrix on CUDA:
   the query length (no kv head replication) and a small boolean mask of cache lengths.
 * On CUDA, decode and short appends over a (paged) cache (q not packed, at most 64
   query rows per kv head, no ``attention_chunk``, bf16/fp16) go to the Triton split-K
-  kernel of :mod:`~kernel_fallback.integrations._triton_decode`, which follows
+  kernel of :mod:`~kernel_fallback.integrations.flash_attn._triton_decode`, which follows
   ``page_table`` itself (softcap, sinks, windows and the lse included);
   ``KERNEL_FALLBACK_TRITON=0`` opts out.
 * Otherwise a paged cache is gathered through ``page_table`` into a (B, capacity) layout first.
@@ -47,8 +47,8 @@ from torch.nn.attention import flex_attention as _flex_mod
 from kernel_fallback import _config
 from kernel_fallback._options import stream_capturing
 from kernel_fallback.exceptions import PolicyConfigError
-from kernel_fallback.integrations._attention_masks import MaskSpec, block_mask_for, row_intervals
-from kernel_fallback.integrations._torch_attention import (
+from kernel_fallback.integrations.flash_attn._masks import MaskSpec, block_mask_for, row_intervals
+from kernel_fallback.integrations.flash_attn._reference import (
     WindowSize,
     _check_chunk,
     _check_common,
@@ -395,7 +395,7 @@ def flash_attn_with_kvcache(
     lens_k = cached + s_new
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
     if cu_seqlens_q is None and _triton_decode_fits(q, k_cache, v_cache, spec):
-        from kernel_fallback.integrations._triton_decode import decode_attention
+        from kernel_fallback.integrations.flash_attn._triton_decode import decode_attention
 
         out, lse = decode_attention(
             q, k_cache, v_cache, lens_k, page_table, scale, (spec.left, spec.right), softcap, sinks,

@@ -1,8 +1,4 @@
-"""FlashAttention-3 entry points as provider chains, chosen the way sglang chooses.
-
->>> from kernel_fallback.integrations.flash_attn import flash_attn_varlen_func
->>> flash_attn_varlen_func.chain.active  # doctest: +SKIP
-'torch'
+"""The FlashAttention-3 chains: providers, their order, gates, routes and hints.
 
 Both :func:`flash_attn_varlen_func` and :func:`flash_attn_with_kvcache` take FA3's
 arguments as sgl-kernel defines them (0.3.21 and 0.4.10, with ``out`` and ``only_qv``),
@@ -22,16 +18,16 @@ false   ``hub``, ``sgl_kernel``, ``flash_attn``, ``torch``
   capability 8.x or 9.x and torch built for CUDA 12.3 or newer (sglang's rule). What
   the installed build accepts but ignores (0.3.21 and 0.4.10: varlen ``page_table``,
   ``score_mod``, ``aux_tensors``) is read from its version
-  (:mod:`~kernel_fallback.integrations._sgl_kernel_builds`) and treated as lacking.
+  (:mod:`~kernel_fallback.integrations.flash_attn._builds`) and treated as lacking.
 - ``flash_attn``: the FlashAttention-2 package through an adapter that maps FA3 names
   (``return_softmax_lse`` -> ``return_attn_probs``) and declares what FA2 lacks
   (``page_table``, ``seqused_*``, ``qv``, ``*_descale``, ``sinks``, ...; ``softcap`` and
   ``window_size`` too when the installed FA2 predates them), so calls that need them are
   routed on instead of silently computing something else.
-- ``torch``: :mod:`kernel_fallback.integrations._torch_fast_attention`, PyTorch's
+- ``torch``: :mod:`kernel_fallback.integrations.flash_attn._fast`, PyTorch's
   fused attention (flex_attention / SDPA, CPU or GPU) for the arguments its signature
   lists; ``describe_table()`` says which backend its last call took.
-- ``reference``: :mod:`kernel_fallback.integrations._torch_attention`, the exact
+- ``reference``: :mod:`kernel_fallback.integrations.flash_attn._reference`, the exact
   (slow, looping) oracle; in no automatic order, name it explicitly to use it.
 - ``fa4``: FlashAttention-4 (``sgl_kernel._fa4_interface``), never in the automatic
   order: only ``ver=4`` sends a call there.
@@ -62,14 +58,14 @@ from torch import Tensor
 
 from kernel_fallback._chain import ChainFunction, kernel_chain
 from kernel_fallback._gates import BoolFlag, Gate, cuda_capability, cuda_version
-from kernel_fallback.integrations._fa_adapters import (
+from kernel_fallback.integrations.flash_attn._adapters import (
     FA4_TARGET,
     load_fa2_kvcache,
     load_fa2_varlen,
     load_fa4_kvcache,
     load_fa4_varlen,
 )
-from kernel_fallback.integrations._sgl_kernel_builds import ignored_by_installed
+from kernel_fallback.integrations.flash_attn._builds import ignored_by_installed
 
 __all__ = [
     "FA3_FLAG",
@@ -174,8 +170,8 @@ def _declare_providers(
     chain.provider(
         "flash_attn", loader=load_fa2_varlen if entry == "flash_attn_varlen_func" else load_fa2_kvcache
     )
-    chain.provider("torch", f"kernel_fallback.integrations._torch_fast_attention:{entry}")
-    chain.provider("reference", f"kernel_fallback.integrations._torch_attention:{entry}")
+    chain.provider("torch", f"kernel_fallback.integrations.flash_attn._fast:{entry}")
+    chain.provider("reference", f"kernel_fallback.integrations.flash_attn._reference:{entry}")
     chain.provider(
         "fa4",
         loader=load_fa4_varlen if entry == "flash_attn_varlen_func" else load_fa4_kvcache,
