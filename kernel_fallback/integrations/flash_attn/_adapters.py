@@ -8,6 +8,7 @@ installed package can honour, so the chain routes the rest away instead of losin
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
@@ -18,11 +19,24 @@ from torch import Tensor
 from kernel_fallback._providers import import_target
 from kernel_fallback._signature import kwarg_support
 
-__all__ = ["FA4_TARGET", "load_fa2_kvcache", "load_fa2_varlen", "load_fa4_kvcache", "load_fa4_varlen"]
+__all__ = [
+    "FA4_TARGET",
+    "FA4_TARGETS",
+    "load_fa2_kvcache",
+    "load_fa2_varlen",
+    "load_fa4_kvcache",
+    "load_fa4_varlen",
+]
 
-#: Where the ``fa4`` provider (``ver=4``) loads FlashAttention-4 from: the CuTe build
-#: sgl-kernel 0.3.x ships (0.4.x dropped it).
-FA4_TARGET: Final = "sgl_kernel._fa4_interface:flash_attn_varlen_func"
+#: Where the ``fa4`` provider (``ver=4``) loads FlashAttention-4 from, the first that
+#: imports: the CuTe build sgl-kernel 0.3.x ships (0.4.x dropped it), then the
+#: flash-attn-4 package's ``flash_attn.cute``.
+FA4_TARGETS: Final = (
+    "sgl_kernel._fa4_interface:flash_attn_varlen_func",
+    "flash_attn.cute.interface:flash_attn_varlen_func",
+)
+#: The first of :data:`FA4_TARGETS` (sgl-kernel's build).
+FA4_TARGET: Final = FA4_TARGETS[0]
 
 
 def _declare_signature(fn: Callable[..., Any], options: Mapping[str, object]) -> None:
@@ -136,9 +150,42 @@ def _fa4_window(window_size: Sequence[int]) -> tuple[int | None, int | None]:
     return (None if left < 0 else left, None if right < 0 else right)
 
 
+def _import_fa4() -> Callable[..., Any]:
+    """The first FlashAttention-4 of :data:`FA4_TARGETS` that imports; ImportError naming all."""
+    failures = []
+    for target in FA4_TARGETS:
+        try:
+            return import_target(target)  # type: ignore[no-any-return]
+        except ImportError as exc:
+            failures.append(f"{target}: {exc}")
+    raise ImportError("no FlashAttention-4 build could be imported (" + "; ".join(failures) + ")")
+
+
+def _lse_keyword(fa4: Callable[..., Any]) -> str:
+    # sgl-kernel's build names it return_softmax_lse, flash-attn-4's return_lse.
+    params = inspect.signature(fa4).parameters
+    return "return_lse" if "return_lse" in params else "return_softmax_lse"
+
+
+@functools.cache
+def _fa4_max_splits(device: torch.device) -> int | None:
+    """1 where FA4's forward has no split-KV (SM 9.x: it asserts on more), else no limit."""
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9:
+        return 1
+    return None
+
+
+def _fa4_splits(num_splits: int, device: torch.device) -> int:
+    # num_splits is a tuning hint (0 = FA4's heuristic): it never changes the result, so
+    # capping it where the device has no split-KV keeps sglang's num_splits=0 calls working.
+    limit = _fa4_max_splits(device)
+    return num_splits if limit is None else limit
+
+
 def load_fa4_varlen() -> Callable[..., Any]:
     """FlashAttention-4 (the CuTe build shipped in sgl-kernel 0.3.x) under FA3's names."""
-    fa4 = import_target(FA4_TARGET)
+    fa4 = _import_fa4()
+    return_lse = _lse_keyword(fa4)
 
     def flash_attn_varlen_func(
         q: Tensor,
@@ -168,19 +215,19 @@ def load_fa4_varlen() -> Callable[..., Any]:
             q,
             k,
             v,
-            cu_seqlens_q,
-            cu_seqlens_k,
-            seqused_q,
-            seqused_k,
+            cu_seqlens_q=cu_seqlens_q,
+            cu_seqlens_k=cu_seqlens_k,
+            seqused_q=seqused_q,
+            seqused_k=seqused_k,
             page_table=page_table,
             softmax_scale=softmax_scale,
             causal=causal,
             window_size=_fa4_window(window_size),
             learnable_sink=sinks,
             softcap=softcap,
-            num_splits=num_splits,
+            num_splits=_fa4_splits(num_splits, q.device),
             pack_gqa=pack_gqa,
-            return_softmax_lse=return_softmax_lse,
+            **{return_lse: return_softmax_lse},
             score_mod=score_mod,
             aux_tensors=aux_tensors,
         )
@@ -191,7 +238,8 @@ def load_fa4_varlen() -> Callable[..., Any]:
 
 def load_fa4_kvcache() -> Callable[..., Any]:
     """FA4 over a (paged) cache, as sgl-kernel 0.3.21 maps it: no in-place append."""
-    fa4 = import_target(FA4_TARGET)
+    fa4 = _import_fa4()
+    return_lse = _lse_keyword(fa4)
 
     def flash_attn_with_kvcache(
         q: Tensor,
@@ -227,19 +275,17 @@ def load_fa4_kvcache() -> Callable[..., Any]:
             q,
             k_cache,
             v_cache,
-            cu_seqlens_q,
-            None,
-            None,
-            cache_seqlens,
+            cu_seqlens_q=cu_seqlens_q,
+            seqused_k=cache_seqlens,
             page_table=page_table,
             softmax_scale=softmax_scale,
             causal=causal,
             window_size=_fa4_window(window_size),
             learnable_sink=sinks,
             softcap=softcap,
-            num_splits=num_splits,
+            num_splits=_fa4_splits(num_splits, q.device),
             pack_gqa=pack_gqa,
-            return_softmax_lse=return_softmax_lse,
+            **{return_lse: return_softmax_lse},
             score_mod=score_mod,
             aux_tensors=aux_tensors,
         )

@@ -29,7 +29,8 @@ false   ``hub``, ``sgl_kernel``, ``flash_attn``, ``torch``
   lists; ``describe_table()`` says which backend its last call took.
 - ``reference``: :mod:`kernel_fallback.integrations.flash_attn._reference`, the exact
   (slow, looping) oracle; in no automatic order, name it explicitly to use it.
-- ``fa4``: FlashAttention-4 (``sgl_kernel._fa4_interface``), never in the automatic
+- ``fa4``: FlashAttention-4 (``sgl_kernel._fa4_interface``, else the flash-attn-4
+  package's ``flash_attn.cute``; split-KV capped to 1 on SM 9.x), never in the automatic
   order: only ``ver=4`` sends a call there.
 
 ``KERNEL_FALLBACK_PROVIDER__FLASH_ATTN_VARLEN_FUNC`` (and ``..._WITH_KVCACHE``) name a
