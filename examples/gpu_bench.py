@@ -244,7 +244,12 @@ def main() -> int:
     parser.add_argument("--json", type=Path, help="write the measurements as JSON here")
     parser.add_argument("--markdown", type=Path, help="write the tables as Markdown here")
     parser.add_argument(
-        "--only", choices=("fast", "copy", "attention"), help="measure one part only (default: both)"
+        "--only", choices=("fast", "copy", "attention"), help="measure one part only (default: all)"
+    )
+    parser.add_argument(
+        "--sections",
+        default="prefill,decode,mla,fp8",
+        help="attention sections to measure, comma-separated (prefill, decode, mla, fp8)",
     )
     args = parser.parse_args()
     if not torch.cuda.is_available():
@@ -264,8 +269,11 @@ def main() -> int:
     if args.only in (None, "attention"):
         import attention_bench
 
-        attention_bench.prefill(attention, cuda_ms, args.repeats)
-        attention_bench.decode(attention, cuda_ms, args.repeats)
+        sections = tuple(s for s in args.sections.split(",") if s)
+        unknown = sorted(set(sections) - set(attention_bench.SECTIONS))
+        if unknown:
+            parser.error(f"--sections: unknown {unknown}; choose from {', '.join(attention_bench.SECTIONS)}")
+        attention_bench.run(sections, attention, cuda_ms, args.repeats)
         table += "\n" + attention_bench.markdown(attention)
     print(table)
     if args.json:
