@@ -264,3 +264,13 @@ def test_triton_decode_variable_refuses_a_non_boolean(monkeypatch: pytest.Monkey
     monkeypatch.setenv(fast.TRITON_DECODE_ENV, "maybe")
     with pytest.raises(PolicyConfigError, match="KERNEL_FALLBACK_TRITON='maybe' is not a boolean"):
         fast.triton_decode_enabled()
+
+
+@pytest.mark.parametrize("cap", [0.5, 30.0], ids=["cap0.5", "cap30"])
+def test_softcap_through_sigmoid_is_tanh_to_float32_rounding(cap: float) -> None:
+    scores = torch.cat([torch.randn(4096) * 3 * cap, torch.linspace(-1e-3, 1e-3, 101)])
+    args = (torch.zeros(()), torch.zeros(()), torch.zeros(()), torch.zeros(()))
+    exact = fast._softcap_mod(cap, scores.device, via_sigmoid=False)(scores.double(), *args)
+    fused = fast._softcap_mod(cap, scores.device, via_sigmoid=True)(scores, *args)
+    assert torch.equal(exact, cap * torch.tanh(scores.double() / cap))
+    assert (fused.double() - exact).abs().max().item() <= 4e-7 * cap
