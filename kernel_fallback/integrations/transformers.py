@@ -99,7 +99,26 @@ def _packed_from_positions(position_ids: Tensor | None, batch: int, q_len: int) 
     return torch.cat([starts, end])
 
 
-def _varlen(q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int, **kw: Any) -> Tensor:
+def _padding_free(kwargs: dict[str, Any], batch: int, q_len: int) -> tuple[Tensor, Tensor, int, int] | None:
+    """cu_seqlens and longest lengths of a padding-free batch, or None for an ordinary one.
+
+    A flattening collator passes ``cu_seq_lens_q/k`` and ``max_length_q/k`` (transformers'
+    ``FlashAttentionKwargs``); otherwise packing is told by ``position_ids``.
+    """
+    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
+    max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
+    if cu_q is not None and cu_k is not None and max_q is not None and max_k is not None:
+        return cu_q.to(torch.int32), cu_k.to(torch.int32), int(max_q), int(max_k)
+    cu = _packed_from_positions(kwargs.get("position_ids"), batch, q_len)
+    if cu is None:
+        return None
+    longest = int((cu[1:] - cu[:-1]).max())
+    return cu, cu, longest, longest
+
+
+def _varlen(
+    q: Tensor, k: Tensor, v: Tensor, cu_q: Tensor, cu_k: Tensor, max_q: int, max_k: int, **kw: Any
+) -> Tensor:
     _served[_VARLEN] += 1
     out = flash_attn_varlen_func(
         q, k, v, cu_seqlens_q=cu_q, cu_seqlens_k=cu_k, max_seqlen_q=max_q, max_seqlen_k=max_k, **kw
@@ -177,15 +196,11 @@ def attention_forward(
     batch, q_len = q.shape[0], q.shape[1]
     if attention_mask is not None:
         return _padded(q, k, v, attention_mask.to(torch.bool), **kw), None
-    cu_q, cu_k = kwargs.get("cu_seq_lens_q"), kwargs.get("cu_seq_lens_k")
-    max_q, max_k = kwargs.get("max_length_q"), kwargs.get("max_length_k")
-    if cu_q is None or cu_k is None or max_q is None or max_k is None:
-        cu_q = cu_k = _packed_from_positions(kwargs.get("position_ids"), batch, q_len)
-        if cu_q is not None:
-            max_q = max_k = int((cu_q[1:] - cu_q[:-1]).max())
-    if cu_q is not None and cu_k is not None:
-        flat = [t.reshape(-1, *t.shape[2:]) for t in (q, k, v)]
-        out = _varlen(*flat, cu_q.to(torch.int32), cu_k.to(torch.int32), int(max_q), int(max_k), **kw)
+    packed = _padding_free(kwargs, batch, q_len)
+    if packed is not None:
+        cu_q, cu_k, max_q, max_k = packed
+        q, k, v = (t.reshape(-1, *t.shape[2:]) for t in (q, k, v))
+        out = _varlen(q, k, v, cu_q, cu_k, max_q, max_k, **kw)
         return out.view(batch, q_len, *out.shape[1:]), None
     _served[_KVCACHE] += 1
     out = flash_attn_with_kvcache(q, k, v, **kw)
@@ -213,15 +228,13 @@ def _mask_function(flash_attention_mask: Callable[..., Tensor | None]) -> Callab
             attention_mask=attention_mask,
             **kwargs,
         )
-        filled = q_offset + q_length
-        if mask is not None or (isinstance(filled, int) and filled >= kv_length):
+        filled = int(q_offset) + q_length  # a static cache's offset is a 0-d tensor
+        if mask is not None or filled >= kv_length:
             return mask
         # A static cache with no padding: generate() drops the all-ones mask (transformers
-        # keeps it only for names containing "flash"), yet its keys are max_cache_len long.
-        # Tell the attention call which of them are filled.
-        device = kwargs.get("device", filled.device if isinstance(filled, Tensor) else "cpu")
-        cols = torch.arange(kv_length, device=device)
-        return (cols < filled).unsqueeze(0).expand(batch_size, kv_length)
+        # keeps it only for names containing "flash"), yet the keys are max_cache_len long.
+        # A mask of the filled length makes the attention call use only those keys.
+        return torch.ones(batch_size, filled, dtype=torch.bool, device=kwargs.get("device"))
 
     return kernel_fallback_fa3_mask
 
@@ -284,7 +297,10 @@ def register_attention(name: str = DEFAULT_NAME) -> str:
     registered_attention = attention()
     registered_masks = masks()
     if name in _registered:
-        if registered_attention.get(name) is attention_forward and registered_masks.get(name) is _registered[name]:
+        if (
+            registered_attention.get(name) is attention_forward
+            and registered_masks.get(name) is _registered[name]
+        ):
             return name
     elif name in registered_attention or name in registered_masks:
         raise ValueError(
