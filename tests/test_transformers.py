@@ -9,6 +9,7 @@ all have been sent to a chain.
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -325,3 +326,31 @@ def test_importing_the_module_needs_no_transformers(tmp_path: Path) -> None:
     assert child.returncode == 1
     assert "ImportError: kernel_fallback.integrations.transformers needs transformers>=5.0,<6" in child.stderr
     assert "transformers cannot be imported" in child.stderr
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_example(*args: str) -> str:
+    child = subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, cwd=ROOT, timeout=300, check=False
+    )
+    assert child.returncode == 0, child.stderr
+    return child.stdout
+
+
+def test_adoption_example_prints_what_it_says() -> None:
+    out = run_example("examples/transformers_adoption.py")
+    assert "1. flash_attention_3: ImportError: " in out
+    assert "2. from_pretrained(attn_implementation='kernel_fallback_fa3'): kernel_fallback_fa3" in out
+    assert "3. greedy tokens equal to SDPA's: True; calls served: {'flash_attn_varlen_func': 16," in out
+
+
+def test_bench_runs_tiny_on_cpu_and_prints_the_ratio() -> None:
+    out = run_example("examples/transformers_bench.py", "--tiny", "--new-tokens", "3")
+    assert re.search(r"^sdpa\s+\d+\.\d\s+1\.00$", out, re.M)
+    assert re.search(r"^kernel_fallback_fa3\s+\d+\.\d\s+\d+\.\d\d$", out, re.M)
+    assert (
+        "attention calls served by the chains: {'flash_attn_varlen_func': 0, 'flash_attn_with_kvcache': 6}"
+        in out
+    )
