@@ -1,7 +1,7 @@
 """transformers models on the FA3 chains (kernel_fallback.integrations.transformers), on CPU.
 
 Tiny models from configs with random weights (no downloads). The oracle is transformers'
-own ``sdpa`` implementation (``eager`` for attention sinks, which its SDPA path lacks):
+own ``sdpa`` implementation (``eager`` for attention sinks and softcap, which its SDPA path lacks):
 float32 logits within 1e-4 on every real token, and the same greedy ``generate()``.
 Attention calls are counted by forward hooks on the models' attention modules and must
 all have been sent to a chain.
@@ -61,14 +61,23 @@ def tiny(kind: str) -> Any:
         with torch.no_grad():  # initialised to zero-mean noise; make them matter
             for layer in model.model.layers:
                 layer.self_attn.sinks.normal_(0.0, 1.0)
+    elif kind == "gemma2-softcap":  # logit softcap 1.0 (strong), sliding and full layers
+        config = transformers.Gemma2Config(
+            **common, head_dim=16, sliding_window=4, attn_logit_softcapping=1.0, query_pre_attn_scalar=16
+        )
+        model = transformers.Gemma2ForCausalLM(config)
+        with torch.no_grad():  # scores of a few units, so that the cap of 1.0 bites
+            for layer in model.model.layers:
+                layer.self_attn.q_proj.weight.mul_(10.0)
+                layer.self_attn.k_proj.weight.mul_(10.0)
     else:
         raise AssertionError(kind)
     return model.eval()
 
 
-MODELS = ["llama", "mistral-window", "gpt_oss-sinks"]
-# transformers' SDPA path ignores sinks, so gpt-oss is checked against eager.
-ORACLE = {"llama": "sdpa", "mistral-window": "sdpa", "gpt_oss-sinks": "eager"}
+MODELS = ["llama", "mistral-window", "gpt_oss-sinks", "gemma2-softcap"]
+# transformers' SDPA path has no sinks or softcap: those models are checked against eager.
+ORACLE = {"llama": "sdpa", "mistral-window": "sdpa", "gpt_oss-sinks": "eager", "gemma2-softcap": "eager"}
 
 
 def batch(padded: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -136,23 +145,27 @@ def test_logits_and_greedy_generate_match_transformers_own_attention(
     assert served_calls()["flash_attn_varlen_func"] <= (calls[0] if padded else 0)
 
 
-def test_the_sliding_window_and_sinks_change_the_result_so_the_checks_above_can_fail(name: str) -> None:
-    """Without its window (or sinks) the model computes something else than the oracle."""
+@pytest.mark.parametrize("kind", ["mistral-window", "gpt_oss-sinks", "gemma2-softcap"])
+def test_the_window_sinks_and_softcap_change_the_result_so_the_checks_above_can_fail(
+    name: str, kind: str
+) -> None:
+    """Without its window (sinks, softcap) the model computes something else than the oracle."""
     ids, mask = batch(padded=True)
     real = mask.bool()
-    for kind, attribute in (("mistral-window", "sliding_window"), ("gpt_oss-sinks", "sinks")):
-        model = tiny(kind)
-        want, _ = run(model, ORACLE[kind], ids, mask)
-        if attribute == "sliding_window":
+    model = tiny(kind)
+    want, _ = run(model, ORACLE[kind], ids, mask)
+    for layer in model.model.layers:
+        if kind == "mistral-window":
             model.config.sliding_window = None
-        else:
+        elif kind == "gpt_oss-sinks":
             with torch.no_grad():
-                for layer in model.model.layers:
-                    layer.self_attn.sinks.fill_(-1e4)  # a sink nobody attends to
-        model.set_attn_implementation(name)
-        with torch.no_grad():
-            got = model(input_ids=ids, attention_mask=mask).logits
-        assert (got[real] - want[real]).abs().max() > 1e-2
+                layer.self_attn.sinks.fill_(-1e4)  # a sink nobody attends to
+        else:
+            layer.self_attn.attn_logit_softcapping = None
+    model.set_attn_implementation(name)
+    with torch.no_grad():
+        got = model(input_ids=ids, attention_mask=mask).logits
+    assert (got[real] - want[real]).abs().max() > 1e-2
 
 
 def test_from_pretrained_with_the_registered_name(name: str, tmp_path: Path) -> None:

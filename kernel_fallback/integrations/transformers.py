@@ -49,6 +49,7 @@ from kernel_fallback.integrations.flash_attn import flash_attn_varlen_func, flas
 __all__ = [
     "DEFAULT_NAME",
     "SUPPORTED_TRANSFORMERS",
+    "attention_forward",
     "register_attention",
     "reset_served_calls",
     "served_calls",
