@@ -185,10 +185,12 @@ def test_from_pretrained_with_the_registered_name(name: str, tmp_path: Path) -> 
     assert sum(served_calls().values()) == calls[0] == 2 * NEW_TOKENS
 
 
-def test_generate_with_a_static_cache(name: str) -> None:
+@pytest.mark.parametrize("padded", [True, False], ids=["left-padded", "unpadded"])
+@pytest.mark.parametrize("kind", ["llama", "mistral-window"])
+def test_generate_with_a_static_cache(name: str, kind: str, padded: bool) -> None:
     """A static cache is longer than what it holds; generate() drops an all-ones mask for it."""
-    model = tiny("llama")
-    ids, mask = batch(padded=False)
+    model = tiny(kind)
+    ids, mask = batch(padded)
     model.set_attn_implementation("sdpa")
     options: dict[str, Any] = {"max_new_tokens": NEW_TOKENS, "do_sample": False, "pad_token_id": 0}
     with torch.no_grad():

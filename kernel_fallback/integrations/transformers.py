@@ -229,9 +229,11 @@ def _mask_function(flash_attention_mask: Callable[..., Tensor | None]) -> Callab
             attention_mask=attention_mask,
             **kwargs,
         )
-        filled = int(q_offset) + q_length  # a static cache's offset is a 0-d tensor
-        if mask is not None or filled >= kv_length:
+        if mask is not None:
             return mask
+        filled = int(q_offset) + q_length  # a static cache's offset is a 0-d tensor
+        if filled >= kv_length:
+            return None
         # A static cache with no padding: generate() drops the all-ones mask (transformers
         # keeps it only for names containing "flash"), yet the keys are max_cache_len long.
         # A mask of the filled length makes the attention call use only those keys.
