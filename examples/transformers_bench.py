@@ -88,6 +88,32 @@ def timed_generate(
     return time.perf_counter() - start, tokens
 
 
+def attention_call_us(model: Any, impl: str, args: argparse.Namespace, calls: int = 200) -> float:
+    """Wall-clock microseconds of one decode-shaped attention call alone (launch-bound on a GPU).
+
+    One query per sequence over ``prompt + new_tokens`` cached keys, through the function
+    transformers' registry holds for ``impl``, with the model's first attention module.
+    """
+    from transformers import AttentionInterface
+
+    layer = model.model.layers[0].self_attn
+    config = model.config
+    hq, hkv, d = config.num_attention_heads, config.num_key_value_heads, layer.head_dim
+    length = args.prompt + args.new_tokens
+    q = torch.randn(args.batch, hq, 1, d, device=args.device, dtype=args.dtype)
+    k, v = (torch.randn(args.batch, hkv, length, d, device=args.device, dtype=args.dtype) for _ in "kv")
+    fn = AttentionInterface()[impl]
+    with torch.no_grad():
+        for _ in range(3):
+            fn(layer, q, k, v, None, scaling=layer.scaling)
+        sync(args.device)
+        start = time.perf_counter()
+        for _ in range(calls):
+            fn(layer, q, k, v, None, scaling=layer.scaling)
+        sync(args.device)
+    return (time.perf_counter() - start) / calls * 1e6
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="two tiny float32 layers on the CPU (smoke test)")
@@ -140,6 +166,11 @@ def main() -> None:
     for impl in impls:
         print(f"{impl:<24}{rate[impl]:>12.1f}{rate[impl] / rate['sdpa']:>10.2f}")
     print(f"attention calls served by the chains: {served_calls()}")
+    alone = {impl: attention_call_us(model, impl, args) for impl in impls}
+    print(
+        "one decode attention call alone (us, back to back): "
+        + ", ".join(f"{impl} {us:.1f}" for impl, us in alone.items())
+    )
     for chain in (fa3_varlen, fa3_kvcache):
         backend = _fast.last_backend(chain.__name__)
         print(f"  {chain.__name__}: provider {chain.chain.active}, last torch backend {backend}")
