@@ -267,6 +267,16 @@ def test_register_is_idempotent_and_uses_the_public_registries() -> None:
     assert transformers.AttentionInterface()["kf_fa3_second"] is kf_transformers.attention_forward
 
 
+def test_a_name_another_library_took_over_is_not_taken_back() -> None:
+    assert register_attention("kf_fa3_taken") == "kf_fa3_taken"
+    transformers.AttentionInterface.register("kf_fa3_taken", transformers.AttentionInterface()["sdpa"])
+    with pytest.raises(
+        ValueError, match=r"'kf_fa3_taken' is already registered in transformers .* by something else"
+    ):
+        register_attention("kf_fa3_taken")
+    assert transformers.AttentionInterface()["kf_fa3_taken"] is transformers.AttentionInterface()["sdpa"]
+
+
 @pytest.mark.parametrize(
     ("bad", "says"),
     [

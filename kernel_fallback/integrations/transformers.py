@@ -283,7 +283,8 @@ def register_attention(name: str = DEFAULT_NAME) -> str:
     ``AttentionInterface.register`` and ``AttentionMaskInterface.register``. Calling it again
     with the same name does nothing more. ``name`` must not contain ``"flash"`` (transformers
     takes such names for its own FlashAttention packages and tries to import them), nor be
-    a hub kernel name (``org/repo``), nor one transformers or another library registered.
+    a hub kernel name (``org/repo``), nor one transformers or another library registered
+    (even after this function registered it: nothing registered elsewhere is replaced).
 
     Raises ImportError naming the supported transformers versions when transformers or its
     registration API is missing, and ValueError for a name it cannot take.
@@ -297,20 +298,16 @@ def register_attention(name: str = DEFAULT_NAME) -> str:
             f"and 'paged|' names itself; choose another, e.g. {DEFAULT_NAME!r}"
         )
     attention, masks, flash_mask, version = _transformers_api()
-    registered_attention = attention()
-    registered_masks = masks()
-    if name in _registered:
-        if (
-            registered_attention.get(name) is attention_forward
-            and registered_masks.get(name) is _registered[name]
-        ):
-            return name
-    elif name in registered_attention or name in registered_masks:
+    ours = _registered.get(name)
+    held = (attention().get(name), masks().get(name))
+    if ours is not None and held[0] is attention_forward and held[1] is ours:
+        return name
+    if held != (None, None):
         raise ValueError(
             f"attention implementation {name!r} is already registered in transformers {version} by "
             f"something else; choose another name (default {DEFAULT_NAME!r})"
         )
-    mask = _registered.get(name) or _mask_function(flash_mask)
+    mask = _mask_function(flash_mask)
     attention.register(name, attention_forward)
     masks.register(name, mask)
     _registered[name] = mask
