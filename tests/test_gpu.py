@@ -483,7 +483,7 @@ def test_transformers_llama_bf16_on_the_chains_within_the_bf16_rule_of_sdpa(padd
     reset_served_calls()
     got = _llama_logits(model, name, ids, mask)
     _bf16_rule(got, plain, oracle)
-    if not padded:
+    if not padded and importlib.util.find_spec("triton") is not None:
         assert fast.last_backend("flash_attn_with_kvcache") == fast.TRITON_DECODE
 
     calls = [0]
