@@ -61,9 +61,9 @@ def tiny(kind: str) -> Any:
         with torch.no_grad():  # initialised to zero-mean noise; make them matter
             for layer in model.model.layers:
                 layer.self_attn.sinks.normal_(0.0, 1.0)
-    elif kind == "gemma2-softcap":  # logit softcap 1.0 (strong), sliding and full layers
+    elif kind == "gemma2-softcap":  # softcap 1.0 (strong), sliding and full layers, scale 64**-0.5
         config = transformers.Gemma2Config(
-            **common, head_dim=16, sliding_window=4, attn_logit_softcapping=1.0, query_pre_attn_scalar=16
+            **common, head_dim=16, sliding_window=4, attn_logit_softcapping=1.0, query_pre_attn_scalar=64
         )
         model = transformers.Gemma2ForCausalLM(config)
         with torch.no_grad():  # scores of a few units, so that the cap of 1.0 bites
