@@ -188,7 +188,7 @@ def test_from_pretrained_with_the_registered_name(name: str, tmp_path: Path) -> 
 @pytest.mark.parametrize("padded", [True, False], ids=["left-padded", "unpadded"])
 @pytest.mark.parametrize("kind", ["llama", "mistral-window"])
 def test_generate_with_a_static_cache(name: str, kind: str, padded: bool) -> None:
-    """A static cache is longer than what it holds; generate() drops an all-ones mask for it."""
+    """A static cache's keys are longer than what it holds (and generate() drops an all-ones mask)."""
     model = tiny(kind)
     ids, mask = batch(padded)
     model.set_attn_implementation("sdpa")
@@ -202,7 +202,7 @@ def test_generate_with_a_static_cache(name: str, kind: str, padded: bool) -> Non
     assert sum(served_calls().values()) == calls[0]
 
 
-def packed_row(model: Any) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
+def packed_row() -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, int]]]:
     """Three sequences (4, 7, 5 tokens) packed into one row, positions restarting at 0."""
     lengths = [4, 7, 5]
     ids = torch.randint(1, VOCAB, (1, sum(lengths)), generator=torch.Generator().manual_seed(2))
@@ -217,7 +217,7 @@ def packed_row(model: Any) -> tuple[torch.Tensor, torch.Tensor, list[tuple[int, 
 def test_padding_free_packed_sequences_match_each_sequence_alone(name: str) -> None:
     """Packed by position_ids, or by cu_seq_lens (a flattening collator's kwargs): no cross-talk."""
     model = tiny("mistral-window")
-    ids, positions, bounds = packed_row(model)
+    ids, positions, bounds = packed_row()
     model.set_attn_implementation("sdpa")
     with torch.no_grad():
         alone = [model(input_ids=ids[:, a:b], use_cache=False).logits[0] for a, b in bounds]
