@@ -425,3 +425,75 @@ def test_triton_decode_opt_out_takes_the_sdpa_path_with_the_same_result(
     without = call()
     assert fast.last_backend("flash_attn_with_kvcache") == "sdpa (decode, gqa folded into rows)"
     torch.testing.assert_close(with_kernel, without, atol=2e-2, rtol=2e-2)
+
+
+# -- transformers on the FA3 chains (kernel_fallback.integrations.transformers) --------------
+
+
+def _llama_logits(model: Any, impl: str, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Logits of the real tokens of a prefill, then of one decode step over its cache.
+
+    The decode step's token is the prompt's last, the same for every model (not each
+    model's own argmax, which bf16 rounding may change).
+    """
+    model.set_attn_implementation(impl)
+    with torch.no_grad():
+        first = model(input_ids=ids, attention_mask=mask, use_cache=True)
+        step = model(
+            input_ids=ids[:, -1:],
+            attention_mask=torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1),
+            past_key_values=first.past_key_values,
+        )
+    return torch.cat([first.logits[mask.bool()], step.logits[:, -1]]).float()
+
+
+@pytest.mark.parametrize("padded", [True, False], ids=["left-padded", "unpadded"])
+def test_transformers_llama_bf16_on_the_chains_within_the_bf16_rule_of_sdpa(padded: bool) -> None:
+    """A random bf16 Llama through the registered implementation: prefill and decode logits
+    within upstream's bf16 rule (error vs the float32 model at most 2x that of transformers'
+    own SDPA in bf16), generate() served entirely by the chains, decode on Triton when unpadded.
+    """
+    transformers = pytest.importorskip("transformers")
+    from kernel_fallback.integrations.flash_attn import _fast as fast
+    from kernel_fallback.integrations.transformers import register_attention, reset_served_calls, served_calls
+
+    name = register_attention()
+    config = transformers.LlamaConfig(
+        vocab_size=1024,
+        hidden_size=512,
+        intermediate_size=1024,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        pad_token_id=0,
+    )
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        exact = transformers.LlamaForCausalLM(config).eval()
+    model = transformers.LlamaForCausalLM(config).to(device="cuda", dtype=torch.bfloat16).eval()
+    model.load_state_dict({k: v.bfloat16() for k, v in exact.state_dict().items()})
+    ids = torch.randint(1, 1024, (4, 96), device="cuda")
+    mask = torch.ones_like(ids)
+    if padded:
+        mask[1, :40] = 0
+        mask[3, :7] = 0
+
+    oracle = _llama_logits(exact, "sdpa", ids, mask).double().cpu()
+    plain = _llama_logits(model, "sdpa", ids, mask)
+    reset_served_calls()
+    got = _llama_logits(model, name, ids, mask)
+    _bf16_rule(got, plain, oracle)
+    if not padded and importlib.util.find_spec("triton") is not None:
+        assert fast.last_backend("flash_attn_with_kvcache") == fast.TRITON_DECODE
+
+    calls = [0]
+    for layer in model.model.layers:
+        layer.self_attn.register_forward_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    reset_served_calls()
+    with torch.no_grad():
+        tokens = model.generate(
+            input_ids=ids, attention_mask=mask, max_new_tokens=16, min_new_tokens=16, do_sample=False
+        )
+    assert tokens.shape == (4, 96 + 16)
+    assert calls[0] == 2 * 16
+    assert sum(served_calls().values()) == calls[0]
