@@ -824,6 +824,8 @@ def test_kvcache_extras_invalid_inputs_leave_the_cache_alone(override: dict[str,
 def test_kvcache_extras_fa3_ignores_alone_change_nothing(extra: dict[str, object]) -> None:
     plain = flash_attn_with_kvcache(**_cache_inputs(), causal=True)  # type: ignore[arg-type]
     got = flash_attn_with_kvcache(**_cache_inputs(), causal=True, **extra)  # type: ignore[arg-type]
+    assert isinstance(got, Tensor)
+    assert isinstance(plain, Tensor)
     assert torch.equal(got, plain)
 
 
