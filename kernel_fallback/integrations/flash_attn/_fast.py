@@ -25,6 +25,8 @@ Lq x Lk score matrix on CUDA:
   ``KERNEL_FALLBACK_TRITON=0`` opts out.
 * Otherwise a paged cache is gathered through ``page_table`` into a (B, capacity) layout first.
 * Sinks fold in through the log-sum-exp: ``out *= sigmoid(lse - sink)``.
+* FA3's kvcache extras (rotary, ``cache_batch_idx``, ``cache_leftpad``, packed appends)
+  first become a plain call (:mod:`~kernel_fallback.integrations.flash_attn._kv_prep`).
 
 Values are not validated (that would read them on the host): ``cu_seqlens`` must be
 well formed, ``cache_seqlens + Sk_new`` within capacity and ``page_table`` entries
