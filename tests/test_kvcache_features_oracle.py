@@ -42,7 +42,7 @@ def _rope(x: Tensor, positions: list[int], cos: Tensor, sin: Tensor, interleaved
     if x.shape[0] == 0:
         return x
     ro = 2 * cos.shape[-1]
-    c, s = cos[positions].double(), sin[positions].double()
+    c, s = cos[positions].to(x.dtype), sin[positions].to(x.dtype)
     if interleaved:
         c, s = c.repeat_interleave(2, dim=-1), s.repeat_interleave(2, dim=-1)
     else:
@@ -85,12 +85,37 @@ def _attend(q: Tensor, k: Tensor, v: Tensor, scale: float, left: int, right: int
     return out
 
 
-def oracle(call: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
-    """Output and the caches after the call, in float64, from upstream's stated semantics."""
-    k_cache, v_cache = call["k_cache"].double().clone(), call["v_cache"].double().clone()
+def _attend_plain(q: Tensor, k: Tensor, v: Tensor, scale: float, left: int, right: int, chunk: int) -> Tensor:
+    """Upstream's ``attention_ref(upcast=False, reorder_ops=True)``: every op in q's dtype."""
+    lq, hq, _ = q.shape
+    lk, hkv, _ = k.shape
+    keep = torch.tensor([[_allowed(i, j, lq, lk, left, right, chunk) for j in range(lk)] for i in range(lq)])
+    keep = keep.view(lq, lk)
+    k, v = k.repeat_interleave(hq // hkv, dim=1), v.repeat_interleave(hq // hkv, dim=1)
+    scores = torch.einsum("qhd,khd->hqk", q, k * scale).masked_fill(~keep, -math.inf)
+    weights = torch.softmax(scores, dim=-1).masked_fill(~keep.any(-1, keepdim=True), 0.0)
+    return torch.einsum("hqk,khd->qhd", weights, v)
+
+
+def oracle(call: dict[str, Any], dtype: torch.dtype = torch.float64) -> tuple[Tensor, Tensor, Tensor]:
+    """Output and the caches after the call, from upstream's stated semantics.
+
+    float64: exact loops. Another ``dtype``: upstream's plain same-dtype computation
+    (rotary in float32 rounded to ``dtype``, as ``apply_rotary_emb``; attention as
+    :func:`_attend_plain`), the baseline of upstream's error rule.
+    """
+    k_cache, v_cache = call["k_cache"].to(dtype).clone(), call["v_cache"].to(dtype).clone()
     page_table = call.get("page_table")
     cu_q = call.get("cu_seqlens_q")
-    q = call["q"].double()
+    q = call["q"].to(dtype)
+    exact = dtype == torch.float64
+
+    def rope(x: Tensor, positions: list[int]) -> Tensor:
+        assert cos is not None
+        if exact:
+            return _rope(x, positions, cos, sin, interleaved)
+        return _rope(x.float(), positions, cos, sin, interleaved).to(dtype)
+
     batch = cu_q.shape[0] - 1 if cu_q is not None else q.shape[0]
     page = k_cache.shape[1]
     capacity = page_table.shape[1] * page if page_table is not None else page
@@ -117,23 +142,23 @@ def oracle(call: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
         cached = int(call["cache_seqlens"][b])
         qb = q[int(cu_q[b]) : int(cu_q[b + 1])] if cu_q is not None else q[b]
         if k_new is None:
-            kb = vb = torch.zeros(0, 1, 1, dtype=torch.float64)
+            kb = vb = torch.zeros(0, 1, 1, dtype=dtype)
         elif cu_new is not None:
             kb, vb = (
-                k_new[int(cu_new[b]) : int(cu_new[b + 1])].double(),
-                v_new[int(cu_new[b]) : int(cu_new[b + 1])].double(),
+                k_new[int(cu_new[b]) : int(cu_new[b + 1])].to(dtype),
+                v_new[int(cu_new[b]) : int(cu_new[b + 1])].to(dtype),
             )
         else:
-            kb, vb = k_new[b].double(), v_new[b].double()
+            kb, vb = k_new[b].to(dtype), v_new[b].to(dtype)
         if cos is not None:
             start = int(call["rotary_seqlens"][b]) if call.get("rotary_seqlens") is not None else cached
-            kb = _rope(kb, [start + j for j in range(kb.shape[0])], cos, sin, interleaved)
+            kb = rope(kb, [start + j for j in range(kb.shape[0])])
             # FA3 (flash_api.cpp) first drops window sides that cover everything.
             seqlen_q = call["max_seqlen_q"] if cu_q is not None else q.shape[1]
             l_eff = -1 if left >= capacity - 1 else left
             r_eff = -1 if right >= seqlen_q - 1 else right
             moves = causal or l_eff >= 0 or r_eff >= 0 or chunk > 0
-            qb = _rope(qb, [start + (i if moves else 0) for i in range(qb.shape[0])], cos, sin, interleaved)
+            qb = rope(qb, [start + (i if moves else 0) for i in range(qb.shape[0])])
         for j in range(kb.shape[0]):
             k_cache[slot(row, cached + j)] = kb[j]
             v_cache[slot(row, cached + j)] = vb[j]
@@ -142,7 +167,8 @@ def oracle(call: dict[str, Any]) -> tuple[Tensor, Tensor, Tensor]:
         keys = torch.stack([k_cache[slot(row, p)] for p in range(pad, end)]) if end > pad else k_cache[:0, 0]
         vals = torch.stack([v_cache[slot(row, p)] for p in range(pad, end)]) if end > pad else v_cache[:0, 0]
         scale = call.get("softmax_scale") or 1 / math.sqrt(q.shape[-1])
-        outs.append(_attend(qb, keys, vals, scale, left, right, chunk))
+        attend = _attend if exact else _attend_plain
+        outs.append(attend(qb, keys, vals, scale, left, right, chunk))
     out = torch.cat(outs) if cu_q is not None else torch.stack(outs)
     return out, k_cache, v_cache
 

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 import torch
 from kvcache_cases import clone_call, random_case
+from test_kvcache_features_oracle import oracle as kv_oracle
 from torch import Tensor
 
 from kernel_fallback.integrations.flash_attn import _fast as fast
@@ -172,19 +173,21 @@ def test_kvcache_extras_edge_cases_match_reference(force: dict[str, Any], page: 
     assert torch.equal(mine["v_cache"], theirs["v_cache"])
 
 
-@pytest.mark.parametrize("seed", range(4), ids=[f"seed{s}" for s in range(4)])
-def test_kvcache_extras_bfloat16_within_upstreams_rule(seed: int) -> None:
-    call = random_case(300 + seed, 16, dtype=torch.bfloat16, new_kv="packed", rotary_dim=32, leftpad=True)
+@pytest.mark.parametrize("page", [None, 1, 16, 64], ids=["contiguous", "page1", "page16", "page64"])
+@pytest.mark.parametrize("seed", range(3), ids=[f"seed{s}" for s in range(3)])
+def test_kvcache_extras_bfloat16_within_upstreams_rule(seed: int, page: int | None) -> None:
+    # Seed 0 forces every extra at once; the others draw them at random.
+    force: dict[str, Any] = {"new_kv": "packed", "rotary_dim": 32, "leftpad": True, "batch_idx": True}
+    call = random_case(300 + seed, page, dtype=torch.bfloat16, **(force if seed == 0 else {}))
     as64 = {k: v.double() if isinstance(v, Tensor) and v.is_floating_point() else v for k, v in call.items()}
-    oracle = ref.flash_attn_with_kvcache(**clone_call(as64))
-    plain = ref.flash_attn_with_kvcache(**clone_call(call))  # fp32 math, bf16 rotary and output
+    truth = ref.flash_attn_with_kvcache(**clone_call(as64))
+    plain, _, _ = kv_oracle(call, dtype=torch.bfloat16)  # upstream's upcast=False computation
     got = fast.flash_attn_with_kvcache(**clone_call(call))
     assert isinstance(got, Tensor)
-    assert isinstance(oracle, Tensor)
-    assert isinstance(plain, Tensor)
+    assert isinstance(truth, Tensor)
     assert got.dtype == torch.bfloat16
-    atol = 2 * (oracle + 0.3 - 0.3 - oracle).abs().max()
-    assert (got.double() - oracle).abs().max() <= 2 * (plain.double() - oracle).abs().max() + atol
+    atol = 2 * (truth + 0.3 - 0.3 - truth).abs().max()
+    assert (got.double() - truth).abs().max() <= 2 * (plain.double() - truth).abs().max() + atol
 
 
 def test_kvcache_batch_idx_is_a_page_table_for_the_decode_paths() -> None:
