@@ -24,7 +24,8 @@ first key of each sequence (``cache_leftpad``). Upstream facts it follows
   ``CHECK_SHAPE(k_new, total_k_new, ...)``); without new keys FA3 never reads it.
 * Rotary (``rotary_cos``/``rotary_sin`` (seqlen_ro, rotary_dim / 2), ``q``'s dtype) needs
   new keys (``flash_api.cpp``: "If rotary cos/sin are provided, new key / value ... must
-  also be provided") and rotates the first ``rotary_dim`` features, the rest pass through
+  also be provided"; any ``rotary_dim <= D`` is taken here, FA3 wants a multiple of 16)
+  and rotates the first ``rotary_dim`` features, the rest pass through
   (``flash_attn/layers/rotary.py``): interleaved pairs ``(0, 1), (2, 3)...``, otherwise
   GPT-NeoX halves ``(i, i + rotary_dim / 2)``; ``x1 cos - x2 sin``, ``x1 sin + x2 cos`` in
   float32, rounded to the input dtype (``hopper/rotary.h``). The start position is
