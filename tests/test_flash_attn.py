@@ -25,6 +25,7 @@ from test_torch_attention import _assert_close, _cu, _randn, _ref_sequence
 
 from kernel_fallback import PolicyConfigError, ProviderUnavailableError, UnsupportedKwargError, reload_config
 from kernel_fallback.integrations.flash_attn import _chains as fa
+from kernel_fallback.integrations.flash_attn import _reference as ref
 from kernel_fallback.integrations.flash_attn import flash_attn_varlen_func, flash_attn_with_kvcache
 from kernel_fallback.testing import capture_fallbacks
 
@@ -113,8 +114,10 @@ def test_describe_lists_every_provider_with_its_reason() -> None:
     assert rows["flash_attn"]["reason"] == "ModuleNotFoundError: No module named 'flash_attn'"
     assert rows["hub"]["status"] == rows["reference"]["status"] == rows["fa4"]["status"] == "not selected"
     assert rows["torch"]["source"] == "kernel_fallback.integrations.flash_attn._fast:flash_attn_with_kvcache"
-    assert {"out", "qv", "rotary_cos", "cu_seqlens_k_new"} <= set(rows["torch"]["lacks"])
-    assert "page_table" not in rows["torch"]["lacks"]
+    assert {"out", "qv", "score_mod", "aux_tensors"} <= set(rows["torch"]["lacks"])
+    extras = {"page_table", "rotary_cos", "rotary_sin", "rotary_seqlens", "rotary_interleaved"}
+    extras |= {"cache_batch_idx", "cache_leftpad", "cu_seqlens_k_new"}
+    assert not extras & set(rows["torch"]["lacks"])
     # Hints are not lacks: no policy applies, they are removed silently.
     assert rows["torch"]["ignores"] == ["num_splits", "pack_gqa", "scheduler_metadata", "sm_margin"]
     policies = rows["torch"]["on_drop"]
@@ -306,10 +309,6 @@ def test_sglangs_28_positional_kvcache_call_equals_the_keyword_call() -> None:
     ("name", "value", "match"),
     [
         pytest.param("qv", torch.ones(2, 1, 8, 16), "'qv'", id="qv"),
-        pytest.param("rotary_cos", torch.ones(6, 8), "'rotary_cos'", id="rotary_cos"),
-        pytest.param(
-            "cache_leftpad", torch.zeros(2, dtype=torch.int32), "'cache_leftpad'", id="cache_leftpad"
-        ),
     ],
 )
 def test_a_keyword_given_by_position_is_refused_like_by_keyword(name: str, value: Any, match: str) -> None:
@@ -319,6 +318,35 @@ def test_a_keyword_given_by_position_is_refused_like_by_keyword(name: str, value
     with pytest.raises(UnsupportedKwargError, match=match) as by_position:
         flash_attn_with_kvcache(*fa3_positional(**inputs, **{name: value}))
     assert str(by_position.value) == str(by_keyword.value)
+
+
+def test_rotary_leftpad_and_batch_idx_by_position_are_served_like_by_keyword() -> None:
+    # FA3's positions 6, 7, 9, 10, 15 and 24: sglang's wrapper passes all 28 by position.
+    inputs = kvcache_inputs(seed=5)
+    gen = torch.Generator().manual_seed(2)
+    extras = {
+        "k": _randn(gen, 2, 1, 2, 16),
+        "v": _randn(gen, 2, 1, 2, 16),
+        "rotary_cos": _randn(gen, 12, 8),
+        "rotary_sin": _randn(gen, 12, 8),
+        "cache_seqlens": torch.tensor([2, 4], dtype=torch.int32),
+        "cache_batch_idx": torch.tensor([1, 0], dtype=torch.int32),
+        "cache_leftpad": torch.tensor([1, 0], dtype=torch.int32),
+        "rotary_seqlens": torch.tensor([3, 0], dtype=torch.int32),
+        "rotary_interleaved": False,
+    }
+    calls = [dict(inputs, **extras) for _ in range(3)]
+    for call in calls:
+        call["k_cache"], call["v_cache"] = call["k_cache"].clone(), call["v_cache"].clone()
+    with capture_fallbacks() as events:
+        by_keyword = flash_attn_with_kvcache(**calls[0], causal=True)
+        by_position = flash_attn_with_kvcache(*fa3_positional(**calls[1], causal=True))
+    assert [e.kind for e in events if e.kind != "provider"] == []  # served by the active torch provider
+    want = ref.flash_attn_with_kvcache(**calls[2], causal=True)
+    torch.testing.assert_close(by_position, by_keyword, rtol=0, atol=0)
+    torch.testing.assert_close(by_keyword, want, rtol=1e-5, atol=1e-5)
+    for call in calls[:2]:  # the rotated new keys appended in place, in cache row 1 at 2
+        torch.testing.assert_close(call["k_cache"], calls[2]["k_cache"], rtol=0, atol=0)
 
 
 def test_positional_mistakes_raise_type_error_naming_them() -> None:
@@ -355,13 +383,16 @@ def test_values_that_mean_nothing_in_fa3_are_neither_refused_nor_recorded(extra:
     assert (events, logs) == ([], [])
 
 
-def test_cu_seqlens_k_new_with_new_keys_still_counts() -> None:
-    inputs = kvcache_inputs()
-    k_new = torch.zeros(2, 1, 2, 16)
-    with pytest.raises(UnsupportedKwargError, match="'cu_seqlens_k_new'"):
-        flash_attn_with_kvcache(
-            **inputs, k=k_new, v=k_new, cu_seqlens_k_new=torch.tensor([0, 1, 2], dtype=torch.int32)
-        )
+def test_cu_seqlens_k_new_with_new_keys_packs_them() -> None:
+    inputs = dict(kvcache_inputs(), cache_seqlens=torch.tensor([3, 5], dtype=torch.int32))
+    k_new = torch.randn(2, 1, 2, 16)
+    plain_cache = inputs["k_cache"].clone()
+    plain = flash_attn_with_kvcache(**dict(inputs, k_cache=plain_cache), k=k_new, v=k_new)
+    packed = flash_attn_with_kvcache(
+        **inputs, k=k_new[:, 0], v=k_new[:, 0], cu_seqlens_k_new=torch.tensor([0, 1, 2], dtype=torch.int32)
+    )
+    torch.testing.assert_close(packed, plain, rtol=1e-6, atol=1e-6)
+    assert torch.equal(inputs["k_cache"], plain_cache)
     with pytest.raises(UnsupportedKwargError, match="'only_qv'"):
         flash_attn_with_kvcache(**inputs, only_qv=True)
 

@@ -497,3 +497,41 @@ def test_transformers_llama_bf16_on_the_chains_within_the_bf16_rule_of_sdpa(padd
     assert tokens.shape == (4, 96 + 16)
     assert calls[0] == 2 * 16
     assert sum(served_calls().values()) == calls[0]
+
+
+@pytest.mark.parametrize("page", [None, 16], ids=["contiguous", "page16"])
+@pytest.mark.parametrize("leftpad", [False, True], ids=["no-leftpad", "leftpad"])
+def test_kvcache_extras_on_cuda_within_upstreams_bf16_rule(page: int | None, leftpad: bool) -> None:
+    """Rotary + cache_batch_idx + appends on CUDA: Triton decode unless leftpad, bf16 rule."""
+    pytest.importorskip("triton")
+    from kvcache_cases import clone_call, random_case
+    from test_kvcache_features_oracle import oracle as kv_oracle
+
+    from kernel_fallback.integrations.flash_attn import _fast as fast
+    from kernel_fallback.integrations.flash_attn import _reference as ref
+
+    call = random_case(
+        41, page, dtype=torch.bfloat16, new_kv="plain", rotary_dim=32, batch_idx=True, leftpad=leftpad,
+        varlen_q=False, sq=1, mask="causal", hkv=2,
+    )  # fmt: skip
+    as64 = {
+        k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in call.items()
+    }
+    oracle = ref.flash_attn_with_kvcache(**clone_call(as64))
+    plain, _, _ = kv_oracle(call, dtype=torch.bfloat16)  # upstream's upcast=False computation
+    on_gpu: dict[str, Any] = {
+        k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in clone_call(call).items()
+    }
+    got = fast.flash_attn_with_kvcache(**on_gpu)
+    assert isinstance(got, torch.Tensor)
+    assert isinstance(oracle, torch.Tensor)
+    backend = fast.last_backend("flash_attn_with_kvcache")
+    if leftpad:  # a key start the kernel does not take
+        assert backend != fast.TRITON_DECODE
+    else:  # the batch index folded into a page table
+        assert backend == fast.TRITON_DECODE
+    _bf16_rule(got, plain, oracle)
+    want_cache = clone_call(call)
+    ref.flash_attn_with_kvcache(**want_cache)
+    # Rotated on another device: a bf16 rounding step apart at most.
+    torch.testing.assert_close(on_gpu["k_cache"].cpu(), want_cache["k_cache"])

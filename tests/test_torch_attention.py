@@ -729,3 +729,120 @@ def test_attention_chunk_none_and_zero_mean_off(
         out_off, lse_off = fn(**kwargs, attention_chunk=off)
         assert torch.equal(out_off, out)
         assert torch.equal(lse_off, lse)
+
+
+_NEW = {"k": torch.ones(2, 1, 2, 8), "v": torch.ones(2, 1, 2, 8)}
+_ROPE = {"rotary_cos": torch.ones(12, 4), "rotary_sin": torch.zeros(12, 4)}
+
+KVCACHE_EXTRA_ERRORS = [
+    pytest.param(
+        {"cache_batch_idx": torch.tensor([0, 1])},
+        r"cache_batch_idx must be an int32 tensor",
+        id="batch-idx-dtype",
+    ),
+    pytest.param(
+        {"cache_batch_idx": torch.tensor([0, 2], dtype=torch.int32)},
+        r"cache_batch_idx entries must lie in \[0, 2\) \(cache rows\), got \[0, 2\]",
+        id="batch-idx-range",
+    ),
+    pytest.param(
+        {"cache_leftpad": torch.tensor([4, 0], dtype=torch.int32)},
+        r"cache_leftpad must lie in \[0, cache_seqlens \[3, 5\]\], got \[4, 0\]",
+        id="leftpad-past-seqlens",
+    ),
+    pytest.param(
+        {"cache_leftpad": torch.tensor([0], dtype=torch.int32)},
+        r"cache_leftpad must be an int32 tensor of shape \(2,\)",
+        id="leftpad-shape",
+    ),
+    pytest.param(_ROPE, r"rotary_cos/rotary_sin need new keys k and v", id="rotary-without-k"),
+    pytest.param(
+        {**_NEW, "rotary_cos": torch.ones(12, 4)},
+        r"rotary_cos and rotary_sin must be given together",
+        id="cos-only",
+    ),
+    pytest.param(
+        {**_NEW, "rotary_cos": torch.ones(12, 5), "rotary_sin": torch.ones(12, 5)},
+        r"rotary_dim <= head dim 8, got \(12, 5\)",
+        id="rotary-dim-too-big",
+    ),
+    pytest.param(
+        {**_NEW, "rotary_cos": torch.ones(12, 4, dtype=torch.float64), "rotary_sin": torch.ones(12, 4)},
+        r"rotary_cos and rotary_sin must have q's dtype torch\.float32",
+        id="rotary-dtype",
+    ),
+    pytest.param(
+        {**_NEW, **_ROPE, "rotary_seqlens": torch.tensor([0, 12], dtype=torch.int32)},
+        r"rotary positions run past rotary_cos/rotary_sin \(12 rows\): starts \[0, 12\]",
+        id="rotary-past-table",
+    ),
+    pytest.param(
+        {
+            "k": torch.ones(3, 2, 8),
+            "v": torch.ones(3, 2, 8),
+            "cu_seqlens_k_new": torch.tensor([0, 2, 1], dtype=torch.int32),
+        },
+        r"cu_seqlens_k_new must be non-decreasing within \[0, 3\]",
+        id="cu-new-decreasing",
+    ),
+    pytest.param(
+        {
+            "k": torch.ones(4, 2, 8),
+            "v": torch.ones(4, 2, 8),
+            "cu_seqlens_k_new": torch.tensor([0, 1, 4], dtype=torch.int32),
+        },
+        r"cache_seqlens \+ new keys must lie in \[0, 6\] .*new keys \[1, 3\]",
+        id="cu-new-overflow",
+    ),
+    pytest.param(
+        {"k": torch.ones(2, 1, 2, 8), "v": torch.ones(2, 1, 2, 8), "cu_seqlens_k_new": _cu([1, 1])},
+        r"k must have shape \(total_new, 2, 8\) with cu_seqlens_k_new",
+        id="cu-new-k-4d",
+    ),
+]
+
+
+@pytest.mark.parametrize(("override", "match"), KVCACHE_EXTRA_ERRORS)
+def test_kvcache_extras_invalid_inputs_leave_the_cache_alone(override: dict[str, object], match: str) -> None:
+    kwargs = _cache_inputs() | override
+    before = kwargs["k_cache"].clone()  # type: ignore[attr-defined]
+    with pytest.raises(ValueError, match=match):
+        flash_attn_with_kvcache(**kwargs)  # type: ignore[arg-type]
+    assert torch.equal(kwargs["k_cache"], before)  # type: ignore[arg-type]  # checked before any write
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        pytest.param({"cu_seqlens_k_new": _cu([1, 1])}, id="cu-new-without-k"),
+        pytest.param({"rotary_interleaved": False}, id="interleaved-without-rotary"),
+        pytest.param(
+            {"rotary_seqlens": torch.tensor([1, 2], dtype=torch.int32)}, id="rotary-seqlens-without-rotary"
+        ),
+    ],
+)
+def test_kvcache_extras_fa3_ignores_alone_change_nothing(extra: dict[str, object]) -> None:
+    plain = flash_attn_with_kvcache(**_cache_inputs(), causal=True)  # type: ignore[arg-type]
+    got = flash_attn_with_kvcache(**_cache_inputs(), causal=True, **extra)  # type: ignore[arg-type]
+    assert isinstance(got, Tensor)
+    assert isinstance(plain, Tensor)
+    assert torch.equal(got, plain)
+
+
+def test_kvcache_leftpad_and_batch_idx_are_a_slice_of_the_cache() -> None:
+    # Keys [leftpad, cache_seqlens) of cache row cache_batch_idx[b], masks over them alone.
+    kwargs = _cache_inputs()
+    k_cache, v_cache = kwargs["k_cache"], kwargs["v_cache"]
+    assert isinstance(k_cache, Tensor)
+    assert isinstance(v_cache, Tensor)
+    got = flash_attn_with_kvcache(
+        **kwargs,  # type: ignore[arg-type]
+        causal=True,
+        cache_batch_idx=torch.tensor([1, 0], dtype=torch.int32),
+        cache_leftpad=torch.tensor([2, 1], dtype=torch.int32),
+    )
+    q = kwargs["q"]
+    assert isinstance(q, Tensor)
+    for b, (row, lo, hi) in enumerate([(1, 2, 3), (0, 1, 5)]):
+        want, _ = _ref_sequence(q[b], k_cache[row, lo:hi], v_cache[row, lo:hi], scale=8**-0.5, causal=True)
+        _assert_close(got[b], want, "out")

@@ -1,7 +1,9 @@
 """The fast ``torch`` provider (``_torch_fast_attention``) against the exact reference.
 
 Random cases over causal, window, softcap, attention_chunk, GQA, sinks, lse, seqused,
-empty sequences, paged caches (page sizes 1 to 256) with appends and packed queries.
+empty sequences, paged caches (page sizes 1 to 256) with appends and packed queries, and
+FA3's kvcache extras (rotary, cache_batch_idx, cache_leftpad, packed appends; the cases
+of ``kvcache_cases``).
 On CPU flex_attention runs eagerly; tests/test_gpu.py covers the compiled CUDA path.
 """
 
@@ -12,6 +14,8 @@ from typing import Any
 
 import pytest
 import torch
+from kvcache_cases import clone_call, random_case
+from test_kvcache_features_oracle import oracle as kv_oracle
 from torch import Tensor
 
 from kernel_fallback.integrations.flash_attn import _fast as fast
@@ -136,6 +140,66 @@ def test_kvcache_matches_reference(options: dict[str, Any]) -> None:
     _close(got, want)
     assert torch.equal(caches[0], k_cache)  # appended the same keys in place
     assert torch.equal(caches[1], v_cache)
+
+
+@pytest.mark.parametrize("page", [None, 1, 16, 64], ids=["contiguous", "page1", "page16", "page64"])
+@pytest.mark.parametrize("seed", range(6), ids=[f"seed{s}" for s in range(6)])
+def test_kvcache_extras_match_reference(page: int | None, seed: int) -> None:
+    # Rotary, cache_batch_idx, cache_leftpad, packed appends, empty caches (kvcache_cases).
+    call = random_case(200 + seed, page, dtype=torch.float32)
+    if seed % 2:
+        call["return_softmax_lse"] = True
+    mine, theirs = clone_call(call), clone_call(call)
+    _close(fast.flash_attn_with_kvcache(**mine), ref.flash_attn_with_kvcache(**theirs))
+    assert torch.equal(mine["k_cache"], theirs["k_cache"])  # the same appends, in place
+    assert torch.equal(mine["v_cache"], theirs["v_cache"])
+
+
+EXTRAS = [
+    pytest.param({"new_kv": "packed", "empty": True, "leftpad": True, "batch_idx": True}, id="empty-packed"),
+    pytest.param({"new_kv": "packed", "extra_rows": 2, "varlen_q": True}, id="packed-extra-rows"),
+    pytest.param({"new_kv": "none", "leftpad": True, "mask": "causal", "sq": 1}, id="leftpad-decode-sdpa"),
+    pytest.param({"new_kv": "plain", "rotary_dim": 32, "mask": "chunk", "varlen_q": True}, id="rotary-chunk"),
+]
+
+
+@pytest.mark.parametrize("page", [None, 16], ids=["contiguous", "page16"])
+@pytest.mark.parametrize("force", EXTRAS)
+def test_kvcache_extras_edge_cases_match_reference(force: dict[str, Any], page: int | None) -> None:
+    call = random_case(5, page, dtype=torch.float32, **force)
+    mine, theirs = clone_call(call), clone_call(call)
+    _close(fast.flash_attn_with_kvcache(**mine), ref.flash_attn_with_kvcache(**theirs))
+    assert torch.equal(mine["k_cache"], theirs["k_cache"])
+    assert torch.equal(mine["v_cache"], theirs["v_cache"])
+
+
+@pytest.mark.parametrize("page", [None, 1, 16, 64], ids=["contiguous", "page1", "page16", "page64"])
+@pytest.mark.parametrize("seed", range(3), ids=[f"seed{s}" for s in range(3)])
+def test_kvcache_extras_bfloat16_within_upstreams_rule(seed: int, page: int | None) -> None:
+    # Seed 0 forces every extra at once; the others draw them at random.
+    force: dict[str, Any] = {"new_kv": "packed", "rotary_dim": 32, "leftpad": True, "batch_idx": True}
+    call = random_case(300 + seed, page, dtype=torch.bfloat16, **(force if seed == 0 else {}))
+    as64 = {k: v.double() if isinstance(v, Tensor) and v.is_floating_point() else v for k, v in call.items()}
+    truth = ref.flash_attn_with_kvcache(**clone_call(as64))
+    plain, _, _ = kv_oracle(call, dtype=torch.bfloat16)  # upstream's upcast=False computation
+    got = fast.flash_attn_with_kvcache(**clone_call(call))
+    assert isinstance(got, Tensor)
+    assert isinstance(truth, Tensor)
+    assert got.dtype == torch.bfloat16
+    atol = 2 * (truth + 0.3 - 0.3 - truth).abs().max()
+    assert (got.double() - truth).abs().max() <= 2 * (plain.double() - truth).abs().max() + atol
+
+
+def test_kvcache_batch_idx_is_a_page_table_for_the_decode_paths() -> None:
+    # A contiguous cache row picked by cache_batch_idx reads like a one-page table.
+    gen = torch.Generator().manual_seed(4)
+    q, k_cache = torch.randn(2, 1, 4, 16, generator=gen), torch.randn(5, 12, 2, 16, generator=gen)
+    seqlens, idx = torch.tensor([3, 12], dtype=torch.int32), torch.tensor([4, 1], dtype=torch.int32)
+    got = fast.flash_attn_with_kvcache(q, k_cache, k_cache, cache_seqlens=seqlens, cache_batch_idx=idx)
+    assert fast.last_backend("flash_attn_with_kvcache") == "sdpa (decode, gqa folded into rows)"
+    table = idx.view(2, 1)
+    _close(got, fast.flash_attn_with_kvcache(q, k_cache, k_cache, cache_seqlens=seqlens, page_table=table))
+    _close(got, ref.flash_attn_with_kvcache(q, k_cache[[4, 1]], k_cache[[4, 1]], cache_seqlens=seqlens))
 
 
 def test_decode_without_lse_takes_sdpa_and_the_rest_flex() -> None:

@@ -15,6 +15,8 @@ The modules of this package, from the top layer down:
 - ``_masks``: FA3's masks as one key interval per query row, and the block-sparse
   flex_attention masks built from them on the device.
 - ``_triton_decode``: a split-K paged decode kernel that follows ``page_table`` itself.
+- ``_kv_prep``: FA3's kvcache extras (rotary, ``cache_batch_idx``, ``cache_leftpad``,
+  packed appends) turned into a plain cache call, for ``_fast`` and ``_reference``.
 - ``_reference``: the exact, looping oracle (the ``reference`` provider) that defines the
   semantics everything above is tested against.
 """

@@ -25,6 +25,8 @@ Lq x Lk score matrix on CUDA:
   ``KERNEL_FALLBACK_TRITON=0`` opts out.
 * Otherwise a paged cache is gathered through ``page_table`` into a (B, capacity) layout first.
 * Sinks fold in through the log-sum-exp: ``out *= sigmoid(lse - sink)``.
+* FA3's kvcache extras (rotary, ``cache_batch_idx``, ``cache_leftpad``, packed appends)
+  first become a plain call (:mod:`~kernel_fallback.integrations.flash_attn._kv_prep`).
 
 Values are not validated (that would read them on the host): ``cu_seqlens`` must be
 well formed, ``cache_seqlens + Sk_new`` within capacity and ``page_table`` entries
@@ -47,6 +49,7 @@ from torch.nn.attention import flex_attention as _flex_mod
 from kernel_fallback import _config
 from kernel_fallback._options import stream_capturing
 from kernel_fallback.exceptions import PolicyConfigError
+from kernel_fallback.integrations.flash_attn._kv_prep import KvExtras, plain_call
 from kernel_fallback.integrations.flash_attn._masks import MaskSpec, block_mask_for, row_intervals
 from kernel_fallback.integrations.flash_attn._reference import (
     WindowSize,
@@ -409,17 +412,40 @@ def flash_attn_with_kvcache(
     softcap: float = 0.0,
     sinks: Tensor | None = None,
     return_softmax_lse: bool = False,
+    rotary_cos: Tensor | None = None,
+    rotary_sin: Tensor | None = None,
+    rotary_seqlens: Tensor | None = None,
+    rotary_interleaved: bool = True,
+    cache_batch_idx: Tensor | None = None,
+    cache_leftpad: Tensor | None = None,
+    cu_seqlens_k_new: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Attention over a (paged) KV cache through SDPA (decode) or flex_attention; FA3's arguments.
 
     Layouts and results as the reference's ``flash_attn_with_kvcache``: q (B, Sq, Hq, D)
     or packed (total_q, Hq, D) with ``cu_seqlens_q``; ``k``/``v`` appended in place at
-    ``cache_seqlens``; lse (B, Hq, Sq), or (Hq, total_q) for packed q.
+    ``cache_seqlens``; lse (B, Hq, Sq), or (Hq, total_q) for packed q. Rotary,
+    ``cache_batch_idx``, ``cache_leftpad`` and packed appends (``cu_seqlens_k_new``) first
+    become a plain call (:mod:`~kernel_fallback.integrations.flash_attn._kv_prep`); a batch
+    index is a page table then, so only ``cache_leftpad`` keeps a call off the Triton kernel.
     """
-    del max_seqlen_q  # launch hint of the CUDA kernel
+    spec = _spec(window_size, causal, attention_chunk)
+    extras = KvExtras(
+        rotary_cos,
+        rotary_sin,
+        rotary_seqlens,
+        rotary_interleaved,
+        cache_batch_idx,
+        cache_leftpad,
+        cu_seqlens_k_new,
+    )
+    plain = plain_call(
+        q, k_cache, v_cache, k, v, cache_seqlens, page_table, cu_seqlens_q, max_seqlen_q, causal,
+        (spec.left, spec.right), spec.chunk, extras, check_values=False,
+    )  # fmt: skip
+    q, k, v, cache_seqlens, page_table = plain.q, plain.k, plain.v, plain.cache_seqlens, plain.page_table
     batch, s_new = _check_cache_args(q, k_cache, v_cache, k, v, page_table, cu_seqlens_q, cache_seqlens)
     _check_common(q, k_cache, v_cache, softcap, sinks, "k_cache and v_cache")
-    spec = _spec(window_size, causal, attention_chunk)
     dev = k_cache.device
     hkv = k_cache.shape[2]
     page = k_cache.shape[1]
@@ -438,8 +464,12 @@ def flash_attn_with_kvcache(
         k_cache.index_put_(index, k.to(device=dev, dtype=k_cache.dtype))
         v_cache.index_put_(index, v.to(device=dev, dtype=v_cache.dtype))
     lens_k = cached + s_new
+    # Left padding: keys [first, end) of the cache row, masks over them alone (FA3's offset_k).
+    first = plain.key_start.to(device=dev, dtype=torch.long) if plain.key_start is not None else None
+    if first is not None:
+        lens_k = lens_k - first
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
-    if cu_seqlens_q is None and _triton_decode_fits(q, k_cache, v_cache, spec):
+    if cu_seqlens_q is None and first is None and _triton_decode_fits(q, k_cache, v_cache, spec):
         from kernel_fallback.integrations.flash_attn._triton_decode import decode_attention
 
         out, lse = decode_attention(
@@ -453,7 +483,7 @@ def flash_attn_with_kvcache(
         v_log = v_cache[blocks].flatten(1, 2)
     else:
         k_log, v_log = k_cache, v_cache
-    layout = (cache_seqlens if isinstance(cache_seqlens, Tensor) else None, cu_seqlens_q)
+    layout = (cache_seqlens if isinstance(cache_seqlens, Tensor) else None, cu_seqlens_q, plain.key_start)
     params = (
         "kvcache",
         tuple(q.shape),
@@ -472,7 +502,8 @@ def flash_attn_with_kvcache(
             pos_q = torch.arange(sq, device=dev).expand(batch, sq)
             len_k = lens_k.unsqueeze(1).expand(batch, sq)
             valid = torch.ones(batch, sq, dtype=torch.bool, device=dev)
-            return row_intervals(pos_q, torch.full_like(pos_q, sq), len_k, valid, spec)
+            lo, hi = row_intervals(pos_q, torch.full_like(pos_q, sq), len_k, valid, spec)
+            return (lo, hi) if first is None else (lo + first.unsqueeze(1), hi + first.unsqueeze(1))
 
         simple = softcap == 0 and sinks is None and not return_softmax_lse
         if simple and sq * (hq // hkv) <= SDPA_DECODE_MAX_ROWS:
@@ -501,7 +532,8 @@ def flash_attn_with_kvcache(
         lens_q = cu[1:] - cu[:-1]
         doc, pos, valid = _packed_rows(cu, q.shape[0], lens_q)
         lo, hi = row_intervals(pos, lens_q[doc], lens_k[doc], valid, spec)
-        return (lo + doc * capacity).unsqueeze(0), (hi + doc * capacity).unsqueeze(0)
+        base = doc * capacity if first is None else doc * capacity + first[doc]
+        return (lo + base).unsqueeze(0), (hi + base).unsqueeze(0)
 
     mask = block_mask_for(layout, params, packed_intervals, batch * capacity, reuse=not _capturing(dev))
     out, lse, backend = _flex(

@@ -37,6 +37,8 @@ import math
 import torch
 from torch import Tensor
 
+from kernel_fallback.integrations.flash_attn._kv_prep import KvExtras, plain_call
+
 __all__ = ["WindowSize", "flash_attn_varlen_func", "flash_attn_with_kvcache"]
 
 #: What ``window_size`` may be: a pair of ints, a pair of 0-d integer tensors, or a
@@ -300,6 +302,13 @@ def flash_attn_with_kvcache(
     softcap: float = 0.0,
     sinks: Tensor | None = None,
     return_softmax_lse: bool = False,
+    rotary_cos: Tensor | None = None,
+    rotary_sin: Tensor | None = None,
+    rotary_seqlens: Tensor | None = None,
+    rotary_interleaved: bool = True,
+    cache_batch_idx: Tensor | None = None,
+    cache_leftpad: Tensor | None = None,
+    cu_seqlens_k_new: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Attention over a (optionally paged) KV cache, a reference for FA3's ``flash_attn_with_kvcache``.
 
@@ -314,7 +323,8 @@ def flash_attn_with_kvcache(
             to the full cache capacity. It is not updated after appending.
         page_table: Optional (B, max_blocks_per_seq) int32 logical -> physical block map.
         cu_seqlens_q: Optional (B + 1,) int32 offsets of each sequence in packed ``q``.
-        max_seqlen_q: Launch hint in FA3; ignored here.
+        max_seqlen_q: Launch hint in FA3; with rotary and packed ``q`` it also decides, as
+            FA3's window normalization, whether a right window side covers every row.
         softmax_scale: Score scale, default ``1 / sqrt(D)``.
         causal: Bottom-right aligned causal mask (Lq = query length, Lk = keys used).
         window_size: (left, right) local window, -1 for unbounded.
@@ -326,11 +336,22 @@ def flash_attn_with_kvcache(
         sinks: Optional (Hq,) per-head sink logits.
         return_softmax_lse: Also return the float32 lse, shaped (B, Hq, Sq), or
             (Hq, total_q) for packed ``q``.
+        rotary_cos: Optional (seqlen_ro, rotary_dim / 2) in q's dtype, with ``rotary_sin``:
+            rotary embedding of q and the new keys (new keys required).
+        rotary_sin: Same shape as ``rotary_cos``.
+        rotary_seqlens: Optional (B,) int32 rotary start positions (default ``cache_seqlens``).
+        rotary_interleaved: Rotate pairs (0, 1), (2, 3)... (True) or GPT-NeoX halves.
+        cache_batch_idx: Optional (B,) int32: the cache row (``page_table`` row) of each sequence.
+        cache_leftpad: Optional (B,) int32: the first cache position of each sequence's keys.
+        cu_seqlens_k_new: Optional (B + 1,) int32 offsets of packed new keys ``k``/``v``
+            (total_new, Hkv, D[v]); ignored without ``k``.
+
+    The last seven follow FA3 as
+    :mod:`~kernel_fallback.integrations.flash_attn._kv_prep` documents (with its sources).
 
     Returns:
         ``out`` shaped like ``q`` with head dim Dv, in ``q``'s dtype, or ``(out, lse)``.
     """
-    del max_seqlen_q  # grid-size hint for the CUDA kernel only
     varlen_q = cu_seqlens_q is not None
     if q.dim() != (3 if varlen_q else 4):
         want = "(total_q, Hq, D) when cu_seqlens_q is given" if varlen_q else "(B, Sq, Hq, D)"
@@ -346,6 +367,20 @@ def flash_attn_with_kvcache(
     _check_common(q, k_cache, v_cache, softcap, sinks, "k_cache and v_cache")
     window = _check_window(window_size, causal)
     chunk = _check_chunk(attention_chunk)
+    extras = KvExtras(
+        rotary_cos,
+        rotary_sin,
+        rotary_seqlens,
+        rotary_interleaved,
+        cache_batch_idx,
+        cache_leftpad,
+        cu_seqlens_k_new,
+    )
+    plain = plain_call(
+        q, k_cache, v_cache, k, v, cache_seqlens, page_table, cu_seqlens_q, max_seqlen_q, causal, window,
+        chunk, extras, check_values=True,
+    )  # fmt: skip
+    q, k, v, cache_seqlens, page_table = plain.q, plain.k, plain.v, plain.cache_seqlens, plain.page_table
     if cu_seqlens_q is not None:
         cu_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0])
         batch = len(cu_q) - 1
@@ -406,6 +441,7 @@ def flash_attn_with_kvcache(
             k_cache[idx] = k[b].to(device=k_cache.device, dtype=k_cache.dtype)
             v_cache[idx] = v[b].to(device=v_cache.device, dtype=v_cache.dtype)
 
+    starts: list[int] = plain.key_start.tolist() if plain.key_start is not None else [0] * batch
     dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
     hq = q.shape[-2]
@@ -416,7 +452,7 @@ def flash_attn_with_kvcache(
         q0, q1 = cu_q[b], cu_q[b + 1]
         if q1 == q0:
             continue
-        idx = positions(b, 0, cached[b] + s_new)
+        idx = positions(b, starts[b], cached[b] + s_new)
         o, s = _attend(q_rows[q0:q1], k_cache[idx], v_cache[idx], scale, window, chunk, softcap, sinks, dtype)
         out[q0:q1] = o.to(device=q.device, dtype=q.dtype)
         lse[:, q0:q1] = s.to(device=q.device, dtype=torch.float32)
