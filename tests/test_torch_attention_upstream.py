@@ -244,9 +244,15 @@ def _within_upstream_rule(got: Tensor, plain: Tensor, oracle: Tensor, softcap: f
     assert err <= factor * plain_err + atol, f"error {float(err):.3g} vs plain {float(plain_err):.3g}"
 
 
+# Upstream's pairs up to 640 x 128: autograd through both sides of 1023 x 1024 costs ~40 s of CPU.
+BACKWARD_SEQLENS = [pair for pair in SEQLENS if max(pair) <= 640]
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64], ids=["bfloat16", "float64"])
 @pytest.mark.parametrize("mode", BACKWARD_MODES)
-@pytest.mark.parametrize(("seqlen_q", "seqlen_k"), SEQLENS, ids=[f"{a}x{b}" for a, b in SEQLENS])
+@pytest.mark.parametrize(
+    ("seqlen_q", "seqlen_k"), BACKWARD_SEQLENS, ids=[f"{a}x{b}" for a, b in BACKWARD_SEQLENS]
+)
 def test_chain_gradients_match_upstream_oracle(
     seqlen_q: int, seqlen_k: int, mode: Mode, dtype: torch.dtype
 ) -> None:
