@@ -83,12 +83,18 @@ def exact_when_needed(
     """Send the calls :func:`exact_route` picks to ``reference`` (same signature), the rest on.
 
     ``last`` records the route under the decorated function's name (``last_backend``).
+    With grad mode off, tensors that require grad reach the fast path detached.
     """
 
     def decorate(fast: Callable[_P, _R]) -> Callable[_P, _R]:
         @functools.wraps(fast)
         def entry(*args: _P.args, **kwargs: _P.kwargs) -> _R:
             route = exact_route(args, kwargs)
+            if route is None and not torch.is_grad_enabled():
+                # Nothing is recorded, but eager flex on CPU refuses any input that requires
+                # grad: detached views (same storage, so appends still land in the caches).
+                call: Callable[..., _R] = fast
+                return call(*(_detached(a) for a in args), **{n: _detached(a) for n, a in kwargs.items()})
             if route is None:
                 return fast(*args, **kwargs)
             result = reference(*args, **kwargs)
@@ -98,6 +104,10 @@ def exact_when_needed(
         return entry
 
     return decorate
+
+
+def _detached(value: object) -> object:
+    return value.detach() if isinstance(value, Tensor) and value.requires_grad else value
 
 
 def attached(result: Tensor, *inputs: Tensor | None) -> Tensor:
