@@ -1,4 +1,4 @@
-"""The reference in ``_torch_attention`` against upstream FlashAttention's test semantics.
+"""The reference (``_reference``) against upstream FlashAttention's test semantics.
 
 ``_upstream_ref`` is an independent float64 reimplementation of the semantics of
 ``attention_ref`` in FlashAttention's ``hopper/test_util.py`` (padded batches with
@@ -8,6 +8,10 @@ semantics, not copied. The cases follow the parametrization of
 ``hopper/test_flash_attn.py``'s varlen test: its sequence-length pairs, random windows
 passed as 0-d tensors, causal or local, softcap 0 or 15, ``attention_chunk`` 0, 1 or a
 power of two, MHA/GQA, random per-sequence lengths from padding masks.
+
+The chains (torch provider, CPU) against the same oracle: upstream's backward cases
+(gradients of q, k, v and sinks; bf16 within upstream's rule, float64 exact) for varlen
+and kvcache without appends, and a float64 sweep over every path and degenerate shape.
 """
 
 from __future__ import annotations
