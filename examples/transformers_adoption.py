@@ -53,8 +53,8 @@ def main() -> None:
             print(f"1. flash_attention_3: ImportError: {str(exc).splitlines()[0]}")
 
         name = register_attention()
-        model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=name).eval()
-        reference = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()
+        model = AutoModelForCausalLM.from_pretrained(path, attn_implementation=name).eval()  # type: ignore[no-untyped-call,unused-ignore]
+        reference = AutoModelForCausalLM.from_pretrained(path, attn_implementation="sdpa").eval()  # type: ignore[no-untyped-call,unused-ignore]
         print(f"2. from_pretrained(attn_implementation={name!r}): {model.config._attn_implementation}")
 
     with torch.no_grad():

@@ -54,7 +54,7 @@ def build(args: argparse.Namespace) -> tuple[Any, torch.Tensor, torch.Tensor]:
     shapes = TINY_SHAPES if args.tiny else LLAMA3_8B_SHAPES
     config = LlamaConfig(**shapes, num_hidden_layers=args.layers, pad_token_id=0)
     with torch.device(args.device):  # initialise on the device: fast, no host copy
-        model = AutoModelForCausalLM.from_config(config, dtype=args.dtype).eval()
+        model = AutoModelForCausalLM.from_config(config, dtype=args.dtype).eval()  # type: ignore[no-untyped-call,unused-ignore]
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(1, config.vocab_size, (args.batch, args.prompt), generator=generator)
     mask = torch.ones_like(ids)
@@ -102,7 +102,7 @@ def attention_call_us(model: Any, impl: str, args: argparse.Namespace, calls: in
     length = args.prompt + args.new_tokens
     q = torch.randn(args.batch, hq, 1, d, device=args.device, dtype=args.dtype)
     k, v = (torch.randn(args.batch, hkv, length, d, device=args.device, dtype=args.dtype) for _ in "kv")
-    fn = AttentionInterface()[impl]
+    fn = AttentionInterface()[impl]  # type: ignore[no-untyped-call,unused-ignore]
     with torch.no_grad():
         for _ in range(3):
             fn(layer, q, k, v, None, scaling=layer.scaling)

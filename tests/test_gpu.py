@@ -535,3 +535,143 @@ def test_kvcache_extras_on_cuda_within_upstreams_bf16_rule(page: int | None, lef
     ref.flash_attn_with_kvcache(**want_cache)
     # Rotated on another device: a bf16 rounding step apart at most.
     torch.testing.assert_close(on_gpu["k_cache"].cpu(), want_cache["k_cache"])
+
+
+# Gradients and float64 through the torch provider on CUDA (issue 15).
+
+
+def _upstream_grad_rule(got: torch.Tensor, plain: torch.Tensor, oracle: torch.Tensor, softcap: float) -> None:
+    """Upstream's backward rule, in bf16: error at most 2x (3x with softcap) a plain bf16 computation's."""
+    oracle, plain, got = (t.detach().cpu().bfloat16().double() for t in (oracle, plain, got))
+    atol = 2 * (oracle + 0.3 - 0.3 - oracle).abs().max() + (0 if softcap == 0 else 3e-4)
+    err, plain_err = (got - oracle).abs().max(), (plain - oracle).abs().max()
+    assert err <= (2 if softcap == 0 else 3) * plain_err + atol, (
+        f"error {float(err):.3g} vs {float(plain_err):.3g}"
+    )
+
+
+GRAD_CASES = [
+    pytest.param({"causal": True}, id="causal"),
+    pytest.param({"window_size": (7, 3), "softcap": 15.0}, id="window-softcap"),
+    pytest.param({"causal": True, "sinks": True}, id="causal-sinks"),
+]
+
+
+@pytest.mark.parametrize("options", GRAD_CASES)
+def test_varlen_gradients_on_cuda_take_compiled_flex_within_upstreams_rule(options: dict[str, Any]) -> None:
+    from kernel_fallback.integrations.flash_attn import _fast as fast
+    from kernel_fallback.integrations.flash_attn import _reference as ref
+
+    gen = torch.Generator().manual_seed(9)
+    lens_q, lens_k = [5, 130, 0, 77, 300], [9, 130, 4, 200, 300]
+    cu_q, cu_k = (
+        torch.tensor([0, *torch.tensor(x).cumsum(0).tolist()], dtype=torch.int32) for x in (lens_q, lens_k)
+    )
+    opts = dict(options)
+    softcap = opts.get("softcap", 0.0)
+    tensors = [
+        torch.randn(sum(n), h, 64, generator=gen).bfloat16()
+        for n, h in ((lens_q, 8), (lens_k, 2), (lens_k, 2))
+    ]
+    if opts.pop("sinks", False):
+        tensors.append(torch.randn(8, generator=gen).bfloat16())
+    grad_out = torch.randn(sum(lens_q), 8, 64, generator=gen).bfloat16()
+
+    def grads(dtype: torch.dtype, device: str) -> tuple[torch.Tensor, ...]:
+        leaves = [t.to(device=device, dtype=dtype).requires_grad_() for t in tensors]
+        sinks = leaves[3] if len(leaves) > 3 else None
+        out = fast.flash_attn_varlen_func(
+            leaves[0], leaves[1], leaves[2], cu_q.to(device), cu_k.to(device), sinks=sinks, **opts
+        )
+        return torch.autograd.grad(out, leaves, grad_out.to(device=device, dtype=dtype))
+
+    want = grads(torch.float64, "cpu")  # the exact reference: float64 autograd
+    got = grads(torch.bfloat16, "cuda")
+    assert fast.last_backend("flash_attn_varlen_func") == "flex_attention (compiled)"
+    # A plain PyTorch computation in bf16 arithmetic (upstream's upcast=False reference).
+    window = ref._check_window(opts.get("window_size", (-1, -1)), opts.get("causal", False))
+    leaves = [t.clone().requires_grad_() for t in tensors]
+    rows = [
+        ref._attend(
+            leaves[0][cu_q[b] : cu_q[b + 1]],
+            leaves[1][cu_k[b] : cu_k[b + 1]],
+            leaves[2][cu_k[b] : cu_k[b + 1]],
+            64**-0.5,
+            window,
+            0,
+            softcap,
+            leaves[3] if len(leaves) > 3 else None,
+            torch.bfloat16,
+        )[0]
+        for b in range(len(lens_q))
+        if lens_q[b]
+    ]
+    plain = torch.autograd.grad(torch.cat(rows), leaves, grad_out)
+    for g, p, w in zip(got, plain, want, strict=True):
+        _upstream_grad_rule(g, p, w, softcap)
+
+
+@pytest.mark.parametrize("page", [0, 16], ids=["contiguous", "paged"])
+def test_kvcache_gradients_on_cuda_skip_the_triton_and_sdpa_decode(page: int) -> None:
+    from kernel_fallback.integrations.flash_attn import _fast as fast
+
+    gen = torch.Generator().manual_seed(4)
+    batch, cap = 3, 64
+    q = torch.randn(batch, 1, 8, 64, generator=gen).bfloat16()
+    if page:
+        k_cache, v_cache = (
+            torch.randn(batch * cap // page + 2, page, 2, 64, generator=gen).bfloat16() for _ in "kv"
+        )
+        table = (
+            torch.randperm(batch * cap // page + 2, generator=gen)[: batch * cap // page]
+            .view(batch, -1)
+            .int()
+        )
+    else:
+        k_cache, v_cache = (torch.randn(batch, cap, 2, 64, generator=gen).bfloat16() for _ in "kv")
+        table = None
+    seqlens = torch.tensor([0, 17, 64], dtype=torch.int32)
+    grad_out = torch.randn(batch, 1, 8, 64, generator=gen).bfloat16()
+
+    def grads(dtype: torch.dtype, device: str) -> tuple[torch.Tensor, ...]:
+        leaves = [t.to(device=device, dtype=dtype).requires_grad_() for t in (q, k_cache, v_cache)]
+        out = fast.flash_attn_with_kvcache(
+            leaves[0],
+            leaves[1],
+            leaves[2],
+            cache_seqlens=seqlens.to(device),
+            page_table=None if table is None else table.to(device),
+            causal=True,
+        )
+        return torch.autograd.grad(out, leaves, grad_out.to(device=device, dtype=dtype))
+
+    want = grads(torch.float64, "cpu")
+    assert fast.last_backend("flash_attn_with_kvcache") == fast.REFERENCE_FLOAT64
+    got = grads(torch.bfloat16, "cuda")
+    assert fast.last_backend("flash_attn_with_kvcache") == "flex_attention (compiled)"
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g.double().cpu(), w, atol=3e-2, rtol=3e-2)
+
+
+def test_float64_on_cuda_is_the_exact_reference_and_refused_under_capture() -> None:
+    from kernel_fallback.integrations.flash_attn import _fast as fast
+    from kernel_fallback.integrations.flash_attn import _reference as ref
+
+    gen = torch.Generator().manual_seed(1)
+    cu = torch.tensor([0, 3, 300], dtype=torch.int32)
+    q, k, v = (torch.randn(300, h, 64, generator=gen, dtype=torch.float64) for h in (8, 2, 2))
+    sinks = torch.randn(8, generator=gen, dtype=torch.float64)
+    want = ref.flash_attn_varlen_func(q, k, v, cu, cu, causal=True, sinks=sinks)
+    got = fast.flash_attn_varlen_func(
+        q.cuda(), k.cuda(), v.cuda(), cu.cuda(), cu.cuda(), causal=True, sinks=sinks.cuda()
+    )
+    assert fast.last_backend("flash_attn_varlen_func") == fast.REFERENCE_FLOAT64
+    assert isinstance(got, torch.Tensor)
+    torch.testing.assert_close(got.cpu(), want, rtol=1e-12, atol=1e-12)
+    qc, kc, vc, cuc = q.cuda(), k.cuda(), v.cuda(), cu.cuda()
+    graph = torch.cuda.CUDAGraph()
+    with (
+        pytest.raises(ValueError, match="cannot run while a CUDA graph is captured"),
+        torch.cuda.graph(graph),
+    ):
+        fast.flash_attn_varlen_func(qc, kc, vc, cuc, cuc, causal=True)

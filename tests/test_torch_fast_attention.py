@@ -17,6 +17,7 @@ import torch
 from kvcache_cases import clone_call, random_case
 from test_kvcache_features_oracle import oracle as kv_oracle
 from torch import Tensor
+from torch.nn.attention.flex_attention import create_block_mask
 
 from kernel_fallback.integrations.flash_attn import _fast as fast
 from kernel_fallback.integrations.flash_attn import _masks as _attention_masks
@@ -338,3 +339,97 @@ def test_softcap_through_sigmoid_is_tanh_to_float32_rounding(cap: float) -> None
     fused = fast._softcap_mod(cap, scores.device, via_sigmoid=True)(scores, *args)
     assert torch.equal(exact, cap * torch.tanh(scores.double() / cap))
     assert (fused.double() - exact).abs().max().item() <= 4e-7 * cap
+
+
+DEGENERATE_VARLEN = [
+    pytest.param([3, 2], [0, 0], {"sinks": True}, id="no-keys-at-all"),
+    pytest.param([0, 0], [3, 2], {"past_the_end": 0}, id="no-queries-at-all"),
+    pytest.param([0, 0], [3, 2], {}, id="only-rows-past-the-last-sequence"),
+    pytest.param([3, 1], [1, 1], {"causal": True}, id="single-key"),
+    pytest.param([9, 6], [4, 2], {"causal": True, "sinks": True}, id="q-longer-than-k"),
+    pytest.param([2, 1, 2], [1, 1, 1], {"causal": True}, id="2x1-causal"),
+    pytest.param([2, 2, 1], [0, 1, 0], {"causal": True, "sinks": True}, id="2x1-causal-zero-keys"),
+    pytest.param([0, 4, 3, 2], [5, 0, 3, 2], {"sinks": True, "seqused": True}, id="empty-seqused-sinks"),
+]
+
+
+@pytest.mark.parametrize(("lens_q", "lens_k", "options"), DEGENERATE_VARLEN)
+def test_degenerate_varlen_shapes_match_the_reference(
+    lens_q: list[int], lens_k: list[int], options: dict[str, Any]
+) -> None:
+    gen = torch.Generator().manual_seed(sum(lens_q) + 3 * sum(lens_k))
+    q = torch.randn(sum(lens_q) + options.get("past_the_end", 2), 4, 16, generator=gen)
+    k, v = torch.randn(sum(lens_k), 2, 16, generator=gen), torch.randn(sum(lens_k), 2, 8, generator=gen)
+    opts: dict[str, Any] = {"causal": options.get("causal", False), "return_softmax_lse": True}
+    if options.get("sinks"):
+        opts["sinks"] = torch.randn(4, generator=gen)
+    if options.get("seqused"):
+        opts["seqused_q"] = torch.tensor([max(n - 1, 0) for n in lens_q], dtype=torch.int32)
+        opts["seqused_k"] = torch.tensor([max(n - 1, 0) for n in lens_k], dtype=torch.int32)
+    want = ref.flash_attn_varlen_func(q, k, v, _cu(lens_q), _cu(lens_k), **opts)
+    got = fast.flash_attn_varlen_func(q, k, v, _cu(lens_q), _cu(lens_k), **opts)
+    _close(got, want)
+    nothing = not k.shape[0] or not q.shape[0]
+    assert fast.last_backend("flash_attn_varlen_func") == (
+        fast.NO_KEYS if nothing else "flex_attention (eager, cpu)"
+    )
+
+
+DEGENERATE_CACHE = [
+    pytest.param({"sq": 0}, id="no-query-rows"),
+    pytest.param({"capacity": 0, "sinks": True}, id="empty-cache"),
+    pytest.param({"seqlens": [0, 1], "sq": 3, "sinks": True}, id="q-longer-than-cache"),
+    pytest.param({"packed": [2, 0], "sinks": True}, id="packed-rows-past-the-last-sequence"),
+    pytest.param({"packed": [0, 0], "sinks": True}, id="packed-no-sequence-rows"),
+]
+
+
+@pytest.mark.parametrize("options", DEGENERATE_CACHE)
+def test_degenerate_cache_shapes_match_the_reference(options: dict[str, Any]) -> None:
+    gen = torch.Generator().manual_seed(5)
+    capacity = options.get("capacity", 6)
+    k_cache, v_cache = (
+        torch.randn(2, capacity, 2, 16, generator=gen),
+        torch.randn(2, capacity, 2, 8, generator=gen),
+    )
+    seqlens = torch.tensor(options.get("seqlens", [0, capacity]), dtype=torch.int32)
+    opts: dict[str, Any] = {"causal": True, "return_softmax_lse": True, "cache_seqlens": seqlens}
+    if options.get("sinks"):
+        opts["sinks"] = torch.randn(4, generator=gen)
+    if "packed" in options:
+        q = torch.randn(sum(options["packed"]) + 2, 4, 16, generator=gen)  # 2 rows past the last sequence
+        opts["cu_seqlens_q"] = _cu(options["packed"])
+    else:
+        q = torch.randn(2, options.get("sq", 2), 4, 16, generator=gen)
+    want = ref.flash_attn_with_kvcache(q, k_cache, v_cache, **opts)
+    _close(fast.flash_attn_with_kvcache(q, k_cache, v_cache, **opts), want)
+
+
+def test_backward_block_masks_carry_q_blocks_as_torchs_own_builder() -> None:
+    _attention_masks.cache_clear()
+    # Two causal documents of 200 and 100 rows packed: blocks straddle the boundary.
+    cu = _cu([200, 100])
+    doc = torch.searchsorted(cu[1:].long(), torch.arange(300), right=True)
+    lo = cu[doc].long().view(1, -1)
+    hi = torch.arange(1, 301).view(1, -1)
+    layout = (cu,)
+    forward = _attention_masks.block_mask_for(layout, "p", lambda: (lo, hi), 300)
+    backward = _attention_masks.block_mask_for(layout, "p", lambda: (lo, hi), 300, q_blocks=True)
+    assert forward.q_indices is None
+    assert backward.q_indices is not None
+    assert len(_attention_masks._cache) == 2  # a forward-only mask never serves a backward
+    own = create_block_mask(
+        lambda b, h, q_idx, kv_idx: (kv_idx >= lo[0, q_idx]) & (kv_idx < hi[0, q_idx]),
+        1,
+        None,
+        300,
+        300,
+        device="cpu",
+        BLOCK_SIZE=_attention_masks.BLOCK,
+    )
+    for name in ("q_num_blocks", "full_q_num_blocks", "kv_num_blocks", "full_kv_num_blocks"):
+        assert torch.equal(getattr(backward, name), getattr(own, name)), name
+    for num, idx in (("q_num_blocks", "q_indices"), ("full_q_num_blocks", "full_q_indices")):
+        for row, count in enumerate(getattr(own, num).flatten().tolist()):
+            got, want = getattr(backward, idx)[0, 0, row, :count], getattr(own, idx)[0, 0, row, :count]
+            assert sorted(got.tolist()) == sorted(want.tolist()), (idx, row)

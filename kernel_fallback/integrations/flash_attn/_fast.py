@@ -27,6 +27,12 @@ Lq x Lk score matrix on CUDA:
 * Sinks fold in through the log-sum-exp: ``out *= sigmoid(lse - sink)``.
 * FA3's kvcache extras (rotary, ``cache_batch_idx``, ``cache_leftpad``, packed appends)
   first become a plain call (:mod:`~kernel_fallback.integrations.flash_attn._kv_prep`).
+* float64 calls, and calls autograd records on a device without flex's backward (CPU),
+  go to the exact reference (:mod:`~kernel_fallback.integrations.flash_attn._reference`,
+  float64 arithmetic, differentiable, reads lengths on the host). Recorded calls on CUDA
+  stay on flex with a block mask that carries the q-block indices its backward needs
+  (never on the SDPA or Triton decode paths).
+* No keys or no queries at all: zeros (lse ``-inf``, or the sink) without a kernel.
 
 Values are not validated (that would read them on the host): ``cu_seqlens`` must be
 well formed, ``cache_seqlens + Sk_new`` within capacity and ``page_table`` entries
@@ -37,6 +43,8 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import inspect
+import math
 import os
 import warnings
 from collections.abc import Callable
@@ -49,6 +57,16 @@ from torch.nn.attention import flex_attention as _flex_mod
 from kernel_fallback import _config
 from kernel_fallback._options import stream_capturing
 from kernel_fallback.exceptions import PolicyConfigError
+from kernel_fallback.integrations.flash_attn import _reference
+from kernel_fallback.integrations.flash_attn._exact import (
+    NO_KEYS,
+    REFERENCE_AUTOGRAD,
+    REFERENCE_FLOAT64,
+    attached,
+    exact_when_needed,
+    wants_grad,
+    without_keys,
+)
 from kernel_fallback.integrations.flash_attn._kv_prep import KvExtras, plain_call
 from kernel_fallback.integrations.flash_attn._masks import MaskSpec, block_mask_for, row_intervals
 from kernel_fallback.integrations.flash_attn._reference import (
@@ -59,7 +77,14 @@ from kernel_fallback.integrations.flash_attn._reference import (
     _check_window,
 )
 
-__all__ = ["flash_attn_varlen_func", "flash_attn_with_kvcache", "last_backend"]
+__all__ = [
+    "NO_KEYS",
+    "REFERENCE_AUTOGRAD",
+    "REFERENCE_FLOAT64",
+    "flash_attn_varlen_func",
+    "flash_attn_with_kvcache",
+    "last_backend",
+]
 
 #: Environment variable: false (``0``) keeps CUDA decode off the Triton kernel (SDPA/flex instead).
 TRITON_DECODE_ENV = "KERNEL_FALLBACK_TRITON"  # listed in _config.KNOWN_VARIABLES
@@ -203,6 +228,14 @@ def _packed_rows(cu_q: Tensor, total_q: int, lens_q: Tensor) -> tuple[Tensor, Te
     return doc, pos, (pos >= 0) & (pos < lens_q[doc])
 
 
+def _rows_used(cu_seqlens_q: Tensor, seqused_q: Tensor | None, total_q: int, device: torch.device) -> Tensor:
+    """Which packed query rows belong to a sequence (within ``seqused_q``), on the device."""
+    cu_q = cu_seqlens_q.to(device=device, dtype=torch.long)
+    lens_q = cu_q[1:] - cu_q[:-1] if seqused_q is None else seqused_q.to(cu_q)
+    return _packed_rows(cu_q, total_q, lens_q)[2]
+
+
+@exact_when_needed(_reference.flash_attn_varlen_func, _last)
 def flash_attn_varlen_func(
     q: Tensor,
     k: Tensor,
@@ -246,6 +279,13 @@ def flash_attn_varlen_func(
         if used is not None:
             _check_int32_shape(name, used, batch)
     total_q, total_k = q.shape[0], k.shape[0]
+    if total_q == 0 or total_k == 0:  # flex needs rows and keys; nothing to attend
+        zeros, no_lse = without_keys(
+            q, v.shape[-1], sinks, _rows_used(cu_seqlens_q, seqused_q, total_q, q.device)
+        )
+        _last["flash_attn_varlen_func"] = NO_KEYS
+        zeros = attached(zeros, q, k, v, sinks)
+        return (zeros, no_lse) if return_softmax_lse else zeros
 
     def intervals() -> tuple[Tensor, Tensor]:
         cu_q = cu_seqlens_q.to(device=q.device, dtype=torch.long)
@@ -262,6 +302,7 @@ def flash_attn_varlen_func(
         intervals,
         total_k,
         reuse=not _capturing(q.device),
+        q_blocks=wants_grad(q, k, v, sinks),
     )
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
     out, lse, backend = _flex(
@@ -276,7 +317,11 @@ def flash_attn_varlen_func(
     )
     _last["flash_attn_varlen_func"] = backend
     out = out[0].transpose(0, 1).contiguous()
-    return (out, lse[0]) if return_softmax_lse and lse is not None else out
+    if not return_softmax_lse or lse is None:
+        return out
+    if sinks is not None:  # the fold gave every row the sink; rows of no sequence keep -inf
+        return out, lse[0].masked_fill(~_rows_used(cu_seqlens_q, seqused_q, total_q, q.device), -math.inf)
+    return out, lse[0]
 
 
 def _check_cache_args(
@@ -395,6 +440,7 @@ def _sdpa_decode(q: Tensor, k_log: Tensor, v_log: Tensor, lo: Tensor, hi: Tensor
     )
 
 
+@exact_when_needed(_reference.flash_attn_with_kvcache, _last)
 def flash_attn_with_kvcache(
     q: Tensor,
     k_cache: Tensor,
@@ -469,7 +515,24 @@ def flash_attn_with_kvcache(
     if first is not None:
         lens_k = lens_k - first
     scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
-    if cu_seqlens_q is None and first is None and _triton_decode_fits(q, k_cache, v_cache, spec):
+    q_rows = q if cu_seqlens_q is not None else q.reshape(-1, *q.shape[2:])
+    if capacity == 0 or q_rows.shape[0] == 0:  # flex needs rows and keys; nothing to attend
+        used = (
+            _rows_used(cu_seqlens_q, None, q_rows.shape[0], q.device)
+            if cu_seqlens_q is not None
+            else torch.ones(q_rows.shape[0], dtype=torch.bool, device=q.device)
+        )
+        zeros, no_lse = without_keys(q_rows, v_cache.shape[-1], sinks, used)
+        _last["flash_attn_with_kvcache"] = NO_KEYS
+        zeros = attached(zeros, q, k_cache, v_cache, k, v, sinks)
+        if cu_seqlens_q is None:  # explicit sizes: with Sq == 0 a -1 would be ambiguous
+            zeros = zeros.reshape(*q.shape[:3], v_cache.shape[-1])
+            no_lse = no_lse.reshape(no_lse.shape[0], batch, q.shape[1]).permute(1, 0, 2)
+        return (zeros, no_lse) if return_softmax_lse else zeros
+    # Autograd will differentiate this call: flex only (the Triton kernel has no backward,
+    # SDPA's NaN rows of empty caches would poison dK/dV), with the q blocks flex's backward reads.
+    grad = wants_grad(q, k_cache, v_cache, k, v, sinks)
+    if cu_seqlens_q is None and first is None and not grad and _triton_decode_fits(q, k_cache, v_cache, spec):
         from kernel_fallback.integrations.flash_attn._triton_decode import decode_attention
 
         out, lse = decode_attention(
@@ -506,11 +569,11 @@ def flash_attn_with_kvcache(
             return (lo, hi) if first is None else (lo + first.unsqueeze(1), hi + first.unsqueeze(1))
 
         simple = softcap == 0 and sinks is None and not return_softmax_lse
-        if simple and sq * (hq // hkv) <= SDPA_DECODE_MAX_ROWS:
+        if simple and not grad and sq * (hq // hkv) <= SDPA_DECODE_MAX_ROWS:
             lo, hi = intervals()
             _last["flash_attn_with_kvcache"] = "sdpa (decode, gqa folded into rows)"
             return _sdpa_decode(q, k_log, v_log, lo, hi, scale).to(q.dtype)
-        mask = block_mask_for(layout, params, intervals, capacity, reuse=not _capturing(dev))
+        mask = block_mask_for(layout, params, intervals, capacity, reuse=not _capturing(dev), q_blocks=grad)
         out, lse, backend = _flex(
             q.transpose(1, 2),
             k_log.transpose(1, 2),
@@ -535,7 +598,9 @@ def flash_attn_with_kvcache(
         base = doc * capacity if first is None else doc * capacity + first[doc]
         return (lo + base).unsqueeze(0), (hi + base).unsqueeze(0)
 
-    mask = block_mask_for(layout, params, packed_intervals, batch * capacity, reuse=not _capturing(dev))
+    mask = block_mask_for(
+        layout, params, packed_intervals, batch * capacity, reuse=not _capturing(dev), q_blocks=grad
+    )
     out, lse, backend = _flex(
         q.transpose(0, 1).unsqueeze(0),
         k_log.reshape(1, batch * capacity, hkv, -1).transpose(1, 2),
@@ -548,8 +613,15 @@ def flash_attn_with_kvcache(
     )
     _last["flash_attn_with_kvcache"] = backend
     out = out[0].transpose(0, 1).contiguous()
-    return (out, lse[0]) if return_softmax_lse and lse is not None else out
+    if not return_softmax_lse or lse is None:
+        return out
+    if sinks is not None:  # the fold gave every row the sink; rows of no sequence keep -inf
+        return out, lse[0].masked_fill(~_rows_used(cu_q, None, q.shape[0], q.device), -math.inf)
+    return out, lse[0]
 
 
 flash_attn_varlen_func.kernel_fallback_backend = functools.partial(last_backend, "flash_attn_varlen_func")  # type: ignore[attr-defined]
 flash_attn_with_kvcache.kernel_fallback_backend = functools.partial(last_backend, "flash_attn_with_kvcache")  # type: ignore[attr-defined]
+# describe() reads it through inspect.unwrap, past the wrapper that routes to the reference.
+for _entry in (flash_attn_varlen_func, flash_attn_with_kvcache):
+    inspect.unwrap(_entry).kernel_fallback_backend = getattr(_entry, "kernel_fallback_backend")  # noqa: B009

@@ -9,6 +9,8 @@ structure for ``flex_attention`` follows exactly from per-block minima and maxim
 
 Block masks are cached per batch layout (the identity and version of the tensors that
 define it, plus the mask parameters), so the layers of one forward pass build it once.
+A backward pass needs the mask's q-block indices as well (flex's dK/dV loop walks the
+q blocks of each kv block); they are built only for calls that ask for them.
 """
 
 from __future__ import annotations
@@ -75,8 +77,11 @@ def _interval_mask_mod(lo: Tensor, hi: Tensor) -> Callable[[Tensor, Tensor, Tens
     return interval_mask
 
 
-def _build(lo: Tensor, hi: Tensor, kv_len: int, q_block: int) -> BlockMask:
-    """The flex BlockMask of intervals ``lo``/``hi`` shaped (B, Lq) over ``kv_len`` keys."""
+def _build(lo: Tensor, hi: Tensor, kv_len: int, q_block: int, q_blocks: bool = False) -> BlockMask:
+    """The flex BlockMask of intervals ``lo``/``hi`` shaped (B, Lq) over ``kv_len`` keys.
+
+    ``q_blocks``: also build the q-block indices (the transpose), which flex's backward needs.
+    """
     batch, q_len = lo.shape
     n_q = -(-q_len // q_block)
     n_kv = max(1, -(-kv_len // BLOCK))
@@ -117,7 +122,7 @@ def _build(lo: Tensor, hi: Tensor, kv_len: int, q_block: int) -> BlockMask:
             torch.nn.functional.pad(lo, (0, pad)), torch.nn.functional.pad(hi, (0, pad))
         ),
         seq_lengths=(q_len, kv_len),
-        compute_q_blocks=False,
+        compute_q_blocks=q_blocks,
     )
 
 
@@ -143,6 +148,7 @@ def block_mask_for(
     kv_len: int,
     *,
     reuse: bool = True,
+    q_blocks: bool = False,
 ) -> BlockMask:
     """The BlockMask of the intervals ``build()`` returns, cached per batch layout.
 
@@ -154,12 +160,15 @@ def block_mask_for(
     With ``reuse=False`` (while a CUDA graph is being captured) the mask is built anew
     and not cached: a replay must recompute it from the values then in the layout
     tensors, which Python never sees change.
+
+    ``q_blocks=True`` (a call whose result will be differentiated) builds the q-block
+    indices too; such a mask is cached apart from the forward-only one.
     """
     if not reuse:
         lo, hi = build()
-        return _build(lo, hi, kv_len, BLOCK)
+        return _build(lo, hi, kv_len, BLOCK, q_blocks)
     present = tuple(t for t in layout if t is not None)
-    key = (tuple(id(t) for t in present), tuple(t is None for t in layout), params)
+    key = (tuple(id(t) for t in present), tuple(t is None for t in layout), params, q_blocks)
     entry = _cache.get(key)
     versions = tuple(t._version for t in present)
     if (
@@ -170,7 +179,7 @@ def block_mask_for(
         _cache.move_to_end(key)
         return entry.mask
     lo, hi = build()
-    mask = _build(lo, hi, kv_len, BLOCK)
+    mask = _build(lo, hi, kv_len, BLOCK, q_blocks)
     _cache[key] = _Entry(tuple(weakref.ref(t) for t in present), versions, mask)
     while len(_cache) > _CACHE_SIZE:
         _cache.popitem(last=False)

@@ -456,7 +456,7 @@ def flash_attn_with_kvcache(
         o, s = _attend(q_rows[q0:q1], k_cache[idx], v_cache[idx], scale, window, chunk, softcap, sinks, dtype)
         out[q0:q1] = o.to(device=q.device, dtype=q.dtype)
         lse[:, q0:q1] = s.to(device=q.device, dtype=torch.float32)
-    if not varlen_q:
-        out = out.reshape(*q.shape[:3], -1)
-        lse = lse.reshape(hq, batch, -1).permute(1, 0, 2).contiguous()
+    if not varlen_q:  # explicit sizes: with Sq == 0 a -1 would be ambiguous
+        out = out.reshape(*q.shape[:3], v_cache.shape[-1])
+        lse = lse.reshape(hq, batch, q.shape[1]).permute(1, 0, 2).contiguous()
     return (out, lse) if return_softmax_lse else out
