@@ -18,10 +18,11 @@ Lq x Lk score matrix on CUDA:
 * Decode over a KV cache (at most 64 query rows per kv head, no softcap, sinks or lse)
   goes to ``scaled_dot_product_attention`` with the query heads of a kv head folded into
   the query length (no kv head replication) and a small boolean mask of cache lengths.
-* On CUDA, decode and short appends over a (paged) cache (q not packed, at most 64
-  query rows per kv head, no ``attention_chunk``, bf16/fp16) go to the Triton split-K
-  kernel of :mod:`~kernel_fallback.integrations.flash_attn._triton_decode`, which follows
-  ``page_table`` itself (softcap, sinks, windows and the lse included);
+* On CUDA, decode and short appends over a (paged) cache (q not packed, no
+  ``attention_chunk``, bf16/fp16 or fp8) go to the Triton split-K kernel of
+  :mod:`~kernel_fallback.integrations.flash_attn._triton_decode`, which follows
+  ``page_table`` itself (softcap, sinks, windows, the lse, MLA's wide latent and fp8
+  widened in registers included);
   ``KERNEL_FALLBACK_TRITON=0`` opts out.
 * Otherwise a paged cache is gathered through ``page_table`` into a (B, capacity) layout first.
 * Sinks fold in through the log-sum-exp: ``out *= sigmoid(lse - sink)``.
@@ -309,20 +310,28 @@ def _capability(device: torch.device) -> tuple[int, int]:
 def _triton_decode_fits(q: Tensor, k_cache: Tensor, v_cache: Tensor, spec: MaskSpec) -> bool:
     """Whether the Triton split-K decode kernel serves this (non-packed) cache call.
 
-    CUDA tensors (compute capability 8.0+) of one 16-bit dtype, at most 64 query rows per kv head, head
-    dims up to 256 (unit stride in the cache), no ``attention_chunk``;
-    ``KERNEL_FALLBACK_TRITON=0`` opts out.
+    CUDA tensors (compute capability 8.0+) of one dtype: fp16/bf16, or fp8 (e4m3/e5m2,
+    8.9+); at most ``MAX_ROWS`` query rows per kv head (tiled), head dims up to 256 and
+    value dims up to 512 (MLA's latent), unit stride in the head dim of the cache (any
+    other strides), no ``attention_chunk``; ``KERNEL_FALLBACK_TRITON=0`` opts out.
     """
     if not triton_decode_enabled() or not _has_triton():
         return False
     if q.device.type != "cuda" or k_cache.device != q.device or _capability(q.device) < (8, 0):
         return False
-    if q.dtype not in (torch.float16, torch.bfloat16) or not (q.dtype == k_cache.dtype == v_cache.dtype):
+    from kernel_fallback.integrations.flash_attn._triton_decode import FP8_DTYPES, MAX_ROWS
+
+    if not (q.dtype == k_cache.dtype == v_cache.dtype):
+        return False
+    if q.dtype in FP8_DTYPES:
+        if _capability(q.device) < (8, 9):  # Triton widens fp8 in registers from sm_89 on
+            return False
+    elif q.dtype not in (torch.float16, torch.bfloat16):
         return False
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:  # the kernel reads head dims contiguously
         return False
     rows = q.shape[1] * (q.shape[2] // k_cache.shape[2])
-    return spec.chunk == 0 and rows <= 64 and q.shape[-1] <= 256 and v_cache.shape[-1] <= 256
+    return spec.chunk == 0 and rows <= MAX_ROWS and q.shape[-1] <= 256 and v_cache.shape[-1] <= 512
 
 
 def _sdpa_decode(q: Tensor, k_log: Tensor, v_log: Tensor, lo: Tensor, hi: Tensor, scale: float) -> Tensor:
