@@ -303,15 +303,65 @@ def run_xcase(case: XCase, device: str) -> dict[str, Any]:
     }
 
 
+def run_layout_sequence(device: str) -> list[dict[str, Any]]:
+    """One process, one shape, layouts that change call to call (each called twice).
+
+    The kernel's plan cache must tell these apart: a strided cache view (sglang's MLA
+    views of one buffer), a q one element off 16-byte alignment, an int64 lens tensor,
+    one int for every sequence's length, and an appended-key count.
+    """
+    from kernel_fallback.integrations.flash_attn import _reference as ref
+    from kernel_fallback.integrations.flash_attn._triton_decode import decode_attention
+
+    gen = torch.Generator().manual_seed(7)
+    b, hq, hkv, d, page, per_seq = 2, 4, 2, 32, 16, 4
+    n_pages = b * per_seq
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=torch.float16)
+
+    page_table = torch.randperm(n_pages, generator=gen).view(b, per_seq).to(device=device, dtype=torch.int32)
+    wide = rand(n_pages, page, hkv, 3 * d)
+    q_buf = rand(b * hq * d + 1)
+    lens = torch.tensor([50, 17], dtype=torch.int32, device=device)
+    steps: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor | int, int]] = [
+        ("contiguous", rand(b, 1, hq, d), wide[..., :d].contiguous(), lens, 0),
+        ("strided-cache-view", rand(b, 1, hq, d), wide[..., d : 2 * d], lens, 0),
+        ("q-off-alignment", q_buf[1:].view(b, 1, hq, d), wide[..., d : 2 * d], lens, 0),
+        ("int64-lens", rand(b, 1, hq, d), wide[..., :d].contiguous(), lens.long(), 0),
+        ("one-int-lens", rand(b, 1, hq, d), wide[..., :d].contiguous(), 40, 0),
+        ("lens-plus-append", rand(b, 1, hq, d), wide[..., :d].contiguous(), lens, 3),
+    ]
+    found = []
+    for name, q, k_cache, lens_k, add in steps:
+        v_cache = wide[..., 2 * d :]
+        n = (lens_k + add) if isinstance(lens_k, int) else (lens_k + add).to(torch.int32)
+        seqlens = torch.full((b,), n, dtype=torch.int32, device=device) if isinstance(n, int) else n
+        want = ref.flash_attn_with_kvcache(
+            q, k_cache, v_cache, cache_seqlens=seqlens, page_table=page_table, causal=True
+        )
+        assert isinstance(want, torch.Tensor)
+        errs = []
+        for _ in range(2):  # the second call reuses the plan (and on CUDA launches the compiled kernels)
+            out, _ = decode_attention(
+                q, k_cache, v_cache, lens_k, page_table, d**-0.5, (-1, 0), 0.0, None, False, lens_add=add
+            )
+            errs.append((out.float() - want.float()).abs().max().item())
+        found.append({"step": name, "err": max(errs)})
+    return found
+
+
 @pytest.fixture(scope="module")
 def results() -> dict[str, dict[str, Any]]:
     """Every case's result: in-process on CUDA, else one interpreter subprocess."""
     if not HAS_TRITON:
         pytest.skip("triton is not installed")
     if ON_CUDA:
-        return {case.id: run_case(case, "cuda") for case in CASES} | {
-            case.id: run_xcase(case, "cuda") for case in XCASES
-        }
+        return (
+            {case.id: run_case(case, "cuda") for case in CASES}
+            | {case.id: run_xcase(case, "cuda") for case in XCASES}
+            | {"layouts": {"steps": run_layout_sequence("cuda")}}
+        )
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run(
         [sys.executable, str(Path(__file__))],
@@ -347,6 +397,14 @@ def test_mla_and_fp8_decode_match_fa3s_formula(case: XCase, results: dict[str, d
     assert got["lse_err"] <= got["lse_tol"], got
 
 
+def test_a_changed_layout_of_the_same_shape_gets_its_own_plan(results: dict[str, dict[str, Any]]) -> None:
+    steps = results["layouts"]["steps"]
+    assert [s["step"] for s in steps] == [
+        "contiguous", "strided-cache-view", "q-off-alignment", "int64-lens", "one-int-lens", "lens-plus-append"
+    ]  # fmt: skip
+    assert all(s["err"] <= 3e-3 for s in steps), steps
+
+
 def test_num_splits_depends_on_shapes_only() -> None:
     if not HAS_TRITON:
         pytest.skip("triton is not installed")
@@ -360,4 +418,5 @@ def test_num_splits_depends_on_shapes_only() -> None:
 
 if __name__ == "__main__":
     found = {case.id: run_case(case, "cpu") for case in CASES if case.dtype != "bfloat16"}
-    print(json.dumps(found | {case.id: run_xcase(case, "cpu") for case in XCASES}))
+    found |= {case.id: run_xcase(case, "cpu") for case in XCASES}
+    print(json.dumps(found | {"layouts": {"steps": run_layout_sequence("cpu")}}))

@@ -39,6 +39,7 @@ import importlib.util
 import os
 import warnings
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -143,6 +144,19 @@ def _check_cu(name: str, cu: Tensor) -> int:
 
 
 def _spec(window_size: WindowSize, causal: bool, attention_chunk: int | None) -> MaskSpec:
+    # Plain ints (every caller in practice) are checked once per value; tensors every call.
+    if (
+        type(window_size) is tuple
+        and all(type(w) is int for w in window_size)
+        and (attention_chunk is None or type(attention_chunk) is int)
+    ):
+        return _spec_of_ints(window_size, bool(causal), attention_chunk)
+    left, right = _check_window(window_size, causal)
+    return MaskSpec(left, right, _check_chunk(attention_chunk))
+
+
+@functools.lru_cache(maxsize=64)
+def _spec_of_ints(window_size: tuple[int, ...], causal: bool, attention_chunk: int | None) -> MaskSpec:
     left, right = _check_window(window_size, causal)
     return MaskSpec(left, right, _check_chunk(attention_chunk))
 
@@ -282,7 +296,13 @@ def _check_cache_args(
 
 def triton_decode_enabled() -> bool:
     """``KERNEL_FALLBACK_TRITON`` as a boolean: unset or blank means on."""
-    raw = _config.env_value(os.environ.get(TRITON_DECODE_ENV))
+    return _triton_decode_flag(os.environ.get(TRITON_DECODE_ENV))
+
+
+@functools.lru_cache(maxsize=8)
+def _triton_decode_flag(raw_value: str | None) -> bool:
+    # Parsed once per value (an invalid one raises every time: errors are not cached).
+    raw = _config.env_value(raw_value)
     if raw is None:
         return True
     value = raw.strip().lower()
@@ -319,11 +339,10 @@ def _triton_decode_fits(q: Tensor, k_cache: Tensor, v_cache: Tensor, spec: MaskS
         return False
     if q.device.type != "cuda" or k_cache.device != q.device or _capability(q.device) < (8, 0):
         return False
-    from kernel_fallback.integrations.flash_attn._triton_decode import FP8_DTYPES, MAX_ROWS
-
+    kernel = _triton_decode_module()
     if not (q.dtype == k_cache.dtype == v_cache.dtype):
         return False
-    if q.dtype in FP8_DTYPES:
+    if q.dtype in kernel.FP8_DTYPES:
         if _capability(q.device) < (8, 9):  # Triton widens fp8 in registers from sm_89 on
             return False
     elif q.dtype not in (torch.float16, torch.bfloat16):
@@ -331,7 +350,39 @@ def _triton_decode_fits(q: Tensor, k_cache: Tensor, v_cache: Tensor, spec: MaskS
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:  # the kernel reads head dims contiguously
         return False
     rows = q.shape[1] * (q.shape[2] // k_cache.shape[2])
-    return spec.chunk == 0 and rows <= MAX_ROWS and q.shape[-1] <= 256 and v_cache.shape[-1] <= 512
+    return spec.chunk == 0 and rows <= kernel.MAX_ROWS and q.shape[-1] <= 256 and v_cache.shape[-1] <= 512
+
+
+@functools.cache
+def _triton_decode_module() -> ModuleType:
+    # Imported on first use: importing triton is slow, and CPU-only users never need it.
+    from kernel_fallback.integrations.flash_attn import _triton_decode
+
+    return _triton_decode
+
+
+def _triton_decode(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    cache_seqlens: Tensor | int,
+    s_new: int,
+    page_table: Tensor | None,
+    scale: float,
+    spec: MaskSpec,
+    softcap: float,
+    sinks: Tensor | None,
+    want_lse: bool,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """The Triton kernel over ``cache_seqlens + s_new`` keys: no cast, add or sync on the host side."""
+    if isinstance(cache_seqlens, Tensor) and cache_seqlens.device != q.device:
+        cache_seqlens = cache_seqlens.to(q.device)
+    out, lse = _triton_decode_module().decode_attention(
+        q, k_cache, v_cache, cache_seqlens, page_table, scale, (spec.left, spec.right), softcap, sinks,
+        want_lse, lens_add=s_new,
+    )  # fmt: skip
+    _last["flash_attn_with_kvcache"] = TRITON_DECODE
+    return (out, lse) if want_lse and lse is not None else out
 
 
 def _sdpa_decode(q: Tensor, k_log: Tensor, v_log: Tensor, lo: Tensor, hi: Tensor, scale: float) -> Tensor:
@@ -388,6 +439,13 @@ def flash_attn_with_kvcache(
     hkv = k_cache.shape[2]
     page = k_cache.shape[1]
     capacity = page_table.shape[1] * page if page_table is not None else page
+    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    use_triton = cu_seqlens_q is None and _triton_decode_fits(q, k_cache, v_cache, spec)
+    lens_arg = cache_seqlens if cache_seqlens is not None else capacity
+    if use_triton and s_new == 0:
+        return _triton_decode(
+            q, k_cache, v_cache, lens_arg, 0, page_table, scale, spec, softcap, sinks, return_softmax_lse
+        )
     if isinstance(cache_seqlens, Tensor):
         cached = cache_seqlens.to(device=dev, dtype=torch.long)
     else:
@@ -401,17 +459,11 @@ def flash_attn_with_kvcache(
             index = (torch.arange(batch, device=dev).unsqueeze(1).expand_as(pos), pos)
         k_cache.index_put_(index, k.to(device=dev, dtype=k_cache.dtype))
         v_cache.index_put_(index, v.to(device=dev, dtype=v_cache.dtype))
+    if use_triton:  # after the append above
+        return _triton_decode(
+            q, k_cache, v_cache, lens_arg, s_new, page_table, scale, spec, softcap, sinks, return_softmax_lse
+        )
     lens_k = cached + s_new
-    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
-    if cu_seqlens_q is None and _triton_decode_fits(q, k_cache, v_cache, spec):
-        from kernel_fallback.integrations.flash_attn._triton_decode import decode_attention
-
-        out, lse = decode_attention(
-            q, k_cache, v_cache, lens_k, page_table, scale, (spec.left, spec.right), softcap, sinks,
-            return_softmax_lse,
-        )  # fmt: skip
-        _last["flash_attn_with_kvcache"] = TRITON_DECODE
-        return (out, lse) if return_softmax_lse and lse is not None else out
     if blocks is not None:  # the logical cache, (B, capacity, Hkv, D)
         k_log = k_cache[blocks].flatten(1, 2)
         v_log = v_cache[blocks].flatten(1, 2)

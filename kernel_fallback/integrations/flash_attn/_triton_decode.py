@@ -40,12 +40,13 @@ from __future__ import annotations
 
 import math
 import os
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
+from triton import knobs
 
 __all__ = ["FP8_DTYPES", "MAX_ROWS", "DecodeConfig", "decode_attention", "num_splits", "pick_config"]
 
@@ -128,21 +129,29 @@ def _attend_block(
     return m_i, l_i, acc
 
 
-@triton.jit
+# Values that change from call to call are not specialized on, so one compiled kernel
+# (and one cached launch plan) serves them all.
+_VARYING = ["lens_scalar", "lens_add", "window_left", "window_right"]
+
+
+@triton.jit(do_not_specialize=_VARYING)
 def _decode_split_kernel(
-    q_ptr, qv_ptr, k_ptr, v_ptr, pt_ptr, lens_ptr, qd_ptr, kd_ptr, o_part_ptr, lse_part_ptr,
+    q_ptr, qv_ptr, k_ptr, v_ptr, pt_ptr, lens_ptr, qd_ptr, kd_ptr, ws_ptr,
     s_qb, s_qs, s_qh, s_qvb, s_qvs, s_qvh,
     s_kp, s_ks, s_kh,
     s_vp, s_vs, s_vh,
     s_ptb, s_qdb, s_qdh, s_kdb, s_kdh,
-    sm_scale_log2, softcap,
+    lens_scalar, lens_add, sm_scale_log2, softcap,
     window_left, window_right,
     SQ: tl.constexpr, G: tl.constexpr, HKV: tl.constexpr, M_TILES: tl.constexpr,
     SPLITS: tl.constexpr, KEYS_PER_SPLIT: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr, SOFTCAP: tl.constexpr, HAS_QV: tl.constexpr,
-    Q_DESCALE: tl.constexpr, K_DESCALE: tl.constexpr, CDT: tl.constexpr, INTERPRET: tl.constexpr,
+    Q_DESCALE: tl.constexpr, K_DESCALE: tl.constexpr, LENS_SCALAR: tl.constexpr,
+    LSE_OFFSET: tl.constexpr, CDT: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
+    # ws_ptr: the fp32 partial outputs (B, Hkv, SPLITS, rows, BLOCK_DV), then from
+    # LSE_OFFSET the partial lse (B, Hkv, SPLITS, rows): one allocation per call.
     tile = tl.program_id(0)
     h = tile // M_TILES
     b = tl.program_id(1)
@@ -172,7 +181,10 @@ def _decode_split_kernel(
         qk_scale_log2 = qk_scale_log2 * tl.load(qd_ptr + b * s_qdb + h * s_qdh).to(tl.float32)
     if K_DESCALE:
         qk_scale_log2 = qk_scale_log2 * tl.load(kd_ptr + b * s_kdb + h * s_kdh).to(tl.float32)
-    len_k = tl.load(lens_ptr + b)
+    if LENS_SCALAR:  # noqa: SIM108 (constexpr branch)
+        len_k = lens_scalar + lens_add
+    else:
+        len_k = tl.load(lens_ptr + b).to(tl.int32) + lens_add
     # Bottom-right alignment: row at position p sees keys up to p + len_k - SQ (+ right).
     diag = q_pos + len_k - SQ
     lo = tl.zeros([BLOCK_M], dtype=tl.int32)
@@ -212,17 +224,18 @@ def _decode_split_kernel(
     lse = tl.where(l_i > 0, m_i + tl.log2(l_i), float("-inf"))
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     base = ((b * HKV + h) * SPLITS + split).to(tl.int64) * (M_TILES * BLOCK_M)
-    tl.store(lse_part_ptr + base + rows, lse)
-    tl.store(o_part_ptr + (base + rows[:, None]) * BLOCK_DV + offs_dv[None, :], out)
+    tl.store(ws_ptr + LSE_OFFSET + base + rows, lse)
+    tl.store(ws_ptr + (base + rows[:, None]) * BLOCK_DV + offs_dv[None, :], out)
 
 
 @triton.jit
 def _decode_merge_kernel(
-    o_part_ptr, lse_part_ptr, sinks_ptr, vd_ptr, out_ptr, lse_ptr,
+    ws_ptr, sinks_ptr, vd_ptr, out_ptr, lse_ptr,
     s_ob, s_os, s_oh, s_vdb, s_vdh,
     SQ: tl.constexpr, G: tl.constexpr, HKV: tl.constexpr, SPLITS: tl.constexpr,
     SPLITS_P2: tl.constexpr, ROWS_PAD: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
-    HAS_SINKS: tl.constexpr, V_DESCALE: tl.constexpr, WRITE_LSE: tl.constexpr,
+    LSE_OFFSET: tl.constexpr, HAS_SINKS: tl.constexpr, V_DESCALE: tl.constexpr,
+    WRITE_LSE: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     qh = tl.program_id(1)
@@ -232,6 +245,7 @@ def _decode_merge_kernel(
     splits = tl.arange(0, SPLITS_P2)
     offs_dv = tl.arange(0, BLOCK_DV)
     base0 = (b * HKV + h).to(tl.int64) * SPLITS * ROWS_PAD + row
+    lse_part_ptr = ws_ptr + LSE_OFFSET
     lse_s = tl.load(lse_part_ptr + base0 + splits * ROWS_PAD, mask=splits < SPLITS, other=float("-inf"))
     m = tl.max(lse_s, axis=0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
@@ -239,7 +253,7 @@ def _decode_merge_kernel(
     out = tl.zeros([BLOCK_DV], dtype=tl.float32)
     for s in range(SPLITS):  # one row of DV at a time: a (splits x 512) tile would not fit
         w = tl.exp2(tl.load(lse_part_ptr + base0 + s * ROWS_PAD) - m_safe)
-        out += w * tl.load(o_part_ptr + (base0 + s * ROWS_PAD) * BLOCK_DV + offs_dv)
+        out += w * tl.load(ws_ptr + (base0 + s * ROWS_PAD) * BLOCK_DV + offs_dv)
     out = out / tl.where(total > 0, total, 1.0)
     lse = tl.where(total > 0, (m_safe + tl.log2(total)) * _LN2, float("-inf"))  # natural log
     if HAS_SINKS:
@@ -271,16 +285,12 @@ def num_splits(
     return max(1, min(blocks, want, 128))
 
 
-def _descale_arg(name: str, t: Tensor | None, batch: int, hkv: int, like: Tensor) -> tuple[Tensor, int, int]:
-    """A descale tensor (B, Hkv) float32, any strides (stride 0 when expanded), as pointer + strides."""
-    if t is None:
-        return like, 0, 0
-    if tuple(t.shape) != (batch, hkv) or t.dtype != torch.float32 or t.device != like.device:
+def _check_descale(name: str, t: Tensor, batch: int, hkv: int, device: torch.device) -> None:
+    if tuple(t.shape) != (batch, hkv) or t.dtype != torch.float32 or t.device != device:
         raise ValueError(
             f"{name} must be a float32 tensor of shape ({batch}, {hkv}) (batch, kv heads) on "
-            f"{like.device}, got dtype {t.dtype}, shape {tuple(t.shape)} on {t.device}"
+            f"{device}, got dtype {t.dtype}, shape {tuple(t.shape)} on {t.device}"
         )
-    return t, t.stride(0), t.stride(1)
 
 
 def _compute_dtype(q: Tensor) -> tl.dtype:
@@ -291,11 +301,88 @@ def _compute_dtype(q: Tensor) -> tl.dtype:
     return tl.bfloat16 if q.dtype == torch.bfloat16 else tl.float16
 
 
+class _Plan:
+    """Everything about a call that follows from its layout, worked out once per layout.
+
+    Holds the grids, the workspace and output shapes, the constexpr arguments (in the
+    kernels' parameter order) and, after the first launch, the compiled kernels, which
+    later calls launch directly (``CompiledKernel.run``), skipping ``JITFunction.run``'s
+    binding, specialization and cache-key work.
+    """
+
+    __slots__ = (
+        "merge", "merge_consts", "merge_grid", "out_dtype", "out_shape", "split",
+        "split_consts", "split_grid", "stages", "strides", "warps", "ws_numel",
+    )  # fmt: skip
+
+    def __init__(
+        self, q: Tensor, k_cache: Tensor, v_cache: Tensor, page_table: Tensor | None, key: tuple[Any, ...]
+    ) -> None:
+        (_, _, _, qv_l, _, qd_l, kd_l, vd_l, lens_l, softcap_on, has_sinks, want_lse, cfg) = key[1:]
+        batch, sq, hq, d = q.shape
+        hkv, dv = k_cache.shape[2], v_cache.shape[3]
+        g = hq // hkv
+        page_size = k_cache.shape[1]
+        capacity = page_table.shape[1] * page_size if page_table is not None else page_size
+        cfg = cfg if cfg is not None else pick_config(g * sq, dv)
+        m_tiles = math.ceil(g * sq / cfg.block_m)
+        block_d, block_dv = max(16, triton.next_power_of_2(d)), max(16, triton.next_power_of_2(dv))
+        splits = num_splits(batch, hkv, capacity, q.device, cfg.block_n, m_tiles)
+        keys_per_split = math.ceil(math.ceil(capacity / cfg.block_n) / splits) * cfg.block_n
+        rows_pad = m_tiles * cfg.block_m
+        lse_offset = batch * hkv * splits * rows_pad * block_dv
+        self.ws_numel = lse_offset + batch * hkv * splits * rows_pad
+        self.out_shape = (batch, sq, hq, dv)
+        self.out_dtype = torch.bfloat16 if q.dtype in FP8_DTYPES else q.dtype
+        self.split_grid = (hkv * m_tiles, batch, splits)
+        self.merge_grid = (batch, hq, sq)
+        self.warps, self.stages = cfg.num_warps, cfg.num_stages
+        qv_s = qv_l[1] if qv_l is not None else q.stride()
+        self.strides = (
+            *q.stride()[:3], *qv_s[:3], *k_cache.stride()[:3], *v_cache.stride()[:3],
+            page_table.stride(0) if page_table is not None else 0,
+            *(qd_l[1] if qd_l is not None else (0, 0)), *(kd_l[1] if kd_l is not None else (0, 0)),
+        )  # fmt: skip
+        self.split_consts = (
+            sq, g, hkv, m_tiles, splits, keys_per_split, d, dv, cfg.block_m, cfg.block_n, block_d, block_dv,
+            page_size if page_table is not None else 1, page_table is not None, softcap_on, qv_l is not None,
+            qd_l is not None, kd_l is not None, lens_l is None, lse_offset, _compute_dtype(q), _INTERPRET,
+        )  # fmt: skip
+        self.merge_consts = (
+            sq, g, hkv, splits, triton.next_power_of_2(splits), rows_pad, dv, block_dv, lse_offset,
+            has_sinks, vd_l is not None, want_lse,
+        )  # fmt: skip
+        self.split: Any = None
+        self.merge: Any = None
+
+
+_PLANS: dict[tuple[Any, ...], _Plan] = {}
+_MAX_PLANS = 256  # layouts seen; a server sees a handful per model, tests many
+
+
+def _layout(t: Tensor | None) -> tuple[Any, ...] | None:
+    """What a compiled kernel and a plan depend on: shape, strides, dtype, 16-byte alignment."""
+    if t is None:
+        return None
+    return (t.shape, t.stride(), t.dtype, t.data_ptr() % 16 == 0)
+
+
+def _launch(kernel: Any, grid: tuple[int, int, int], args: tuple[Any, ...]) -> None:
+    """Launch a compiled kernel on the current stream, as ``JITFunction.run`` would."""
+    stream = torch._C._cuda_getCurrentRawStream(torch._C._cuda_getDevice())
+    enter = knobs.runtime.launch_enter_hook
+    meta = kernel.launch_metadata(grid, stream, *args) if enter is not None else None
+    kernel.run(
+        grid[0], grid[1], grid[2], stream, kernel.function, kernel.packed_metadata, meta,
+        enter, knobs.runtime.launch_exit_hook, *args,
+    )  # fmt: skip
+
+
 def decode_attention(
     q: Tensor,
     k_cache: Tensor,
     v_cache: Tensor,
-    lens_k: Tensor,
+    lens_k: Tensor | int,
     page_table: Tensor | None,
     scale: float,
     window: tuple[int, int],
@@ -303,6 +390,7 @@ def decode_attention(
     sinks: Tensor | None,
     want_lse: bool,
     *,
+    lens_add: int = 0,
     qv: Tensor | None = None,
     q_descale: Tensor | None = None,
     k_descale: Tensor | None = None,
@@ -314,70 +402,86 @@ def decode_attention(
     ``k_cache``/``v_cache`` are (num_pages, page_size, Hkv, D[v]) with ``page_table``
     (B, pages_per_seq) int32, or (B, capacity, Hkv, D[v]) without; any strides but a unit
     one in the head dim (MLA's rope and latent caches may be views of one buffer).
-    ``lens_k`` (B,) holds each sequence's key count on the device (int32 or int64).
-    ``window`` is (left, right), -1 for unbounded, causal already folded in as right = 0.
-    ``qv`` (B, Sq, Hq, Dv) adds ``qv . v`` to the scores (FA3's MLA). ``q/k/v_descale``
-    (B, Hkv) float32 dequantise fp8 inputs. lse is float32 (B, Hq, Sq). ``config``
-    overrides :func:`pick_config` (benchmarks). The caller checks the other shapes and that
-    ``Hq // Hkv * Sq <= MAX_ROWS``. Out is q's dtype, or bf16 for fp8 q.
+    Each sequence sees ``lens_k + lens_add`` keys: ``lens_k`` a (B,) int32/int64 tensor
+    on the device (never read on the host) or one int for all. ``window`` is (left,
+    right), -1 for unbounded, causal already folded in as right = 0. ``qv`` (B, Sq, Hq,
+    Dv) adds ``qv . v`` to the scores (FA3's MLA). ``q/k/v_descale`` (B, Hkv) float32, any
+    strides, dequantise fp8 inputs. lse is float32 (B, Hq, Sq). ``config`` overrides
+    :func:`pick_config` (benchmarks). Out is q's dtype, or bf16 for fp8 q. The caller
+    checks the other shapes and that ``Hq // Hkv * Sq <= MAX_ROWS``.
+
+    The first call of a layout checks it and builds a plan; later calls of that layout
+    allocate the workspace and outputs and launch the two compiled kernels directly.
     """
-    batch, sq, hq, d = q.shape
-    hkv, dv = k_cache.shape[2], v_cache.shape[3]
-    g = hq // hkv
-    page_size = k_cache.shape[1]
-    capacity = page_table.shape[1] * page_size if page_table is not None else page_size
     if q.stride(-1) != 1:
         q = q.contiguous()
-    if qv is not None:
-        if tuple(qv.shape) != (batch, sq, hq, dv) or qv.dtype != q.dtype:
+    if qv is not None and qv.stride(-1) != 1:
+        qv = qv.contiguous()
+    lens_t = lens_k if isinstance(lens_k, Tensor) else None
+    key = (
+        q.device, _layout(q), _layout(k_cache), _layout(v_cache), _layout(qv), _layout(page_table),
+        _layout(q_descale), _layout(k_descale), _layout(v_descale), _layout(lens_t),
+        softcap > 0, sinks is not None, want_lse, config,
+    )  # fmt: skip
+    plan = _PLANS.get(key)
+    if plan is None:
+        batch, hkv = q.shape[0], k_cache.shape[2]
+        if qv is not None and (tuple(qv.shape) != (*q.shape[:3], v_cache.shape[3]) or qv.dtype != q.dtype):
             raise ValueError(
-                f"qv must have shape {(batch, sq, hq, dv)} and q's dtype {q.dtype}, "
+                f"qv must have shape {(*q.shape[:3], v_cache.shape[3])} and q's dtype {q.dtype}, "
                 f"got {tuple(qv.shape)} and {qv.dtype}"
             )
-        if qv.stride(-1) != 1:
-            qv = qv.contiguous()
-    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
-        raise ValueError("k_cache and v_cache must have a unit stride in the head dim")
-    cfg = config if config is not None else pick_config(g * sq, dv)
-    m_tiles = math.ceil(g * sq / cfg.block_m)
-    block_d, block_dv = max(16, triton.next_power_of_2(d)), max(16, triton.next_power_of_2(dv))
-    splits = num_splits(batch, hkv, capacity, q.device, cfg.block_n, m_tiles)
-    keys_per_split = math.ceil(math.ceil(capacity / cfg.block_n) / splits) * cfg.block_n
+        if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+            raise ValueError("k_cache and v_cache must have a unit stride in the head dim")
+        for name, t in (("q_descale", q_descale), ("k_descale", k_descale), ("v_descale", v_descale)):
+            if t is not None:
+                _check_descale(name, t, batch, hkv, q.device)
+        if lens_t is not None and (
+            lens_t.dtype not in (torch.int32, torch.int64) or lens_t.device != q.device
+        ):
+            raise ValueError(
+                f"lens_k must be an int32/int64 tensor on {q.device}, got {lens_t.dtype} on {lens_t.device}"
+            )
+        if len(_PLANS) >= _MAX_PLANS:
+            _PLANS.clear()
+        plan = _PLANS[key] = _Plan(q, k_cache, v_cache, page_table, key)
     dev = q.device
-    rows_pad = m_tiles * cfg.block_m
-    o_part = torch.empty(batch, hkv, splits, rows_pad, block_dv, dtype=torch.float32, device=dev)
-    lse_part = torch.empty(batch, hkv, splits, rows_pad, dtype=torch.float32, device=dev)
-    lens = lens_k.to(device=dev, dtype=torch.int32)
-    pt = page_table.to(dev) if page_table is not None else lens  # unread without a page table
-    qv_arg = qv if qv is not None else q
-    qd, s_qdb, s_qdh = _descale_arg("q_descale", q_descale, batch, hkv, lse_part)
-    kd, s_kdb, s_kdh = _descale_arg("k_descale", k_descale, batch, hkv, lse_part)
-    vd, s_vdb, s_vdh = _descale_arg("v_descale", v_descale, batch, hkv, lse_part)
-    _decode_split_kernel[(hkv * m_tiles, batch, splits)](
-        q, qv_arg, k_cache, v_cache, pt, lens, qd, kd, o_part, lse_part,
-        q.stride(0), q.stride(1), q.stride(2), qv_arg.stride(0), qv_arg.stride(1), qv_arg.stride(2),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        pt.stride(0) if page_table is not None else 0, s_qdb, s_qdh, s_kdb, s_kdh,
-        scale * _LOG2E, float(softcap),
-        window[0], window[1],
-        SQ=sq, G=g, HKV=hkv, M_TILES=m_tiles, SPLITS=splits, KEYS_PER_SPLIT=keys_per_split,
-        D=d, DV=dv, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_D=block_d, BLOCK_DV=block_dv,
-        PAGE_SIZE=page_size if page_table is not None else 1,
-        PAGED=page_table is not None, SOFTCAP=softcap > 0, HAS_QV=qv is not None,
-        Q_DESCALE=q_descale is not None, K_DESCALE=k_descale is not None,
-        CDT=_compute_dtype(q), INTERPRET=_INTERPRET,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    ws = torch.empty(plan.ws_numel, dtype=torch.float32, device=dev)
+    out = torch.empty(plan.out_shape, dtype=plan.out_dtype, device=dev)
+    lse = torch.empty(plan.merge_grid, dtype=torch.float32, device=dev) if want_lse else ws
+    split_args = (
+        q, qv if qv is not None else q, k_cache, v_cache,
+        page_table if page_table is not None else ws, lens_t if lens_t is not None else ws,
+        q_descale if q_descale is not None else ws, k_descale if k_descale is not None else ws, ws,
+        *plan.strides, 0 if lens_t is not None else int(lens_k), lens_add, scale * _LOG2E, float(softcap),
+        window[0], window[1], *plan.split_consts,
     )  # fmt: skip
-    out_dtype = torch.bfloat16 if q.dtype in FP8_DTYPES else q.dtype
-    out = torch.empty(batch, sq, hq, dv, dtype=out_dtype, device=dev)
-    lse = torch.empty(batch, hq, sq, dtype=torch.float32, device=dev) if want_lse else o_part
-    sink_arg = sinks.to(device=dev, dtype=torch.float32) if sinks is not None else lse_part
-    _decode_merge_kernel[(batch, hq, sq)](
-        o_part, lse_part, sink_arg, vd, out, lse,
-        out.stride(0), out.stride(1), out.stride(2), s_vdb, s_vdh,
-        SQ=sq, G=g, HKV=hkv, SPLITS=splits, SPLITS_P2=triton.next_power_of_2(splits),
-        ROWS_PAD=rows_pad, DV=dv, BLOCK_DV=block_dv,
-        HAS_SINKS=sinks is not None, V_DESCALE=v_descale is not None, WRITE_LSE=want_lse,
+    sink_arg = ws
+    if sinks is not None:
+        sink_arg = (
+            sinks if sinks.dtype == torch.float32 and sinks.device == dev else sinks.to(dev, torch.float32)
+        )
+    vd = v_descale if v_descale is not None else ws
+    merge_args = (
+        ws, sink_arg, vd, out, lse, out.stride(0), out.stride(1), out.stride(2),
+        vd.stride(0) if v_descale is not None else 0, vd.stride(1) if v_descale is not None else 0,
+        *plan.merge_consts,
     )  # fmt: skip
+    if plan.split is None:  # first call of this layout (or the interpreter): through the JIT
+        names = _decode_split_kernel.arg_names
+        n_run = len(split_args) - len(plan.split_consts)
+        kern = _decode_split_kernel[plan.split_grid](
+            *split_args[:n_run], **dict(zip(names[n_run:], plan.split_consts, strict=True)),
+            num_warps=plan.warps, num_stages=plan.stages,
+        )  # fmt: skip
+        names = _decode_merge_kernel.arg_names
+        n_run = len(merge_args) - len(plan.merge_consts)
+        merge = _decode_merge_kernel[plan.merge_grid](
+            *merge_args[:n_run], **dict(zip(names[n_run:], plan.merge_consts, strict=True))
+        )
+        if not _INTERPRET and dev.type == "cuda":
+            plan.split, plan.merge = kern, merge
+    else:
+        _launch(plan.split, plan.split_grid, split_args)
+        _launch(plan.merge, plan.merge_grid, merge_args)
     return out, (lse if want_lse else None)
