@@ -508,3 +508,41 @@ def test_fp8_decode_through_the_provider_gives_bf16_within_fp8_rounding(fmt: str
         4, 1, 32, 128
     )
     torch.testing.assert_close(out.double(), oracle, atol=2e-2, rtol=2e-2)
+
+
+def test_eager_decode_compiles_once_per_model_layout_and_never_syncs() -> None:
+    """New batch sizes and cache capacities reuse the compiled kernels; no call syncs the device."""
+    pytest.importorskip("triton")
+    from kernel_fallback.integrations.flash_attn import _fast as fast
+    from kernel_fallback.integrations.flash_attn import _triton_decode as td
+
+    def compiled() -> int:
+        kernels = (td._decode_split_kernel, td._decode_merge_kernel)
+        return sum(len(caches[0]) for kernel in kernels for caches in kernel.device_caches.values())
+
+    def call(batch: int, pages: int) -> None:
+        k_cache = torch.randn(batch * pages, 16, 2, 64, device="cuda", dtype=torch.bfloat16)
+        q = torch.randn(batch, 1, 8, 64, device="cuda", dtype=torch.bfloat16)
+        table = torch.arange(batch * pages, device="cuda", dtype=torch.int32).view(batch, pages)
+        lens = torch.full((batch,), pages * 16 - 3, dtype=torch.int32, device="cuda")
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = fast.flash_attn_with_kvcache(
+                q, k_cache, k_cache, cache_seqlens=lens, page_table=table, causal=True
+            )
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert fast.last_backend("flash_attn_with_kvcache") == fast.TRITON_DECODE
+        want = fast.flash_attn_with_kvcache(
+            q.float(), k_cache.float(), k_cache.float(), cache_seqlens=lens, page_table=table, causal=True
+        )
+        assert isinstance(out, torch.Tensor)
+        assert isinstance(want, torch.Tensor)
+        torch.testing.assert_close(out.float(), want, atol=2e-2, rtol=2e-2)
+
+    call(3, 8)
+    before = compiled()
+    for batch, pages in ((3, 8), (5, 8), (3, 40), (17, 3), (1, 200)):
+        call(batch, pages)
+    assert compiled() == before

@@ -256,6 +256,11 @@ def run_xcase(case: XCase, device: str) -> dict[str, Any]:
         descales = (qd, kd, vd)
     scale = case.scale if case.scale is not None else (d + (dv if case.qv else 0)) ** -0.5
     dev = torch.device(device)
+
+    def on_device(t: torch.Tensor) -> torch.Tensor:
+        # .to() would make an expanded (stride-0) scale contiguous: expand on the device instead
+        return t[:1, :1].to(dev).expand(b, hkv) if t.stride() == (0, 0) else t.to(dev)
+
     out, lse = decode_attention(
         q.to(dev),
         k_cache.to(dev) if not case.shared else kv.to(dev)[..., :d],
@@ -268,9 +273,9 @@ def run_xcase(case: XCase, device: str) -> dict[str, Any]:
         None,
         True,
         qv=None if qv is None else qv.to(dev),
-        q_descale=None if descales is None else descales[0].to(dev),
-        k_descale=None if descales is None else descales[1].to(dev),
-        v_descale=None if descales is None else descales[2].to(dev),
+        q_descale=None if descales is None else on_device(descales[0]),
+        k_descale=None if descales is None else on_device(descales[1]),
+        v_descale=None if descales is None else on_device(descales[2]),
     )
     assert lse is not None
     out_dtype = torch.bfloat16 if case.fp8 else torch.float16

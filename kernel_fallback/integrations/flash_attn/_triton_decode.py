@@ -56,6 +56,7 @@ MAX_ROWS = 1024
 FP8_DTYPES: tuple[torch.dtype, ...] = tuple(
     getattr(torch, name) for name in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, name)
 )
+_MAX_SPLITS = 128  # the merge kernel's one compiled variant covers every split count
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"  # read by triton at import, as here
 _LOG2E = 1.4426950408889634
 _LN2: tl.constexpr = tl.constexpr(0.6931471805599453)  # kernels read constexpr globals only
@@ -78,7 +79,7 @@ def pick_config(rows: int, dv: int) -> DecodeConfig:
     """
     if dv > 256:
         return DecodeConfig(16, 32, 4, 2)
-    return DecodeConfig(min(64, max(16, triton.next_power_of_2(rows))), 64, 4, 2)
+    return DecodeConfig(min(64, max(16, triton.next_power_of_2(rows))), 64, 4, 3)
 
 
 @triton.jit
@@ -129,9 +130,18 @@ def _attend_block(
     return m_i, l_i, acc
 
 
-# Values that change from call to call are not specialized on, so one compiled kernel
-# (and one cached launch plan) serves them all.
-_VARYING = ["lens_scalar", "lens_add", "window_left", "window_right"]
+# Values that change from call to call, or with the batch size and cache capacity, are
+# runtime arguments not specialized on: one compiled kernel per model layout serves them
+# all (a constexpr split count would compile again for every new capacity).
+_VARYING = [
+    "lens_scalar",
+    "lens_add",
+    "window_left",
+    "window_right",
+    "splits",
+    "keys_per_split",
+    "lse_offset",
+]
 
 
 @triton.jit(do_not_specialize=_VARYING)
@@ -142,16 +152,16 @@ def _decode_split_kernel(
     s_vp, s_vs, s_vh,
     s_ptb, s_qdb, s_qdh, s_kdb, s_kdh,
     lens_scalar, lens_add, sm_scale_log2, softcap,
-    window_left, window_right,
+    window_left, window_right, splits, keys_per_split, lse_offset,
     SQ: tl.constexpr, G: tl.constexpr, HKV: tl.constexpr, M_TILES: tl.constexpr,
-    SPLITS: tl.constexpr, KEYS_PER_SPLIT: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
+    KPS_STATIC: tl.constexpr, D: tl.constexpr, DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     PAGE_SIZE: tl.constexpr, PAGED: tl.constexpr, SOFTCAP: tl.constexpr, HAS_QV: tl.constexpr,
     Q_DESCALE: tl.constexpr, K_DESCALE: tl.constexpr, LENS_SCALAR: tl.constexpr,
-    LSE_OFFSET: tl.constexpr, CDT: tl.constexpr, INTERPRET: tl.constexpr,
+    CDT: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
-    # ws_ptr: the fp32 partial outputs (B, Hkv, SPLITS, rows, BLOCK_DV), then from
-    # LSE_OFFSET the partial lse (B, Hkv, SPLITS, rows): one allocation per call.
+    # ws_ptr: the fp32 partial outputs (B, Hkv, splits, rows, BLOCK_DV), then from
+    # lse_offset the partial lse (B, Hkv, splits, rows): one allocation per call.
     tile = tl.program_id(0)
     h = tile // M_TILES
     b = tl.program_id(1)
@@ -195,8 +205,8 @@ def _decode_split_kernel(
         lo = tl.maximum(lo, diag - window_left)
     lo = tl.where(row_ok, lo, len_k)
     hi = tl.where(row_ok, hi, 0)
-    start = split * KEYS_PER_SPLIT
-    stop = tl.minimum(start + KEYS_PER_SPLIT, tl.max(hi, axis=0))
+    start = split * keys_per_split
+    stop = tl.minimum(start + keys_per_split, tl.max(hi, axis=0))
     first = tl.maximum(start, tl.min(lo, axis=0))
     first = start + ((first - start) // BLOCK_N) * BLOCK_N  # first >= start, so // is exact
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -204,8 +214,9 @@ def _decode_split_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     if INTERPRET:
         # numpy >= 2.4 cannot turn the interpreter's loop bounds into ints: a static trip
-        # count with a guard computes the same blocks.
-        for i in range(0, KEYS_PER_SPLIT // BLOCK_N):
+        # count (KPS_STATIC = keys_per_split, given only to the interpreter) with a guard
+        # computes the same blocks.
+        for i in range(0, KPS_STATIC // BLOCK_N):
             n0 = start + i * BLOCK_N
             if (n0 >= first) & (n0 < stop):
                 m_i, l_i, acc = _attend_block(
@@ -223,37 +234,42 @@ def _decode_split_kernel(
     # Partial lse in log2 units; -inf where this split saw no key of the row.
     lse = tl.where(l_i > 0, m_i + tl.log2(l_i), float("-inf"))
     out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-    base = ((b * HKV + h) * SPLITS + split).to(tl.int64) * (M_TILES * BLOCK_M)
-    tl.store(ws_ptr + LSE_OFFSET + base + rows, lse)
+    base = ((b * HKV + h) * splits + split).to(tl.int64) * (M_TILES * BLOCK_M)
+    tl.store(ws_ptr + lse_offset + base + rows, lse)
     tl.store(ws_ptr + (base + rows[:, None]) * BLOCK_DV + offs_dv[None, :], out)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["splits", "lse_offset"])
 def _decode_merge_kernel(
     ws_ptr, sinks_ptr, vd_ptr, out_ptr, lse_ptr,
-    s_ob, s_os, s_oh, s_vdb, s_vdh,
-    SQ: tl.constexpr, G: tl.constexpr, HKV: tl.constexpr, SPLITS: tl.constexpr,
-    SPLITS_P2: tl.constexpr, ROWS_PAD: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
-    LSE_OFFSET: tl.constexpr, HAS_SINKS: tl.constexpr, V_DESCALE: tl.constexpr,
-    WRITE_LSE: tl.constexpr,
+    s_ob, s_os, s_oh, s_vdb, s_vdh, splits, lse_offset,
+    SQ: tl.constexpr, G: tl.constexpr, HKV: tl.constexpr,
+    MAX_SPLITS: tl.constexpr, ROWS_PAD: tl.constexpr, DV: tl.constexpr, BLOCK_DV: tl.constexpr,
+    HAS_SINKS: tl.constexpr, V_DESCALE: tl.constexpr, WRITE_LSE: tl.constexpr, INTERPRET: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     qh = tl.program_id(1)
     pos = tl.program_id(2)
     h = qh // G
     row = (qh % G) * SQ + pos
-    splits = tl.arange(0, SPLITS_P2)
+    each = tl.arange(0, MAX_SPLITS)
     offs_dv = tl.arange(0, BLOCK_DV)
-    base0 = (b * HKV + h).to(tl.int64) * SPLITS * ROWS_PAD + row
-    lse_part_ptr = ws_ptr + LSE_OFFSET
-    lse_s = tl.load(lse_part_ptr + base0 + splits * ROWS_PAD, mask=splits < SPLITS, other=float("-inf"))
+    base0 = (b * HKV + h).to(tl.int64) * splits * ROWS_PAD + row
+    lse_part_ptr = ws_ptr + lse_offset
+    lse_s = tl.load(lse_part_ptr + base0 + each * ROWS_PAD, mask=each < splits, other=float("-inf"))
     m = tl.max(lse_s, axis=0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
     total = tl.sum(tl.exp2(lse_s - m_safe), axis=0)
     out = tl.zeros([BLOCK_DV], dtype=tl.float32)
-    for s in range(SPLITS):  # one row of DV at a time: a (splits x 512) tile would not fit
-        w = tl.exp2(tl.load(lse_part_ptr + base0 + s * ROWS_PAD) - m_safe)
-        out += w * tl.load(ws_ptr + (base0 + s * ROWS_PAD) * BLOCK_DV + offs_dv)
+    if INTERPRET:  # static trip count and a guard, as in the split kernel
+        for s in range(MAX_SPLITS):
+            if s < splits:
+                w = tl.exp2(tl.load(lse_part_ptr + base0 + s * ROWS_PAD) - m_safe)
+                out += w * tl.load(ws_ptr + (base0 + s * ROWS_PAD) * BLOCK_DV + offs_dv)
+    else:
+        for s in range(splits):  # one row of DV at a time: a (splits x 512) tile would not fit
+            w = tl.exp2(tl.load(lse_part_ptr + base0 + s * ROWS_PAD) - m_safe)
+            out += w * tl.load(ws_ptr + (base0 + s * ROWS_PAD) * BLOCK_DV + offs_dv)
     out = out / tl.where(total > 0, total, 1.0)
     lse = tl.where(total > 0, (m_safe + tl.log2(total)) * _LN2, float("-inf"))  # natural log
     if HAS_SINKS:
@@ -282,7 +298,7 @@ def num_splits(
     """Splits over the keys, from shapes only: about two programs per SM, >= 1 key block each."""
     blocks = max(1, math.ceil(capacity / block_n))
     want = math.ceil(2 * _sm_count(device) / max(1, batch * hkv * row_tiles))
-    return max(1, min(blocks, want, 128))
+    return max(1, min(blocks, want, _MAX_SPLITS))
 
 
 def _check_descale(name: str, t: Tensor, batch: int, hkv: int, device: torch.device) -> None:
@@ -311,8 +327,8 @@ class _Plan:
     """
 
     __slots__ = (
-        "merge", "merge_consts", "merge_grid", "out_dtype", "out_shape", "split",
-        "split_consts", "split_grid", "stages", "strides", "warps", "ws_numel",
+        "merge", "merge_consts", "merge_grid", "merge_tail", "out_dtype", "out_shape", "split",
+        "split_consts", "split_grid", "split_tail", "stages", "strides", "warps", "ws_numel",
     )  # fmt: skip
 
     def __init__(
@@ -343,14 +359,17 @@ class _Plan:
             page_table.stride(0) if page_table is not None else 0,
             *(qd_l[1] if qd_l is not None else (0, 0)), *(kd_l[1] if kd_l is not None else (0, 0)),
         )  # fmt: skip
+        self.split_tail = (splits, keys_per_split, lse_offset)  # runtime, after the window
         self.split_consts = (
-            sq, g, hkv, m_tiles, splits, keys_per_split, d, dv, cfg.block_m, cfg.block_n, block_d, block_dv,
-            page_size if page_table is not None else 1, page_table is not None, softcap_on, qv_l is not None,
-            qd_l is not None, kd_l is not None, lens_l is None, lse_offset, _compute_dtype(q), _INTERPRET,
+            sq, g, hkv, m_tiles, keys_per_split if _INTERPRET else 0, d, dv, cfg.block_m, cfg.block_n,
+            block_d, block_dv, page_size if page_table is not None else 1, page_table is not None,
+            softcap_on, qv_l is not None, qd_l is not None, kd_l is not None, lens_l is None,
+            _compute_dtype(q), _INTERPRET,
         )  # fmt: skip
+        self.merge_tail = (splits, lse_offset)
         self.merge_consts = (
-            sq, g, hkv, splits, triton.next_power_of_2(splits), rows_pad, dv, block_dv, lse_offset,
-            has_sinks, vd_l is not None, want_lse,
+            sq, g, hkv, _MAX_SPLITS, rows_pad, dv, block_dv, has_sinks, vd_l is not None,
+            want_lse, _INTERPRET,
         )  # fmt: skip
         self.split: Any = None
         self.merge: Any = None
@@ -454,7 +473,7 @@ def decode_attention(
         page_table if page_table is not None else ws, lens_t if lens_t is not None else ws,
         q_descale if q_descale is not None else ws, k_descale if k_descale is not None else ws, ws,
         *plan.strides, 0 if lens_t is not None else int(lens_k), lens_add, scale * _LOG2E, float(softcap),
-        window[0], window[1], *plan.split_consts,
+        window[0], window[1], *plan.split_tail, *plan.split_consts,
     )  # fmt: skip
     sink_arg = ws
     if sinks is not None:
@@ -465,7 +484,7 @@ def decode_attention(
     merge_args = (
         ws, sink_arg, vd, out, lse, out.stride(0), out.stride(1), out.stride(2),
         vd.stride(0) if v_descale is not None else 0, vd.stride(1) if v_descale is not None else 0,
-        *plan.merge_consts,
+        *plan.merge_tail, *plan.merge_consts,
     )  # fmt: skip
     if plan.split is None:  # first call of this layout (or the interpreter): through the JIT
         names = _decode_split_kernel.arg_names
