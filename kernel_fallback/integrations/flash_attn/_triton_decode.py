@@ -23,10 +23,14 @@ fp8 (e4m3/e5m2) q/k/v are loaded as bytes and widened to fp16 in registers (exac
 both formats); ``q_descale * k_descale`` scale the scores before softcap and masking,
 ``v_descale`` the output, as FA3 does. The output of fp8 input is bf16.
 
-The number of splits depends only on shapes (cache capacity, programs per split, SM
-count), never on values. Masks: bottom-right causal / sliding window (left and right
+Splits depend only on shapes (capacity, programs per split, SM count). Masks: bottom-right causal / sliding window (left and right
 bounds), cache lengths; softcap; sinks. ``attention_chunk`` and packed q are not here
 (the caller keeps them on flex_attention). fp32 accumulation.
+
+Host side: the first call of a layout (shapes, strides, dtypes, pointer alignment) builds
+a plan and compiles through ``JITFunction.run``; later calls launch the compiled kernels
+directly. Split counts, lengths and windows are runtime arguments, so new batch sizes and
+cache capacities compile nothing.
 
 Under ``TRITON_INTERPRET=1`` (set before triton is imported) the kernels run on CPU
 tensors; the tests use that.
