@@ -99,6 +99,7 @@ def paged(batch: int, tokens: int, page: int, hkv: int, d: int, dtype: torch.dty
 
 def host_section(calls: int) -> None:
     from kernel_fallback.integrations.flash_attn import _triton_decode as td
+    from kernel_fallback.integrations.flash_attn import _triton_plan as plans
 
     print(f"# eager decode, bf16 32/8 heads d=128, page 64 ({torch.cuda.get_device_name()})")
     print(f"{'shape':<12}{'path':<34}{'issue us':>10}{'eager us':>10}{'kernel us':>10}{'host us':>9}")
@@ -116,7 +117,7 @@ def host_section(calls: int) -> None:
             )
 
         def through_jit(direct: Fn = direct) -> Any:
-            td._PLANS.clear()
+            plans._PLANS.clear()
             return direct()
 
         paths: dict[str, Fn] = {

@@ -410,15 +410,90 @@ def test_a_changed_layout_of_the_same_shape_gets_its_own_plan(results: dict[str,
     assert all(s["err"] <= 3e-3 for s in steps), steps
 
 
-def test_num_splits_depends_on_shapes_only() -> None:
-    if not HAS_TRITON:
-        pytest.skip("triton is not installed")
-    from kernel_fallback.integrations.flash_attn._triton_decode import num_splits
+_TRITON_TYPES = {
+    torch.bfloat16: "bf16",
+    torch.float16: "fp16",
+    torch.float32: "fp32",
+    torch.int32: "i32",
+    torch.int64: "i64",
+    torch.float8_e4m3fn: "fp8e4nv",
+    torch.float8_e5m2: "fp8e5",
+}
 
-    cpu = torch.device("cpu")
-    assert num_splits(1, 1, 64, cpu) == 1  # one key block: nothing to split
-    assert num_splits(1, 1, 64 * 100, cpu) > 1
-    assert num_splits(64, 8, 64 * 100, cpu) == 1  # enough programs without splitting
+
+def _compile_for_sm90(kernel: Any, args: tuple[Any, ...], n_consts: int, **options: int) -> Any:
+    """Compile ``kernel`` for sm_90 with exactly these launch arguments (no GPU needed)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import ASTSource, compile
+
+    names = kernel.arg_names
+    signature: dict[str, str] = {}
+    for name, arg in zip(names[: len(args) - n_consts], args, strict=False):
+        if isinstance(arg, torch.Tensor):
+            signature[name] = "*" + _TRITON_TYPES[arg.dtype]
+        else:
+            signature[name] = "fp32" if isinstance(arg, float) else "i32"
+    consts = dict(zip(names[len(args) - n_consts :], args[len(args) - n_consts :], strict=True))
+    signature |= dict.fromkeys(consts, "constexpr")
+    return compile(ASTSource(kernel, signature, consts), target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def _mla_128_heads() -> dict[str, Any]:
+    kv = torch.randn(40, 1, 1, 576, dtype=torch.bfloat16)
+    return {
+        "args": (
+            torch.randn(2, 1, 128, 64, dtype=torch.bfloat16), kv[..., :64], kv[..., 64:],
+            torch.tensor([20, 3], dtype=torch.int32), torch.arange(40, dtype=torch.int32).view(2, 20),
+            192**-0.5, (-1, 0), 0.0, None, False,
+        ),
+        "qv": torch.randn(2, 1, 128, 512, dtype=torch.bfloat16),
+    }  # fmt: skip
+
+
+def _fp8_everything() -> dict[str, Any]:
+    cache = torch.randn(8, 16, 2, 128).to(torch.float8_e4m3fn)
+    scale = torch.tensor(0.5).expand(2, 2)
+    return {
+        "args": (
+            torch.randn(2, 1, 8, 128).to(torch.float8_e4m3fn), cache, cache.clone(),
+            torch.tensor([20, 3], dtype=torch.int32), torch.arange(8, dtype=torch.int32).view(2, 4),
+            0.1, (32, 0), 5.0, torch.randn(8), True,
+        ),
+        "q_descale": torch.rand(2, 2),
+        "k_descale": scale,
+        "v_descale": scale,
+    }  # fmt: skip
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize(
+    "make", [_mla_128_heads, _fp8_everything], ids=["mla-128-heads", "fp8-e4m3-all-options"]
+)
+def test_the_compiled_kernels_build_for_sm90_with_the_launch_arguments(make: Any) -> None:
+    """The interpreter never compiles: build the exact launch for Hopper with Triton's bundled ptxas."""
+    from kernel_fallback.integrations.flash_attn import _triton_decode as td
+    from kernel_fallback.integrations.flash_attn import _triton_plan as tp
+
+    if tp._INTERPRET:
+        pytest.skip("this process runs Triton's interpreter")
+    import triton
+
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+        pytest.skip("this triton has no bundled ptxas")
+    call = make()
+    plan, split_args, merge_args, _, _ = tp.prepare(*call.pop("args"), **call)
+    split = _compile_for_sm90(
+        td._decode_split_kernel,
+        split_args,
+        len(plan.split_consts),
+        num_warps=plan.warps,
+        num_stages=plan.stages,
+    )
+    merge = _compile_for_sm90(td._decode_merge_kernel, merge_args, len(plan.merge_consts))
+    assert split.asm["cubin"]
+    assert merge.asm["cubin"]
+    if plan.split_consts[7] == 64:  # BLOCK_M: a 64-row tile is chosen for Hopper's wgmma
+        assert "wgmma.mma_async" in split.asm["ptx"]
 
 
 if __name__ == "__main__":
