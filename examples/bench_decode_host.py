@@ -256,6 +256,7 @@ def kernels_section(sweep: bool) -> None:
 
 
 def cpu_section(calls: int) -> None:
+    from kernel_fallback.integrations.flash_attn import _triton_plan as plans
     from kernel_fallback.integrations.flash_attn._reference import _check_common
 
     print("# CPU only: the provider's host-side work (no CUDA here; kernel timings need a GPU)")
@@ -272,6 +273,9 @@ def cpu_section(calls: int) -> None:
         "dtype/head checks (_check_common)": lambda: _check_common(q, k, v, 0.0, None, "k_cache and v_cache"),
         "mask spec (_spec, memoized)": lambda: fast._spec((-1, -1), True, 0),
         "KERNEL_FALLBACK_TRITON read": fast.triton_decode_enabled,
+        "decode_attention host half (plan hit)": partial(
+            plans.prepare, q, k, v, lens, table, 128**-0.5, (-1, 0), 0.0, None, False
+        ),
         "whole CPU call (SDPA decode)": lambda: fast.flash_attn_with_kvcache(
             q, k, v, cache_seqlens=lens, page_table=table, causal=True
         ),

@@ -439,6 +439,8 @@ def _compile_for_sm90(kernel: Any, args: tuple[Any, ...], n_consts: int, **optio
 
 
 def _mla_128_heads() -> dict[str, Any]:
+    from kernel_fallback.integrations.flash_attn._triton_plan import pick_config
+
     kv = torch.randn(40, 1, 1, 576, dtype=torch.bfloat16)
     return {
         "args": (
@@ -447,6 +449,7 @@ def _mla_128_heads() -> dict[str, Any]:
             192**-0.5, (-1, 0), 0.0, None, False,
         ),
         "qv": torch.randn(2, 1, 128, 512, dtype=torch.bfloat16),
+        "config": pick_config(128, 512, hopper=True),
     }  # fmt: skip
 
 

@@ -10,6 +10,7 @@ calls of the layout launch directly (``CompiledKernel.run``) instead of through
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Any, NamedTuple
@@ -42,17 +43,23 @@ class DecodeConfig(NamedTuple):
     num_stages: int
 
 
-def pick_config(rows: int, dv: int, fp8: bool = False) -> DecodeConfig:
+def pick_config(rows: int, dv: int, fp8: bool = False, hopper: bool = False) -> DecodeConfig:
     """The split kernel's tiles for ``rows`` packed query rows per kv head and value dim ``dv``.
 
     Chosen from ptxas's register counts for sm_90 (no spills) and, for 16-bit GQA, the
-    measured default. Wide values (MLA's 512 latent): 64-row tiles (Hopper's wgmma, the
-    latent read by a quarter as many tiles) with 8 warps and 16 keys a step once there are
-    64 rows, else 16-row tiles. fp8 caches: 8 warps (widening costs registers; 4 spill).
+    measured default. Wide values (MLA's 512 latent): on Hopper with >= 64 rows, 64-row
+    tiles (wgmma; the latent read by a quarter as many tiles) with 8 warps and 16 keys a
+    step (128 KiB of shared memory: more than sm_86/89 have), else 16-row tiles. fp8
+    caches: 8 warps (widening costs registers; 4 spill).
     """
     if dv > 256:
-        return DecodeConfig(64, 16, 8, 2) if rows >= 64 else DecodeConfig(16, 32, 4, 2)
+        return DecodeConfig(64, 16, 8, 2) if rows >= 64 and hopper else DecodeConfig(16, 32, 4, 2)
     return DecodeConfig(min(64, max(16, triton.next_power_of_2(rows))), 64, 8 if fp8 else 4, 3)
+
+
+@functools.cache
+def _hopper(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
 
 
 def _sm_count(device: torch.device) -> int:
@@ -96,7 +103,7 @@ class _Plan:
     """
 
     __slots__ = (
-        "merge", "merge_consts", "merge_grid", "merge_tail", "out_dtype", "out_shape", "split",
+        "merge", "merge_consts", "merge_grid", "merge_tail", "out_dtype", "out_shape", "out_strides", "split",
         "split_consts", "split_grid", "split_tail", "stages", "strides", "warps", "ws_numel",
     )  # fmt: skip
 
@@ -109,7 +116,11 @@ class _Plan:
         g = hq // hkv
         page_size = k_cache.shape[1]
         capacity = page_table.shape[1] * page_size if page_table is not None else page_size
-        cfg = cfg if cfg is not None else pick_config(g * sq, dv, k_cache.dtype in FP8_DTYPES)
+        cfg = (
+            cfg
+            if cfg is not None
+            else pick_config(g * sq, dv, k_cache.dtype in FP8_DTYPES, _hopper(q.device))
+        )
         m_tiles = math.ceil(g * sq / cfg.block_m)
         block_d, block_dv = max(16, triton.next_power_of_2(d)), max(16, triton.next_power_of_2(dv))
         splits = num_splits(batch, hkv, capacity, q.device, cfg.block_n, m_tiles)
@@ -118,6 +129,7 @@ class _Plan:
         lse_offset = batch * hkv * splits * rows_pad * block_dv
         self.ws_numel = lse_offset + batch * hkv * splits * rows_pad
         self.out_shape = (batch, sq, hq, dv)
+        self.out_strides = (sq * hq * dv, hq * dv, dv)  # out is allocated contiguous
         self.out_dtype = torch.bfloat16 if q.dtype in FP8_DTYPES else q.dtype
         self.split_grid = (hkv * m_tiles, batch, splits)
         self.merge_grid = (batch, hq, sq)
@@ -236,7 +248,7 @@ def prepare(
         )
     vd = v_descale if v_descale is not None else ws
     merge_args = (
-        ws, sink_arg, vd, out, lse, out.stride(0), out.stride(1), out.stride(2),
+        ws, sink_arg, vd, out, lse, *plan.out_strides,
         vd.stride(0) if v_descale is not None else 0, vd.stride(1) if v_descale is not None else 0,
         *plan.merge_tail, *plan.merge_consts,
     )  # fmt: skip
