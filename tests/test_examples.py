@@ -58,3 +58,13 @@ def test_bench_chain_prints_every_row_with_its_ratio() -> None:
     out = run("examples/bench_chain.py", "--rounds", "1", "--calls", "40")
     for row in ["exact chain ver=3", "torch-like chain", "varlen torch-like chain", "torch chain"]:
         assert re.search(rf"^{re.escape(row)}\s+\d+\s+\d+\.\d\dx", out, re.M), row
+
+
+def test_bench_decode_host_times_the_providers_host_work_on_cpu() -> None:
+    out = run("examples/bench_decode_host.py", "--calls", "20")
+    for row in [
+        "argument checks (_check_cache_args)",
+        "mask spec (_spec, memoized)",
+        "whole CPU call (SDPA decode)",
+    ]:
+        assert re.search(rf"^{re.escape(row)}\s+\d+\.\d us/call$", out, re.M), out

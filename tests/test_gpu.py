@@ -675,3 +675,124 @@ def test_float64_on_cuda_is_the_exact_reference_and_refused_under_capture() -> N
         torch.cuda.graph(graph),
     ):
         fast.flash_attn_varlen_func(qc, kc, vc, cuc, cuc, causal=True)
+
+
+def _mla_oracle(
+    q: torch.Tensor,
+    qv: torch.Tensor,
+    kv: torch.Tensor,
+    page_table: torch.Tensor,
+    lens: torch.Tensor,
+    scale: float,
+    dtype: torch.dtype,
+) -> torch.Tensor:
+    """FA3's MLA decode formula in ``dtype``: softmax((q k^T + qv v^T) * scale) v, one kv head."""
+    d = q.shape[-1]
+    cache = kv[page_table.long()].flatten(1, 2)[:, :, 0].to(dtype)  # (B, cap, d + dv)
+    s = torch.einsum("bhd,bkd->bhk", q[:, 0].to(dtype), cache[..., :d])
+    s = (s + torch.einsum("bhd,bkd->bhk", qv[:, 0].to(dtype), cache[..., d:])) * scale
+    keys = torch.arange(cache.shape[1], device=q.device)
+    s = s.masked_fill((keys[None, :] >= lens[:, None].long())[:, None], float("-inf"))
+    return torch.einsum("bhk,bkd->bhd", torch.softmax(s, dim=-1), cache[..., d:]).unsqueeze(1)
+
+
+@pytest.mark.parametrize("page", [1, 64], ids=["page1", "page64"])
+def test_mla_128_heads_decode_captured_in_a_cuda_graph_within_upstreams_rule(page: int) -> None:
+    """sglang's MLA call: rope and latent caches are views of one (tokens, 1, 576) buffer."""
+    pytest.importorskip("triton")
+    from kernel_fallback.integrations.flash_attn._triton_decode import decode_attention
+
+    gen = torch.Generator(device="cuda").manual_seed(11)
+    batch, heads, capacity = 3, 128, 1024
+    blocks = batch * capacity // page + 2
+    kv = torch.randn(blocks, page, 1, 576, device="cuda", dtype=torch.bfloat16, generator=gen)
+    page_table = torch.randperm(blocks, device="cuda", generator=gen)[: batch * capacity // page]
+    page_table = page_table.view(batch, -1).int()
+    q = torch.randn(batch, 1, heads, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
+    qv = torch.randn(batch, 1, heads, 512, device="cuda", dtype=torch.bfloat16, generator=gen)
+    lens = torch.tensor([1000, 1, 333], dtype=torch.int32, device="cuda")
+    scale = 192**-0.5
+
+    def step() -> Any:
+        out, _ = decode_attention(
+            q, kv[..., :64], kv[..., 64:], lens, page_table, scale, (-1, 0), 0.0, None, False, qv=qv
+        )
+        return out
+
+    graph, out = capture(step)
+    for new_lens in ([17, 1024, 600], [1, 2, 3]):
+        lens.copy_(torch.tensor(new_lens, dtype=torch.int32))
+        q.normal_(generator=gen)
+        graph.replay()
+        oracle = _mla_oracle(q, qv, kv, page_table, lens, scale, torch.float64)
+        plain = _mla_oracle(q, qv, kv, page_table, lens, scale, torch.bfloat16)
+        _bf16_rule(out, plain, oracle.cpu())
+
+
+@pytest.mark.parametrize("fmt", ["float8_e4m3fn", "float8_e5m2"])
+def test_fp8_decode_through_the_provider_gives_bf16_within_fp8_rounding(fmt: str) -> None:
+    pytest.importorskip("triton")
+    if torch.cuda.get_device_capability() < (8, 9):
+        pytest.skip("fp8 decode needs compute capability 8.9+")
+    from kernel_fallback.integrations.flash_attn import _fast as fast
+
+    dtype = getattr(torch, fmt)
+    gen = torch.Generator(device="cuda").manual_seed(12)
+    k_cache, v_cache = (torch.randn(40, 16, 8, 128, device="cuda", generator=gen).to(dtype) for _ in range(2))
+    q = torch.randn(4, 1, 32, 128, device="cuda", generator=gen).to(dtype)
+    page_table = torch.randperm(40, device="cuda", generator=gen)[:32].view(4, 8).int()
+    seqlens = torch.tensor([128, 5, 77, 0], dtype=torch.int32, device="cuda")
+    out = fast.flash_attn_with_kvcache(
+        q, k_cache, v_cache, cache_seqlens=seqlens, page_table=page_table, causal=True
+    )
+    assert isinstance(out, torch.Tensor)
+    assert fast.last_backend("flash_attn_with_kvcache") == fast.TRITON_DECODE
+    assert out.dtype == torch.bfloat16
+    # The oracle on the fp8 values themselves: widening is exact, so only bf16-level error remains.
+    k_log, v_log = (c[page_table.long()].flatten(1, 2).double() for c in (k_cache, v_cache))
+    qd = q.double().view(4, 1, 8, 4, 128)
+    s = torch.einsum("bqhgd,bkhd->bhgqk", qd, k_log) * 128**-0.5
+    keys = torch.arange(k_log.shape[1], device="cuda")
+    s = s.masked_fill((keys[None, :] >= seqlens[:, None].long())[:, None, None, None], float("-inf"))
+    oracle = torch.einsum("bhgqk,bkhd->bqhgd", torch.softmax(s, -1).nan_to_num(0.0), v_log).reshape(
+        4, 1, 32, 128
+    )
+    torch.testing.assert_close(out.double(), oracle, atol=2e-2, rtol=2e-2)
+
+
+def test_eager_decode_compiles_once_per_model_layout_and_never_syncs() -> None:
+    """New batch sizes and cache capacities reuse the compiled kernels; no call syncs the device."""
+    pytest.importorskip("triton")
+    from kernel_fallback.integrations.flash_attn import _fast as fast
+    from kernel_fallback.integrations.flash_attn import _triton_decode as td
+
+    def compiled() -> int:
+        kernels = (td._decode_split_kernel, td._decode_merge_kernel)
+        return sum(len(caches[0]) for kernel in kernels for caches in kernel.device_caches.values())
+
+    def call(batch: int, pages: int) -> None:
+        k_cache = torch.randn(batch * pages, 16, 2, 64, device="cuda", dtype=torch.bfloat16)
+        q = torch.randn(batch, 1, 8, 64, device="cuda", dtype=torch.bfloat16)
+        table = torch.arange(batch * pages, device="cuda", dtype=torch.int32).view(batch, pages)
+        lens = torch.full((batch,), pages * 16 - 3, dtype=torch.int32, device="cuda")
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out = fast.flash_attn_with_kvcache(
+                q, k_cache, k_cache, cache_seqlens=lens, page_table=table, causal=True
+            )
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert fast.last_backend("flash_attn_with_kvcache") == fast.TRITON_DECODE
+        want = fast.flash_attn_with_kvcache(
+            q.float(), k_cache.float(), k_cache.float(), cache_seqlens=lens, page_table=table, causal=True
+        )
+        assert isinstance(out, torch.Tensor)
+        assert isinstance(want, torch.Tensor)
+        torch.testing.assert_close(out.float(), want, atol=2e-2, rtol=2e-2)
+
+    call(3, 8)
+    before = compiled()
+    for batch, pages in ((3, 8), (5, 8), (3, 40), (17, 3), (1, 200)):
+        call(batch, pages)
+    assert compiled() == before

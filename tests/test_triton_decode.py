@@ -136,13 +136,237 @@ def run_case(case: Case, device: str) -> dict[str, Any]:
     return result
 
 
+@dataclass(frozen=True)
+class XCase:
+    """A decode call with FA3's MLA ``qv`` and/or fp8 inputs with descales.
+
+    ``shared``: k_cache and v_cache are the rope (first d) and latent (last dv) columns
+    of one (pages, page, 1, d + dv) buffer, as sglang's MLA cache is. ``descale``: none,
+    per-bh (a different scale per batch and kv head), or expanded (a 0-d scale
+    ``.expand(B, Hkv)``, stride 0).
+    """
+
+    id: str
+    batch: int
+    hq: int
+    hkv: int
+    page: int
+    pages_per_seq: int
+    lens: tuple[int, ...]
+    d: int
+    dv: int
+    qv: bool = False
+    shared: bool = False
+    fp8: str | None = None
+    descale: str = "none"
+    softcap: float = 0.0
+    sq: int = 1
+    scale: float | None = None
+
+
+# fmt: off
+XCASES = [
+    XCase("mla-small-h32-page16", 2, 32, 1, 16, 4, (50, 9), d=32, dv=128, qv=True, shared=True),
+    XCase("mla-small-h16-page1-sq2", 2, 16, 1, 1, 40, (40, 3), d=32, dv=64, qv=True, sq=2),
+    XCase("mla-real-h16-64-512-page64", 2, 16, 1, 64, 3, (130, 7), d=64, dv=512, qv=True, shared=True,
+          scale=192**-0.5),
+    XCase("fp8-e4m3-per-bh-page16", 2, 8, 2, 16, 5, (70, 33), d=64, dv=64, fp8="float8_e4m3fn",
+          descale="per-bh"),
+    XCase("fp8-e4m3-expanded-softcap-page64", 2, 8, 2, 64, 2, (100, 64), d=64, dv=64,
+          fp8="float8_e4m3fn", descale="expanded", softcap=4.0),
+    XCase("fp8-e5m2-per-bh-page1", 1, 4, 1, 1, 50, (50,), d=32, dv=32, fp8="float8_e5m2", descale="per-bh"),
+]
+# fmt: on
+
+
+def _gather(cache: torch.Tensor, page_table: torch.Tensor) -> torch.Tensor:
+    """(pages, page, Hkv, D) through the table -> (B, capacity, Hkv, D)."""
+    return cache[page_table.long()].flatten(1, 2)
+
+
+def fa3_decode_oracle(
+    q: torch.Tensor,
+    qv: torch.Tensor | None,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    lens: torch.Tensor,
+    scale: float,
+    descales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None,
+    softcap: float,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """FA3's causal decode math in ``dtype``, from its documented formula (not the provider).
+
+    S = (q k^T + qv v^T) * scale * q_descale * k_descale, softcap as tanh, bottom-right
+    causal mask and cache lengths; O = softmax(S) v * v_descale; lse = logsumexp(S).
+    q (B, Sq, Hq, D), k/v gathered (B, cap, Hkv, D[v]). Returns out (B, Sq, Hq, Dv), lse (B, Hq, Sq).
+    """
+    sq, hq = q.shape[1], q.shape[2]
+    hkv, cap = k.shape[2], k.shape[1]
+    g = hq // hkv
+    kh = k.to(dtype).repeat_interleave(g, dim=2)
+    vh = v.to(dtype).repeat_interleave(g, dim=2)
+    s = torch.einsum("bqhd,bkhd->bhqk", q.to(dtype), kh)
+    if qv is not None:
+        s = s + torch.einsum("bqhd,bkhd->bhqk", qv.to(dtype), vh)
+    s = s * scale
+    if descales is not None:
+        qk = (descales[0] * descales[1]).to(dtype).repeat_interleave(g, dim=1)  # (B, Hq)
+        s = s * qk[:, :, None, None]
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+    keys = torch.arange(cap)
+    pos = torch.arange(sq)
+    last = pos[None, :] + lens[:, None].long() - sq  # (B, Sq): the last key each row sees
+    allowed = (keys[None, None, :] <= last[:, :, None]) & (keys[None, None, :] < lens[:, None, None].long())
+    s = s.masked_fill(~allowed[:, None], float("-inf"))
+    lse = torch.logsumexp(s.double(), dim=-1)
+    p = torch.softmax(s, dim=-1).nan_to_num(0.0)
+    out = torch.einsum("bhqk,bkhd->bqhd", p, vh)
+    if descales is not None:
+        out = out * descales[2].to(dtype).repeat_interleave(g, dim=1)[:, None, :, None]
+    return out, lse.float()
+
+
+def run_xcase(case: XCase, device: str) -> dict[str, Any]:
+    """Run ``case`` through the kernel; errors against a float64 oracle and a plain-dtype one."""
+    from kernel_fallback.integrations.flash_attn._triton_decode import decode_attention
+
+    gen = torch.Generator().manual_seed(sum(map(ord, case.id)))
+    b, hq, hkv, d, dv, sq = case.batch, case.hq, case.hkv, case.d, case.dv, case.sq
+    store = getattr(torch, case.fp8) if case.fp8 else torch.float16
+    n_pages = b * case.pages_per_seq + 3
+    if case.shared:  # one buffer, rope then latent columns: non-contiguous views
+        kv = torch.randn(n_pages, case.page, hkv, d + dv, generator=gen).to(store)
+        k_cache, v_cache = kv[..., :d], kv[..., d:]
+    else:
+        k_cache = (torch.randn(n_pages, case.page, hkv, d, generator=gen) * 2).to(store)
+        v_cache = (torch.randn(n_pages, case.page, hkv, dv, generator=gen) * 2).to(store)
+    q = torch.randn(b, sq, hq, d, generator=gen).to(store)
+    qv = torch.randn(b, sq, hq, dv, generator=gen).to(store) if case.qv else None
+    perm = torch.randperm(n_pages, generator=gen)[: b * case.pages_per_seq]
+    page_table = perm.view(b, case.pages_per_seq).to(torch.int32)
+    lens = torch.tensor(case.lens, dtype=torch.int32)
+    descales: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    if case.descale == "per-bh":
+        qd, kd, vd = (torch.rand(b, hkv, generator=gen) * 1.5 + 0.25 for _ in range(3))
+        descales = (qd, kd, vd)
+    elif case.descale == "expanded":
+        qd, kd, vd = (torch.tensor(x).expand(b, hkv) for x in (0.7, 1.3, 0.4))
+        descales = (qd, kd, vd)
+    scale = case.scale if case.scale is not None else (d + (dv if case.qv else 0)) ** -0.5
+    dev = torch.device(device)
+
+    def on_device(t: torch.Tensor) -> torch.Tensor:
+        # .to() would make an expanded (stride-0) scale contiguous: expand on the device instead
+        return t[:1, :1].to(dev).expand(b, hkv) if t.stride() == (0, 0) else t.to(dev)
+
+    out, lse = decode_attention(
+        q.to(dev),
+        k_cache.to(dev) if not case.shared else kv.to(dev)[..., :d],
+        v_cache.to(dev) if not case.shared else kv.to(dev)[..., d:],
+        lens.to(dev),
+        page_table.to(dev),
+        scale,
+        (-1, 0),
+        case.softcap,
+        None,
+        True,
+        qv=None if qv is None else qv.to(dev),
+        q_descale=None if descales is None else on_device(descales[0]),
+        k_descale=None if descales is None else on_device(descales[1]),
+        v_descale=None if descales is None else on_device(descales[2]),
+    )
+    assert lse is not None
+    out_dtype = torch.bfloat16 if case.fp8 else torch.float16
+    args = (
+        q,
+        qv,
+        _gather(k_cache, page_table),
+        _gather(v_cache, page_table),
+        lens,
+        scale,
+        descales,
+        case.softcap,
+    )
+    want, want_lse = fa3_decode_oracle(*args, torch.float64)
+    plain, _ = fa3_decode_oracle(*args, torch.float32 if case.fp8 else torch.float16)
+    plain_err = (plain.to(out_dtype).double() - want).abs().max().item()
+    # FA3's tests: <= 2x a plain computation's error, plus the output dtype's rounding at this scale.
+    rounding = (want.to(out_dtype).double() - want).abs().max().item()
+    finite = torch.isfinite(want_lse)
+    same_inf = torch.equal(torch.isinf(lse.cpu()), torch.isinf(want_lse))
+    return {
+        "out_dtype": str(out.dtype),
+        "want_dtype": str(out_dtype),
+        "out_shape": list(out.shape),
+        "want_shape": list(want.shape),
+        "out_err": (out.cpu().double() - want).abs().max().item(),
+        "out_tol": 2 * plain_err + 2 * rounding,
+        "lse_err": (lse.cpu()[finite] - want_lse[finite]).abs().max().item() if same_inf else float("inf"),
+        "lse_tol": 2e-3,
+    }
+
+
+def run_layout_sequence(device: str) -> list[dict[str, Any]]:
+    """One process, one shape, layouts that change call to call (each called twice).
+
+    The kernel's plan cache must tell these apart: a strided cache view (sglang's MLA
+    views of one buffer), a q one element off 16-byte alignment, an int64 lens tensor,
+    one int for every sequence's length, and an appended-key count.
+    """
+    from kernel_fallback.integrations.flash_attn import _reference as ref
+    from kernel_fallback.integrations.flash_attn._triton_decode import decode_attention
+
+    gen = torch.Generator().manual_seed(7)
+    b, hq, hkv, d, page, per_seq = 2, 4, 2, 32, 16, 4
+    n_pages = b * per_seq
+
+    def rand(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=torch.float16)
+
+    page_table = torch.randperm(n_pages, generator=gen).view(b, per_seq).to(device=device, dtype=torch.int32)
+    wide = rand(n_pages, page, hkv, 3 * d)
+    q_buf = rand(b * hq * d + 1)
+    lens = torch.tensor([50, 17], dtype=torch.int32, device=device)
+    steps: list[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor | int, int]] = [
+        ("contiguous", rand(b, 1, hq, d), wide[..., :d].contiguous(), lens, 0),
+        ("strided-cache-view", rand(b, 1, hq, d), wide[..., d : 2 * d], lens, 0),
+        ("q-off-alignment", q_buf[1:].view(b, 1, hq, d), wide[..., d : 2 * d], lens, 0),
+        ("int64-lens", rand(b, 1, hq, d), wide[..., :d].contiguous(), lens.long(), 0),
+        ("one-int-lens", rand(b, 1, hq, d), wide[..., :d].contiguous(), 40, 0),
+        ("lens-plus-append", rand(b, 1, hq, d), wide[..., :d].contiguous(), lens, 3),
+    ]
+    found = []
+    for name, q, k_cache, lens_k, add in steps:
+        v_cache = wide[..., 2 * d :]
+        n = (lens_k + add) if isinstance(lens_k, int) else (lens_k + add).to(torch.int32)
+        seqlens = torch.full((b,), n, dtype=torch.int32, device=device) if isinstance(n, int) else n
+        want = ref.flash_attn_with_kvcache(
+            q, k_cache, v_cache, cache_seqlens=seqlens, page_table=page_table, causal=True
+        )
+        assert isinstance(want, torch.Tensor)
+        errs = []
+        for _ in range(2):  # the second call reuses the plan (and on CUDA launches the compiled kernels)
+            out, _ = decode_attention(
+                q, k_cache, v_cache, lens_k, page_table, d**-0.5, (-1, 0), 0.0, None, False, lens_add=add
+            )
+            errs.append((out.float() - want.float()).abs().max().item())
+        found.append({"step": name, "err": max(errs)})
+    return found
+
+
 @pytest.fixture(scope="module")
 def results() -> dict[str, dict[str, Any]]:
     """Every case's result: in-process on CUDA, else one interpreter subprocess."""
     if not HAS_TRITON:
         pytest.skip("triton is not installed")
     if ON_CUDA:
-        return {case.id: run_case(case, "cuda") for case in CASES}
+        return (
+            {case.id: run_case(case, "cuda") for case in CASES}
+            | {case.id: run_xcase(case, "cuda") for case in XCASES}
+            | {"layouts": {"steps": run_layout_sequence("cuda")}}
+        )
     env = {**os.environ, "TRITON_INTERPRET": "1"}
     proc = subprocess.run(
         [sys.executable, str(Path(__file__))],
@@ -170,16 +394,112 @@ def test_decode_matches_reference(case: Case, results: dict[str, dict[str, Any]]
         assert got["lse_none"], got
 
 
-def test_num_splits_depends_on_shapes_only() -> None:
-    if not HAS_TRITON:
-        pytest.skip("triton is not installed")
-    from kernel_fallback.integrations.flash_attn._triton_decode import num_splits
+@pytest.mark.parametrize("case", XCASES, ids=[c.id for c in XCASES])
+def test_mla_and_fp8_decode_match_fa3s_formula(case: XCase, results: dict[str, dict[str, Any]]) -> None:
+    got = results[case.id]
+    assert (got["out_shape"], got["out_dtype"]) == (got["want_shape"], got["want_dtype"])
+    assert got["out_err"] <= got["out_tol"], got
+    assert got["lse_err"] <= got["lse_tol"], got
 
-    cpu = torch.device("cpu")
-    assert num_splits(1, 1, 64, cpu) == 1  # one key block: nothing to split
-    assert num_splits(1, 1, 64 * 100, cpu) > 1
-    assert num_splits(64, 8, 64 * 100, cpu) == 1  # enough programs without splitting
+
+def test_a_changed_layout_of_the_same_shape_gets_its_own_plan(results: dict[str, dict[str, Any]]) -> None:
+    steps = results["layouts"]["steps"]
+    assert [s["step"] for s in steps] == [
+        "contiguous", "strided-cache-view", "q-off-alignment", "int64-lens", "one-int-lens", "lens-plus-append"
+    ]  # fmt: skip
+    assert all(s["err"] <= 3e-3 for s in steps), steps
+
+
+_TRITON_TYPES = {
+    torch.bfloat16: "bf16",
+    torch.float16: "fp16",
+    torch.float32: "fp32",
+    torch.int32: "i32",
+    torch.int64: "i64",
+    torch.float8_e4m3fn: "fp8e4nv",
+    torch.float8_e5m2: "fp8e5",
+}
+
+
+def _compile_for_sm90(kernel: Any, args: tuple[Any, ...], n_consts: int, **options: int) -> Any:
+    """Compile ``kernel`` for sm_90 with exactly these launch arguments (no GPU needed)."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler.compiler import ASTSource, compile
+
+    names = kernel.arg_names
+    signature: dict[str, str] = {}
+    for name, arg in zip(names[: len(args) - n_consts], args, strict=False):
+        if isinstance(arg, torch.Tensor):
+            signature[name] = "*" + _TRITON_TYPES[arg.dtype]
+        else:
+            signature[name] = "fp32" if isinstance(arg, float) else "i32"
+    consts = dict(zip(names[len(args) - n_consts :], args[len(args) - n_consts :], strict=True))
+    signature |= dict.fromkeys(consts, "constexpr")
+    return compile(ASTSource(kernel, signature, consts), target=GPUTarget("cuda", 90, 32), options=options)
+
+
+def _mla_128_heads() -> dict[str, Any]:
+    from kernel_fallback.integrations.flash_attn._triton_plan import pick_config
+
+    kv = torch.randn(40, 1, 1, 576, dtype=torch.bfloat16)
+    return {
+        "args": (
+            torch.randn(2, 1, 128, 64, dtype=torch.bfloat16), kv[..., :64], kv[..., 64:],
+            torch.tensor([20, 3], dtype=torch.int32), torch.arange(40, dtype=torch.int32).view(2, 20),
+            192**-0.5, (-1, 0), 0.0, None, False,
+        ),
+        "qv": torch.randn(2, 1, 128, 512, dtype=torch.bfloat16),
+        "config": pick_config(128, 512, hopper=True),
+    }  # fmt: skip
+
+
+def _fp8_everything() -> dict[str, Any]:
+    cache = torch.randn(8, 16, 2, 128).to(torch.float8_e4m3fn)
+    scale = torch.tensor(0.5).expand(2, 2)
+    return {
+        "args": (
+            torch.randn(2, 1, 8, 128).to(torch.float8_e4m3fn), cache, cache.clone(),
+            torch.tensor([20, 3], dtype=torch.int32), torch.arange(8, dtype=torch.int32).view(2, 4),
+            0.1, (32, 0), 5.0, torch.randn(8), True,
+        ),
+        "q_descale": torch.rand(2, 2),
+        "k_descale": scale,
+        "v_descale": scale,
+    }  # fmt: skip
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize(
+    "make", [_mla_128_heads, _fp8_everything], ids=["mla-128-heads", "fp8-e4m3-all-options"]
+)
+def test_the_compiled_kernels_build_for_sm90_with_the_launch_arguments(make: Any) -> None:
+    """The interpreter never compiles: build the exact launch for Hopper with Triton's bundled ptxas."""
+    from kernel_fallback.integrations.flash_attn import _triton_decode as td
+    from kernel_fallback.integrations.flash_attn import _triton_plan as tp
+
+    if tp._INTERPRET:
+        pytest.skip("this process runs Triton's interpreter")
+    import triton
+
+    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+        pytest.skip("this triton has no bundled ptxas")
+    call = make()
+    plan, split_args, merge_args, _, _ = tp.prepare(*call.pop("args"), **call)
+    split = _compile_for_sm90(
+        td._decode_split_kernel,
+        split_args,
+        len(plan.split_consts),
+        num_warps=plan.warps,
+        num_stages=plan.stages,
+    )
+    merge = _compile_for_sm90(td._decode_merge_kernel, merge_args, len(plan.merge_consts))
+    assert split.asm["cubin"]
+    assert merge.asm["cubin"]
+    if plan.split_consts[7] == 64:  # BLOCK_M: a 64-row tile is chosen for Hopper's wgmma
+        assert "wgmma.mma_async" in split.asm["ptx"]
 
 
 if __name__ == "__main__":
-    print(json.dumps({case.id: run_case(case, "cpu") for case in CASES if case.dtype != "bfloat16"}))
+    found = {case.id: run_case(case, "cpu") for case in CASES if case.dtype != "bfloat16"}
+    found |= {case.id: run_xcase(case, "cpu") for case in XCASES}
+    print(json.dumps(found | {"layouts": {"steps": run_layout_sequence("cpu")}}))

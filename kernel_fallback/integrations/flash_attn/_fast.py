@@ -18,10 +18,11 @@ Lq x Lk score matrix on CUDA:
 * Decode over a KV cache (at most 64 query rows per kv head, no softcap, sinks or lse)
   goes to ``scaled_dot_product_attention`` with the query heads of a kv head folded into
   the query length (no kv head replication) and a small boolean mask of cache lengths.
-* On CUDA, decode and short appends over a (paged) cache (q not packed, at most 64
-  query rows per kv head, no ``attention_chunk``, bf16/fp16) go to the Triton split-K
-  kernel of :mod:`~kernel_fallback.integrations.flash_attn._triton_decode`, which follows
-  ``page_table`` itself (softcap, sinks, windows and the lse included);
+* On CUDA, decode and short appends over a (paged) cache (q not packed, no
+  ``attention_chunk``, bf16/fp16 or fp8) go to the Triton split-K kernel of
+  :mod:`~kernel_fallback.integrations.flash_attn._triton_decode`, which follows
+  ``page_table`` itself (softcap, sinks, windows, the lse, MLA's wide latent and fp8
+  widened in registers included);
   ``KERNEL_FALLBACK_TRITON=0`` opts out.
 * Otherwise a paged cache is gathered through ``page_table`` into a (B, capacity) layout first.
 * Sinks fold in through the log-sum-exp: ``out *= sigmoid(lse - sink)``.
@@ -48,6 +49,7 @@ import math
 import os
 import warnings
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any, Final
 
 import torch
@@ -215,6 +217,19 @@ def _check_cu(name: str, cu: Tensor) -> int:
 
 
 def _spec(window_size: WindowSize, causal: bool, attention_chunk: int | None) -> MaskSpec:
+    # Plain ints (every caller in practice) are checked once per value; tensors every call.
+    if (
+        type(window_size) is tuple
+        and all(type(w) is int for w in window_size)
+        and (attention_chunk is None or type(attention_chunk) is int)
+    ):
+        return _spec_of_ints(window_size, bool(causal), attention_chunk)
+    left, right = _check_window(window_size, causal)
+    return MaskSpec(left, right, _check_chunk(attention_chunk))
+
+
+@functools.lru_cache(maxsize=64)
+def _spec_of_ints(window_size: tuple[int, ...], causal: bool, attention_chunk: int | None) -> MaskSpec:
     left, right = _check_window(window_size, causal)
     return MaskSpec(left, right, _check_chunk(attention_chunk))
 
@@ -374,7 +389,13 @@ def _check_cache_args(
 
 def triton_decode_enabled() -> bool:
     """``KERNEL_FALLBACK_TRITON`` as a boolean: unset or blank means on."""
-    raw = _config.env_value(os.environ.get(TRITON_DECODE_ENV))
+    return _triton_decode_flag(os.environ.get(TRITON_DECODE_ENV))
+
+
+@functools.lru_cache(maxsize=8)
+def _triton_decode_flag(raw_value: str | None) -> bool:
+    # Parsed once per value (an invalid one raises every time: errors are not cached).
+    raw = _config.env_value(raw_value)
     if raw is None:
         return True
     value = raw.strip().lower()
@@ -402,20 +423,59 @@ def _capability(device: torch.device) -> tuple[int, int]:
 def _triton_decode_fits(q: Tensor, k_cache: Tensor, v_cache: Tensor, spec: MaskSpec) -> bool:
     """Whether the Triton split-K decode kernel serves this (non-packed) cache call.
 
-    CUDA tensors (compute capability 8.0+) of one 16-bit dtype, at most 64 query rows per kv head, head
-    dims up to 256 (unit stride in the cache), no ``attention_chunk``;
-    ``KERNEL_FALLBACK_TRITON=0`` opts out.
+    CUDA tensors (compute capability 8.0+) of one dtype: fp16/bf16, or fp8 (e4m3/e5m2,
+    8.9+); at most ``MAX_ROWS`` query rows per kv head (tiled), head dims up to 256 and
+    value dims up to 512 (MLA's latent), unit stride in the head dim of the cache (any
+    other strides), no ``attention_chunk``; ``KERNEL_FALLBACK_TRITON=0`` opts out.
     """
     if not triton_decode_enabled() or not _has_triton():
         return False
     if q.device.type != "cuda" or k_cache.device != q.device or _capability(q.device) < (8, 0):
         return False
-    if q.dtype not in (torch.float16, torch.bfloat16) or not (q.dtype == k_cache.dtype == v_cache.dtype):
+    kernel = _triton_decode_module()
+    if not (q.dtype == k_cache.dtype == v_cache.dtype):
+        return False
+    if q.dtype in kernel.FP8_DTYPES:
+        if _capability(q.device) < (8, 9):  # Triton widens fp8 in registers from sm_89 on
+            return False
+    elif q.dtype not in (torch.float16, torch.bfloat16):
         return False
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:  # the kernel reads head dims contiguously
         return False
     rows = q.shape[1] * (q.shape[2] // k_cache.shape[2])
-    return spec.chunk == 0 and rows <= 64 and q.shape[-1] <= 256 and v_cache.shape[-1] <= 256
+    return spec.chunk == 0 and rows <= kernel.MAX_ROWS and q.shape[-1] <= 256 and v_cache.shape[-1] <= 512
+
+
+@functools.cache
+def _triton_decode_module() -> ModuleType:
+    # Imported on first use: importing triton is slow, and CPU-only users never need it.
+    from kernel_fallback.integrations.flash_attn import _triton_decode
+
+    return _triton_decode
+
+
+def _triton_decode(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    cache_seqlens: Tensor | int,
+    s_new: int,
+    page_table: Tensor | None,
+    scale: float,
+    spec: MaskSpec,
+    softcap: float,
+    sinks: Tensor | None,
+    want_lse: bool,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """The Triton kernel over ``cache_seqlens + s_new`` keys: no cast, add or sync on the host side."""
+    if isinstance(cache_seqlens, Tensor) and cache_seqlens.device != q.device:
+        cache_seqlens = cache_seqlens.to(q.device)
+    out, lse = _triton_decode_module().decode_attention(
+        q, k_cache, v_cache, cache_seqlens, page_table, scale, (spec.left, spec.right), softcap, sinks,
+        want_lse, lens_add=s_new,
+    )  # fmt: skip
+    _last["flash_attn_with_kvcache"] = TRITON_DECODE
+    return (out, lse) if want_lse and lse is not None else out
 
 
 def _sdpa_decode(q: Tensor, k_log: Tensor, v_log: Tensor, lo: Tensor, hi: Tensor, scale: float) -> Tensor:
@@ -496,6 +556,23 @@ def flash_attn_with_kvcache(
     hkv = k_cache.shape[2]
     page = k_cache.shape[1]
     capacity = page_table.shape[1] * page if page_table is not None else page
+    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    # Autograd will differentiate this call: flex only (the Triton kernel has no backward,
+    # SDPA's NaN rows of empty caches would poison dK/dV), with the q blocks flex's backward reads.
+    grad = wants_grad(q, k_cache, v_cache, k, v, sinks)
+    use_triton = (
+        cu_seqlens_q is None
+        and plain.key_start is None  # left padding shifts the key interval: the flex/SDPA paths
+        and not grad
+        and capacity > 0
+        and q.shape[0] * q.shape[1] > 0
+        and _triton_decode_fits(q, k_cache, v_cache, spec)
+    )
+    lens_arg = cache_seqlens if cache_seqlens is not None else capacity
+    if use_triton and s_new == 0:
+        return _triton_decode(
+            q, k_cache, v_cache, lens_arg, 0, page_table, scale, spec, softcap, sinks, return_softmax_lse
+        )
     if isinstance(cache_seqlens, Tensor):
         cached = cache_seqlens.to(device=dev, dtype=torch.long)
     else:
@@ -509,12 +586,15 @@ def flash_attn_with_kvcache(
             index = (torch.arange(batch, device=dev).unsqueeze(1).expand_as(pos), pos)
         k_cache.index_put_(index, k.to(device=dev, dtype=k_cache.dtype))
         v_cache.index_put_(index, v.to(device=dev, dtype=v_cache.dtype))
+    if use_triton:  # after the append above
+        return _triton_decode(
+            q, k_cache, v_cache, lens_arg, s_new, page_table, scale, spec, softcap, sinks, return_softmax_lse
+        )
     lens_k = cached + s_new
     # Left padding: keys [first, end) of the cache row, masks over them alone (FA3's offset_k).
     first = plain.key_start.to(device=dev, dtype=torch.long) if plain.key_start is not None else None
     if first is not None:
         lens_k = lens_k - first
-    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
     q_rows = q if cu_seqlens_q is not None else q.reshape(-1, *q.shape[2:])
     if capacity == 0 or q_rows.shape[0] == 0:  # flex needs rows and keys; nothing to attend
         used = (
@@ -529,18 +609,6 @@ def flash_attn_with_kvcache(
             zeros = zeros.reshape(*q.shape[:3], v_cache.shape[-1])
             no_lse = no_lse.reshape(no_lse.shape[0], batch, q.shape[1]).permute(1, 0, 2)
         return (zeros, no_lse) if return_softmax_lse else zeros
-    # Autograd will differentiate this call: flex only (the Triton kernel has no backward,
-    # SDPA's NaN rows of empty caches would poison dK/dV), with the q blocks flex's backward reads.
-    grad = wants_grad(q, k_cache, v_cache, k, v, sinks)
-    if cu_seqlens_q is None and first is None and not grad and _triton_decode_fits(q, k_cache, v_cache, spec):
-        from kernel_fallback.integrations.flash_attn._triton_decode import decode_attention
-
-        out, lse = decode_attention(
-            q, k_cache, v_cache, lens_k, page_table, scale, (spec.left, spec.right), softcap, sinks,
-            return_softmax_lse,
-        )  # fmt: skip
-        _last["flash_attn_with_kvcache"] = TRITON_DECODE
-        return (out, lse) if return_softmax_lse and lse is not None else out
     if blocks is not None:  # the logical cache, (B, capacity, Hkv, D)
         k_log = k_cache[blocks].flatten(1, 2)
         v_log = v_cache[blocks].flatten(1, 2)
