@@ -5,6 +5,13 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 
+# transformers (a dev dependency) brings the `kernels` package, so the chain's `hub` provider
+# can really be loaded here; no test may reach the Hugging Face Hub (CI has no network), and
+# offline mode makes its lookup fail at once with the error a user without the build sees.
+# huggingface_hub reads this at import, so it is set before anything imports it; child
+# processes inherit it.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
 import pytest
 import structlog
 
