@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final, final
@@ -446,6 +447,20 @@ class Snapshot:
 
 _current: Snapshot | None = None
 _version = 0
+# Serialises reading the environment (the version counter) and reloads: two concurrent
+# reload_config() calls would otherwise number their snapshots alike and commit
+# interleaved. Re-entrant: a reloader may ask for snapshot() while a reload runs.
+_reload_lock = threading.RLock()
+
+
+def _reinit_after_fork() -> None:
+    # A thread of the parent may have held it at fork: the child's copy would stay held.
+    global _reload_lock
+    _reload_lock = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX only
+    os.register_at_fork(after_in_child=_reinit_after_fork)
 #: Called with the new snapshot by reload(); they may raise to refuse it.
 _reloaders: list[Callable[[Snapshot], Callable[[], None]]] = []
 
@@ -467,9 +482,13 @@ def _read(environ: Mapping[str, str]) -> Snapshot:
 def snapshot() -> Snapshot:
     """The current snapshot, read from ``os.environ`` on first use."""
     global _current
-    if _current is None:
-        _current = _read(os.environ)
-    return _current
+    current = _current
+    if current is None:
+        with _reload_lock:
+            if _current is None:
+                _current = _read(os.environ)
+            current = _current
+    return current
 
 
 def on_reload(prepare: Callable[[Snapshot], Callable[[], None]]) -> None:
@@ -481,12 +500,14 @@ def reload_config() -> Snapshot:
     """Re-read the environment and re-resolve every kernel's policy and provider.
 
     All-or-nothing: when any value is invalid, :class:`PolicyConfigError` is raised
-    and the previous configuration stays in force everywhere.
+    and the previous configuration stays in force everywhere. Concurrent calls run
+    one after the other, so each snapshot has its own ``version``.
     """
     global _current
-    new = _read(os.environ)
-    commits = [prepare(new) for prepare in list(_reloaders)]
-    _current = new
-    for commit in commits:
-        commit()
-    return new
+    with _reload_lock:
+        new = _read(os.environ)
+        commits = [prepare(new) for prepare in list(_reloaders)]
+        _current = new
+        for commit in commits:
+            commit()
+        return new
