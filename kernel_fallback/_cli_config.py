@@ -58,19 +58,13 @@ def _check_policy_values(name: str, raw: str) -> None:
 def _check_variable(name: str, raw: str, kernels: Sequence[Any]) -> tuple[str, str]:
     """(status, message) of one KERNEL_FALLBACK_* variable: ok, invalid, unknown or unchecked."""
     try:
-        if name == _config.ENV_ON_DROP:
-            if _config.env_value(raw):
-                _config.parse_policy(name, raw)
-        elif name == _config.ENV_STRICT:
-            _config.parse_bool(name, raw)
-        elif name == _config.ENV_LOG_FORMAT:
-            if _config.env_value(raw):
-                _config.parse_log_format(name, raw)
-        elif name == _config.ENV_LOG_FILE:
-            if _config.env_value(raw):
-                _config.check_log_file(name, raw)
-        elif name == _config.ENV_ALLOW:
+        if name == _config.ENV_ALLOW:
             AllowList.parse(name, raw)
+        elif name in _config.VARIABLES:
+            # The parser the variable's reader uses; blank is unset for every variable.
+            parse = _config.VARIABLES[name].parse
+            if parse is not None and _config.env_value(raw):
+                parse(name, raw)
         elif name.startswith(_config.ENV_ON_DROP_PREFIX):
             return _check_per_kernel(name, raw, kernels)
         elif name.startswith(_config.ENV_PROVIDER_PREFIX):

@@ -27,11 +27,14 @@ __all__ = [
     "ENV_PREFIX",
     "ENV_PROVIDER_PREFIX",
     "ENV_STRICT",
+    "ENV_TRITON",
     "KNOWN_VARIABLES",
     "LOG_FILE_PLACEHOLDERS",
     "LOG_FORMATS",
     "POLICIES",
     "Snapshot",
+    "VARIABLES",
+    "Variable",
     "check_kernel_declared",
     "check_known_variables",
     "check_log_file",
@@ -46,6 +49,7 @@ __all__ = [
     "parse_policy",
     "parse_policy_spec",
     "per_kernel_near_miss",
+    "read_flag",
     "snapshot",
     "unknown_variable_hint",
 ]
@@ -59,22 +63,27 @@ ENV_PROVIDER_PREFIX: Final = "KERNEL_FALLBACK_PROVIDER__"
 ENV_LOG_FORMAT: Final = "KERNEL_FALLBACK_LOG_FORMAT"
 ENV_LOG_FILE: Final = "KERNEL_FALLBACK_LOG_FILE"
 ENV_ALLOW: Final = "KERNEL_FALLBACK_ALLOW"
+#: Read by :mod:`kernel_fallback.integrations.flash_attn._fast`.
+ENV_TRITON: Final = "KERNEL_FALLBACK_TRITON"
 LOG_FORMATS: Final = ("json", "console")
 #: Placeholders a log file name may hold, expanded in each process (see _sinks).
 LOG_FILE_PLACEHOLDERS: Final = ("pid", "rank", "host")
 
-#: Every variable this library reads whose name is fixed, with what it does. Names
-#: under ``KERNEL_FALLBACK_`` that are neither here nor start with a per-kernel
-#: prefix are reported, with a "did you mean", by ``kernel-fallback config``.
-KNOWN_VARIABLES: Final[dict[str, str]] = {
-    ENV_ON_DROP: "default on_drop policy for decorators that set none: warn|copy|raise",
-    ENV_STRICT: "boolean: every non-neutral dropped keyword and provider fallback raises",
-    ENV_LOG_FORMAT: "json|console: format of the event log (see configure_logging())",
-    ENV_LOG_FILE: "event log file; {pid}, {rank} and {host} are replaced in each process",
-    ENV_ALLOW: "kernel:kwarg,... fallbacks accepted by the strict test helpers and `kernel-fallback check`",
-    # read by kernel_fallback.integrations.flash_attn._fast
-    "KERNEL_FALLBACK_TRITON": "boolean, default true: the torch attention provider decodes on CUDA in Triton",
-}
+
+@final
+@dataclass(frozen=True, slots=True)
+class Variable:
+    """A variable with a fixed name: what it does, and the parser of its value.
+
+    Its reader and ``kernel-fallback config`` both parse through ``parse(name, raw)``,
+    so a value the reader refuses is one ``config`` reports. None: its own module
+    parses it (``KERNEL_FALLBACK_ALLOW``: :mod:`kernel_fallback._allow`).
+    """
+
+    description: str
+    parse: Callable[[str, str], object] | None
+
+
 PER_KERNEL_PREFIXES: Final = (ENV_ON_DROP_PREFIX, ENV_PROVIDER_PREFIX)
 
 _TRUE: Final = frozenset({"1", "true", "yes", "on"})
@@ -425,6 +434,46 @@ def parse_policy_spec(name: str, raw: str, kwargs: Iterable[str]) -> str | dict[
             )
         result[kwarg] = policy.strip().lower()
     return result
+
+
+#: Every variable this library reads whose name is fixed (a new one is added here, and
+#: read through :func:`read_flag` or the snapshot). Names under ``KERNEL_FALLBACK_``
+#: that are neither here nor start with a per-kernel prefix are reported, with a "did
+#: you mean", by ``kernel-fallback config``.
+VARIABLES: Final[dict[str, Variable]] = {
+    ENV_ON_DROP: Variable(
+        "default on_drop policy for decorators that set none: warn|copy|raise", parse_policy
+    ),
+    ENV_STRICT: Variable(
+        "boolean: every non-neutral dropped keyword and provider fallback raises", parse_bool
+    ),
+    ENV_LOG_FORMAT: Variable(
+        "json|console: format of the event log (see configure_logging())", parse_log_format
+    ),
+    ENV_LOG_FILE: Variable(
+        "event log file; {pid}, {rank} and {host} are replaced in each process", check_log_file
+    ),
+    ENV_ALLOW: Variable(
+        "kernel:kwarg,... fallbacks accepted by the strict test helpers and `kernel-fallback check`", None
+    ),
+    ENV_TRITON: Variable(
+        "boolean, default true: the torch attention provider decodes on CUDA in Triton", parse_bool
+    ),
+}
+#: Name -> description of :data:`VARIABLES`.
+KNOWN_VARIABLES: Final[dict[str, str]] = {name: var.description for name, var in VARIABLES.items()}
+
+
+def read_flag(name: str, default: bool) -> bool:
+    """The boolean variable ``name`` (registered in :data:`VARIABLES`) as set now.
+
+    Unset or blank gives ``default``; a value that is no boolean raises
+    :class:`PolicyConfigError`, as ``kernel-fallback config`` reports it.
+    """
+    raw = env_value(os.environ.get(name))
+    if raw is None:
+        return default
+    return bool(VARIABLES[name].parse(name, raw))  # type: ignore[misc]
 
 
 @final

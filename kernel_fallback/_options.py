@@ -100,7 +100,7 @@ def _check_options(
             name="env",
             value=env,
         )
-    if env is not None and env.upper().startswith(_config.ENV_PREFIX):
+    if isinstance(env, str) and env.upper().startswith(_config.ENV_PREFIX):
         # The library's own names mean one thing each; `env=KERNEL_FALLBACK_STRICT` would
         # give a variable two meanings, and a new name there is reported as a typo.
         raise PolicyConfigError(

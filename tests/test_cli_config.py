@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from child_env import clean_env
 
+from kernel_fallback import PolicyConfigError
+
 WORKLOAD = Path(__file__).with_name("fallback_workload.py")
 FLASH_ATTN = "kernel_fallback.integrations.flash_attn"
 
@@ -146,3 +148,26 @@ def test_a_provider_variable_close_to_a_declared_chain_fails_config(name: str) -
     assert "Traceback" not in done.stderr
     assert name in done.stderr
     assert "Did you mean 'KERNEL_FALLBACK_PROVIDER__FLASH_ATTN_VARLEN_FUNC'" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("value", "code", "status"),
+    [("0", 0, "ok"), ("On", 0, "ok"), (" ", 0, "ok"), ("maybe", 1, "invalid")],
+    ids=["off", "on-any-case", "blank", "not-a-boolean"],
+)
+def test_every_variable_a_module_reads_is_checked_by_its_readers_parser(
+    value: str, code: int, status: str
+) -> None:
+    # KERNEL_FALLBACK_TRITON is read by the flash_attn integration, not by the core.
+    done = config("--format", "json", KERNEL_FALLBACK_TRITON=value)
+    assert done.returncode == code, done.stderr
+    (row,) = [v for v in json.loads(done.stdout)["variables"] if v["name"] == "KERNEL_FALLBACK_TRITON"]
+    assert row["status"] == status, row
+    if status == "invalid":
+        from kernel_fallback.integrations.flash_attn._fast import triton_decode_enabled
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("KERNEL_FALLBACK_TRITON", value)
+            with pytest.raises(PolicyConfigError) as info:
+                triton_decode_enabled()
+        assert row["message"] == str(info.value), "config and the reader must say the same"

@@ -554,3 +554,21 @@ def test_env_argument_may_not_name_a_library_variable(env: str) -> None:
         decorate()
     assert info.value.name == "env"
     assert info.value.value == env
+
+
+def test_every_fixed_variable_the_package_names_is_registered() -> None:
+    # `kernel-fallback config` calls a set KERNEL_FALLBACK_* name it does not know a typo:
+    # a variable some module reads but the registry lacks would fail every config run.
+    import kernel_fallback
+    from kernel_fallback._config import PER_KERNEL_PREFIXES, VARIABLES
+
+    root = os.path.dirname(kernel_fallback.__file__)
+    named: set[str] = set()
+    for folder, _, files in os.walk(root):
+        for file in files:
+            if file.endswith(".py"):
+                with open(os.path.join(folder, file), encoding="utf-8") as source:
+                    named |= set(re.findall(r"[\"'](KERNEL_FALLBACK_[A-Z0-9_]+)[\"']", source.read()))
+    fixed = {name for name in named if not name.startswith(PER_KERNEL_PREFIXES) and not name.endswith("_")}
+    assert "KERNEL_FALLBACK_TRITON" in fixed, "the scan must see the integration's variable"
+    assert fixed <= set(VARIABLES), sorted(fixed - set(VARIABLES))

@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import functools
 import importlib.util
-import os
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -46,7 +45,6 @@ from torch.nn.attention import flex_attention as _flex_mod
 
 from kernel_fallback import _config
 from kernel_fallback._options import stream_capturing
-from kernel_fallback.exceptions import PolicyConfigError
 from kernel_fallback.integrations.flash_attn._masks import MaskSpec, block_mask_for, row_intervals
 from kernel_fallback.integrations.flash_attn._reference import (
     WindowSize,
@@ -59,7 +57,7 @@ from kernel_fallback.integrations.flash_attn._reference import (
 __all__ = ["flash_attn_varlen_func", "flash_attn_with_kvcache", "last_backend"]
 
 #: Environment variable: false (``0``) keeps CUDA decode off the Triton kernel (SDPA/flex instead).
-TRITON_DECODE_ENV = "KERNEL_FALLBACK_TRITON"  # listed in _config.KNOWN_VARIABLES
+TRITON_DECODE_ENV = _config.ENV_TRITON
 #: The backend name of the Triton split-K decode path in ``describe_table()``.
 TRITON_DECODE = "triton split-k decode (paged)"
 
@@ -281,18 +279,8 @@ def _check_cache_args(
 
 def triton_decode_enabled() -> bool:
     """``KERNEL_FALLBACK_TRITON`` as a boolean: unset or blank means on."""
-    raw = _config.env_value(os.environ.get(TRITON_DECODE_ENV))
-    if raw is None:
-        return True
-    value = raw.strip().lower()
-    if value not in _config.BOOL_VALUES:
-        raise PolicyConfigError(
-            f"{TRITON_DECODE_ENV}={raw!r} is not a boolean; use one of {', '.join(_config.BOOL_VALUES)}",
-            name=TRITON_DECODE_ENV,
-            value=raw,
-            allowed=_config.BOOL_VALUES,
-        )
-    return value in ("true", "1", "yes", "on")
+    # Parsed as `kernel-fallback config` parses it: one registry (_config.VARIABLES).
+    return _config.read_flag(TRITON_DECODE_ENV, default=True)
 
 
 @functools.cache
