@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 import sys
 import threading
 import types
@@ -43,6 +44,17 @@ _registry: weakref.WeakSet[TolerantKernel] = weakref.WeakSet()
 # Held while a kernel resolves its policies and joins the registry, and while a reload
 # reads or commits the registry: a kernel decorated during a reload gets the new policy.
 _registry_lock = threading.RLock()
+
+
+def _reinit_after_fork() -> None:
+    # Only the forking thread lives on in a child: a lock another thread held at fork
+    # (a reload in progress) would stay held there, and the child's first decoration hang.
+    global _registry_lock
+    _registry_lock = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX only
+    os.register_at_fork(after_in_child=_reinit_after_fork)
 
 
 @final
