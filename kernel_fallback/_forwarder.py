@@ -167,9 +167,10 @@ def _source(params: _Params, missing: Mapping[str, object]) -> str:
             # Counted once the call did what the policy says, as on the general path.
             "                if _kf_s.copies:",
             # Cheap tests first; the full check runs (and raises) only for a buffer that
-            # needs grad, is an inference tensor, or is not contiguous.
+            # needs grad, is an inference tensor, is not contiguous or is a meta tensor
+            # (get_device() below is -1 for it as for the CPU: it must not get that far).
             f"                    if ({name}.requires_grad or {name}.is_inference()",
-            f"                            or not {name}.is_contiguous()):",
+            f"                            or not {name}.is_contiguous() or {name}.is_meta):",
             f"                        _kf_check({name!r}, {name})",
             f"                    _kf_r = {call}",
             f"                    if (_kf_r.__class__ is _kf_T and _kf_r.dtype is {name}.dtype",

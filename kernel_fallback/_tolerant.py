@@ -228,8 +228,13 @@ class TolerantKernel:
     def _check_buffer(self, kwarg: str, out: torch.Tensor) -> None:
         """Refuse, before the kernel runs, a buffer torch would not let ``copy_`` write."""
         why = None
-        if out.requires_grad and out.is_leaf and torch.is_grad_enabled():
+        base = out._base
+        if out.is_meta:
+            why = "it is a meta tensor, which holds no data (a copy into it writes nothing)"
+        elif out.requires_grad and out.is_leaf and torch.is_grad_enabled():
             why = "it is a leaf tensor that requires grad (in-place writes to it are refused)"
+        elif out.requires_grad and base is not None and base.is_leaf and torch.is_grad_enabled():
+            why = "it is a view of a leaf tensor that requires grad (in-place writes to it are refused)"
         elif out.is_inference() and not torch.is_inference_mode_enabled():
             why = "it is an inference-mode tensor and inference mode is off (in-place writes are refused)"
         elif any(stride == 0 and size > 1 for size, stride in zip(out.shape, out.stride(), strict=True)):
