@@ -121,10 +121,25 @@ def _candidates(kernels: Sequence[Any]) -> list[str]:
 
 
 def _import_modules(modules: Sequence[str]) -> list[tuple[str, PolicyConfigError]]:
-    """Import each module; return the configuration errors their kernels raised."""
-    # Like `python -m`, look in the current directory first, for the project's own modules.
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    """Import each module; return the configuration errors their kernels raised.
+
+    Like ``python -m``, the current directory is searched first for these modules (the
+    project's own), unless ``PYTHONSAFEPATH`` (``-P``) says not to. Only while they are
+    imported: a provider loaded later (``import flash_attn``) must not find a file of
+    the same name in the current directory unless the user's own ``sys.path`` holds it.
+    """
+    cwd = os.getcwd()
+    added = not getattr(sys.flags, "safe_path", False) and cwd not in sys.path and "" not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        return _import_each(modules)
+    finally:
+        if added:
+            sys.path.remove(cwd)
+
+
+def _import_each(modules: Sequence[str]) -> list[tuple[str, PolicyConfigError]]:
     errors: list[tuple[str, PolicyConfigError]] = []
     for module in modules:
         try:
