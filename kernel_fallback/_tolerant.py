@@ -505,6 +505,8 @@ def _make_wrapper(fn: Callable[..., Any], plan: TolerantKernel) -> Any:
         # descriptors): a C-level forwarder costs next to nothing on launch-bound calls
         # (torch.mm(out=) on decode shapes).
         return functools.partial(fn)
+    if _forwarder.is_coroutine_or_generator(fn):
+        return _forwarder.same_kind(fn, plan.call_dropping, missing)
     hooks = _forwarder.Hooks(plan._call_from_forwarder, plan._check_buffer, plan._copy_back)
     with _registry_lock:  # no reload commits between reading the counters and publishing them
         neutral = {k: plan.neutral[k] for k in plan.missing}

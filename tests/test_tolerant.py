@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import json
 import os
 import subprocess
@@ -9,7 +11,7 @@ import sys
 import threading
 import types
 from collections import namedtuple
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -765,3 +767,44 @@ def test_a_child_forked_during_a_reload_in_another_thread_does_not_hang() -> Non
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["hung"] == 0, result
     assert result["codes"] == [0] * result["children"], result
+
+
+async def _async_kernel(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+def _generator_kernel(x: torch.Tensor) -> Iterator[torch.Tensor]:
+    yield x * 2
+
+
+async def _async_generator_kernel(x: torch.Tensor) -> AsyncIterator[torch.Tensor]:
+    yield x * 2
+
+
+async def _collect(items: AsyncIterator[torch.Tensor]) -> list[torch.Tensor]:
+    return [item async for item in items]
+
+
+@pytest.mark.parametrize(
+    ("kernel", "is_kind", "run"),
+    [
+        (_async_kernel, inspect.iscoroutinefunction, lambda made: [asyncio.run(made)]),
+        (_generator_kernel, inspect.isgeneratorfunction, list),
+        (_async_generator_kernel, inspect.isasyncgenfunction, lambda made: asyncio.run(_collect(made))),
+    ],
+    ids=["async-def", "generator", "async-generator"],
+)
+@pytest.mark.parametrize("drop", [["out"], ["x"]], ids=["lacks-a-keyword", "lacks-none"])
+def test_coroutine_and_generator_kernels_stay_what_they_are(
+    kernel: Callable[..., Any],
+    is_kind: Callable[[Any], bool],
+    run: Callable[[Any], list[Any]],
+    drop: list[str],
+) -> None:
+    wrapped = tolerant_kwargs(drop, name="kind")(kernel)
+    assert is_kind(wrapped), "asyncio, pytest and friends ask inspect what a function is"
+    x = torch.ones(2)
+    with capture_logs():
+        results = run(wrapped(x, out=torch.empty(2)) if drop == ["out"] else wrapped(x))
+    torch.testing.assert_close(results, run(kernel(x)))
+    assert [r["count"] for r in stats()] == ([1] if drop == ["out"] else [])
