@@ -29,7 +29,13 @@ def test_another_thread_waits_for_the_lock_instead_of_deferring() -> None:
     entered = threading.Event()
     results: list[bool] = []
     assert book.enter()
-    worker = threading.Thread(target=lambda: (results.append(book.enter()), entered.set(), book.leave()))
+
+    def other_thread() -> None:
+        results.append(book.enter())
+        entered.set()
+        book.leave()
+
+    worker = threading.Thread(target=other_thread)
     worker.start()
     assert not entered.wait(0.2), "another thread got in while the state was mid-change"
     book.leave()
