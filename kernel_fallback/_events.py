@@ -174,7 +174,7 @@ def describe_key(key: Key, fields: Mapping[str, Any]) -> StaticFields:
     ``reload_config()``, say).
     """
     held = StaticFields(fields)
-    _enter_or_refuse("describe_key()")
+    _book.enter_or_refuse("describe_key()")
     try:
         _static_fields[key] = held
         entry = _entries.get(key)
@@ -190,7 +190,7 @@ def counter(key: Key) -> Counter:
 
     The caller keeps it alive as long as it may tick it (as with :func:`describe_key`).
     """
-    _enter_or_refuse("counter()")
+    _book.enter_or_refuse("counter()")
     try:
         held = _counters.get(key)
         if held is None:
@@ -297,7 +297,7 @@ def _collect() -> None:
 
 def overflowed_count(held: Counter) -> int:
     """Occurrences of ``held``'s key counted in the overflow row since the last reset."""
-    _enter_or_refuse("overflowed_count()")
+    _book.enter_or_refuse("overflowed_count()")
     try:
         return _overflowed.get(held, 0)
     finally:
@@ -513,7 +513,7 @@ def stats() -> list[dict[str, Any]]:
     every later run of that graph), ``first_seen`` (ISO 8601, UTC) and ``where``
     (file:line of the first caller).
     """
-    _enter_or_refuse("stats()")
+    _book.enter_or_refuse("stats()")
     try:
         _collect()
         rows = [
@@ -560,13 +560,3 @@ def reset_stats() -> None:
         _epoch += 1
     finally:
         _book.leave()
-
-
-def _enter_or_refuse(what: str) -> None:
-    """Enter the bookkeeping for a call that must answer now, or raise when it cannot."""
-    if not _book.enter():
-        raise RuntimeError(
-            f"kernel_fallback: {what} was called from a signal handler that interrupted this "
-            "thread's own fallback bookkeeping, which it cannot read or change mid-way; call "
-            "flush() there (it is deferred by microseconds), or read counts outside the handler."
-        )

@@ -57,6 +57,16 @@ class Bookkeeping:
         self._busy = True
         return True
 
+    def enter_or_refuse(self, what: str) -> None:
+        """``enter()`` for a call that must answer now (``what``); raise when it cannot."""
+        if not self.enter():
+            raise RuntimeError(
+                f"kernel_fallback: {what} was called from a signal handler that interrupted "
+                "this thread's own fallback bookkeeping, which it cannot read or change "
+                "mid-way; call flush() there (it is deferred by microseconds), or read "
+                "counts outside the handler."
+            )
+
     def leave(self) -> None:
         """Release the lock taken by a successful ``enter()``; run deferred work."""
         self._busy = False

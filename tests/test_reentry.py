@@ -81,3 +81,15 @@ def test_outbound_work_a_signal_handler_starts_waits_for_the_interrupted_call() 
     assert order == ["start", "end", "handler"]
     outbound.run(lambda: order.append("later"))
     assert order[-1] == "later", "not left active"
+
+
+def test_a_call_that_must_answer_now_is_refused_mid_change() -> None:
+    book = Bookkeeping()
+    assert book.enter()
+    try:
+        with pytest.raises(RuntimeError, match=r"stats\(\) was called from a signal handler"):
+            book.enter_or_refuse("stats()")
+    finally:
+        book.leave()
+    book.enter_or_refuse("stats()")  # free again: entered
+    book.leave()
