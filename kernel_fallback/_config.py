@@ -45,6 +45,7 @@ __all__ = [
     "env_value",
     "is_env_name",
     "parse_bool",
+    "parse_flag",
     "parse_log_format",
     "parse_policy",
     "parse_policy_spec",
@@ -470,10 +471,15 @@ def read_flag(name: str, default: bool) -> bool:
     Unset or blank gives ``default``; a value that is no boolean raises
     :class:`PolicyConfigError`, as ``kernel-fallback config`` reports it.
     """
-    raw = env_value(os.environ.get(name))
-    if raw is None:
+    return parse_flag(name, os.environ.get(name), default)
+
+
+def parse_flag(name: str, raw: str | None, default: bool) -> bool:
+    """:func:`read_flag` of the value ``raw`` (for a reader that caches per value)."""
+    value = env_value(raw)
+    if value is None:
         return default
-    return bool(VARIABLES[name].parse(name, raw))  # type: ignore[misc]
+    return bool(VARIABLES[name].parse(name, value))  # type: ignore[misc]
 
 
 @final
