@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import os
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -280,7 +281,7 @@ def _check_cache_args(
 def triton_decode_enabled() -> bool:
     """``KERNEL_FALLBACK_TRITON`` as a boolean: unset or blank means on."""
     # Parsed as `kernel-fallback config` parses it: one registry (_config.VARIABLES).
-    return _config.read_flag(TRITON_DECODE_ENV, default=True)
+    return _config.parse_flag(TRITON_DECODE_ENV, os.environ.get(TRITON_DECODE_ENV), default=True)
 
 
 @functools.cache
