@@ -13,6 +13,7 @@ chosen provider directly, and a ``reload_config()`` or ``reset()`` retraces it.
 from __future__ import annotations
 
 import itertools
+import os
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -44,6 +45,17 @@ DISPATCH_EVENT: Final = "kernel_fallback.dispatch"
 _registry: weakref.WeakValueDictionary[str, KernelChain] = weakref.WeakValueDictionary()
 _tokens = itertools.count()
 _generations = itertools.count()
+
+
+def _reinit_after_fork() -> None:
+    # A chain's lock held by another thread at fork (a reload resetting it, a provider
+    # loading) would stay held in the child, whose first call would then hang.
+    for chain in list(_registry.values()):
+        chain._lock = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX only
+    os.register_at_fork(after_in_child=_reinit_after_fork)
 
 
 def _not_active(*args: object, **kwargs: object) -> None:

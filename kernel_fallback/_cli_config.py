@@ -58,19 +58,13 @@ def _check_policy_values(name: str, raw: str) -> None:
 def _check_variable(name: str, raw: str, kernels: Sequence[Any]) -> tuple[str, str]:
     """(status, message) of one KERNEL_FALLBACK_* variable: ok, invalid, unknown or unchecked."""
     try:
-        if name == _config.ENV_ON_DROP:
-            if _config.env_value(raw):
-                _config.parse_policy(name, raw)
-        elif name == _config.ENV_STRICT:
-            _config.parse_bool(name, raw)
-        elif name == _config.ENV_LOG_FORMAT:
-            if _config.env_value(raw):
-                _config.parse_log_format(name, raw)
-        elif name == _config.ENV_LOG_FILE:
-            if _config.env_value(raw):
-                _config.check_log_file(name, raw)
-        elif name == _config.ENV_ALLOW:
+        if name == _config.ENV_ALLOW:
             AllowList.parse(name, raw)
+        elif name in _config.VARIABLES:
+            # The parser the variable's reader uses; blank is unset for every variable.
+            parse = _config.VARIABLES[name].parse
+            if parse is not None and _config.env_value(raw):
+                parse(name, raw)
         elif name.startswith(_config.ENV_ON_DROP_PREFIX):
             return _check_per_kernel(name, raw, kernels)
         elif name.startswith(_config.ENV_PROVIDER_PREFIX):
@@ -127,10 +121,25 @@ def _candidates(kernels: Sequence[Any]) -> list[str]:
 
 
 def _import_modules(modules: Sequence[str]) -> list[tuple[str, PolicyConfigError]]:
-    """Import each module; return the configuration errors their kernels raised."""
-    # Like `python -m`, look in the current directory first, for the project's own modules.
-    if os.getcwd() not in sys.path and "" not in sys.path:
-        sys.path.insert(0, os.getcwd())
+    """Import each module; return the configuration errors their kernels raised.
+
+    Like ``python -m``, the current directory is searched first for these modules (the
+    project's own), unless ``PYTHONSAFEPATH`` (``-P``) says not to. Only while they are
+    imported: a provider loaded later (``import flash_attn``) must not find a file of
+    the same name in the current directory unless the user's own ``sys.path`` holds it.
+    """
+    cwd = os.getcwd()
+    added = not getattr(sys.flags, "safe_path", False) and cwd not in sys.path and "" not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        return _import_each(modules)
+    finally:
+        if added:
+            sys.path.remove(cwd)
+
+
+def _import_each(modules: Sequence[str]) -> list[tuple[str, PolicyConfigError]]:
     errors: list[tuple[str, PolicyConfigError]] = []
     for module in modules:
         try:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import os
 import re
+import threading
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Final, final
@@ -26,11 +27,14 @@ __all__ = [
     "ENV_PREFIX",
     "ENV_PROVIDER_PREFIX",
     "ENV_STRICT",
+    "ENV_TRITON",
     "KNOWN_VARIABLES",
     "LOG_FILE_PLACEHOLDERS",
     "LOG_FORMATS",
     "POLICIES",
     "Snapshot",
+    "VARIABLES",
+    "Variable",
     "check_kernel_declared",
     "check_known_variables",
     "check_log_file",
@@ -41,10 +45,12 @@ __all__ = [
     "env_value",
     "is_env_name",
     "parse_bool",
+    "parse_flag",
     "parse_log_format",
     "parse_policy",
     "parse_policy_spec",
     "per_kernel_near_miss",
+    "read_flag",
     "snapshot",
     "unknown_variable_hint",
 ]
@@ -58,22 +64,27 @@ ENV_PROVIDER_PREFIX: Final = "KERNEL_FALLBACK_PROVIDER__"
 ENV_LOG_FORMAT: Final = "KERNEL_FALLBACK_LOG_FORMAT"
 ENV_LOG_FILE: Final = "KERNEL_FALLBACK_LOG_FILE"
 ENV_ALLOW: Final = "KERNEL_FALLBACK_ALLOW"
+#: Read by :mod:`kernel_fallback.integrations.flash_attn._fast`.
+ENV_TRITON: Final = "KERNEL_FALLBACK_TRITON"
 LOG_FORMATS: Final = ("json", "console")
 #: Placeholders a log file name may hold, expanded in each process (see _sinks).
 LOG_FILE_PLACEHOLDERS: Final = ("pid", "rank", "host")
 
-#: Every variable this library reads whose name is fixed, with what it does. Names
-#: under ``KERNEL_FALLBACK_`` that are neither here nor start with a per-kernel
-#: prefix are reported, with a "did you mean", by ``kernel-fallback config``.
-KNOWN_VARIABLES: Final[dict[str, str]] = {
-    ENV_ON_DROP: "default on_drop policy for decorators that set none: warn|copy|raise",
-    ENV_STRICT: "boolean: every non-neutral dropped keyword and provider fallback raises",
-    ENV_LOG_FORMAT: "json|console: format of the event log (see configure_logging())",
-    ENV_LOG_FILE: "event log file; {pid}, {rank} and {host} are replaced in each process",
-    ENV_ALLOW: "kernel:kwarg,... fallbacks accepted by the strict test helpers and `kernel-fallback check`",
-    # read by kernel_fallback.integrations.flash_attn._fast
-    "KERNEL_FALLBACK_TRITON": "boolean, default true: the torch attention provider decodes on CUDA in Triton",
-}
+
+@final
+@dataclass(frozen=True, slots=True)
+class Variable:
+    """A variable with a fixed name: what it does, and the parser of its value.
+
+    Its reader and ``kernel-fallback config`` both parse through ``parse(name, raw)``,
+    so a value the reader refuses is one ``config`` reports. None: its own module
+    parses it (``KERNEL_FALLBACK_ALLOW``: :mod:`kernel_fallback._allow`).
+    """
+
+    description: str
+    parse: Callable[[str, str], object] | None
+
+
 PER_KERNEL_PREFIXES: Final = (ENV_ON_DROP_PREFIX, ENV_PROVIDER_PREFIX)
 
 _TRUE: Final = frozenset({"1", "true", "yes", "on"})
@@ -426,6 +437,51 @@ def parse_policy_spec(name: str, raw: str, kwargs: Iterable[str]) -> str | dict[
     return result
 
 
+#: Every variable this library reads whose name is fixed (a new one is added here, and
+#: read through :func:`read_flag` or the snapshot). Names under ``KERNEL_FALLBACK_``
+#: that are neither here nor start with a per-kernel prefix are reported, with a "did
+#: you mean", by ``kernel-fallback config``.
+VARIABLES: Final[dict[str, Variable]] = {
+    ENV_ON_DROP: Variable(
+        "default on_drop policy for decorators that set none: warn|copy|raise", parse_policy
+    ),
+    ENV_STRICT: Variable(
+        "boolean: every non-neutral dropped keyword and provider fallback raises", parse_bool
+    ),
+    ENV_LOG_FORMAT: Variable(
+        "json|console: format of the event log (see configure_logging())", parse_log_format
+    ),
+    ENV_LOG_FILE: Variable(
+        "event log file; {pid}, {rank} and {host} are replaced in each process", check_log_file
+    ),
+    ENV_ALLOW: Variable(
+        "kernel:kwarg,... fallbacks accepted by the strict test helpers and `kernel-fallback check`", None
+    ),
+    ENV_TRITON: Variable(
+        "boolean, default true: the torch attention provider decodes on CUDA in Triton", parse_bool
+    ),
+}
+#: Name -> description of :data:`VARIABLES`.
+KNOWN_VARIABLES: Final[dict[str, str]] = {name: var.description for name, var in VARIABLES.items()}
+
+
+def read_flag(name: str, default: bool) -> bool:
+    """The boolean variable ``name`` (registered in :data:`VARIABLES`) as set now.
+
+    Unset or blank gives ``default``; a value that is no boolean raises
+    :class:`PolicyConfigError`, as ``kernel-fallback config`` reports it.
+    """
+    return parse_flag(name, os.environ.get(name), default)
+
+
+def parse_flag(name: str, raw: str | None, default: bool) -> bool:
+    """:func:`read_flag` of the value ``raw`` (for a reader that caches per value)."""
+    value = env_value(raw)
+    if value is None:
+        return default
+    return bool(VARIABLES[name].parse(name, value))  # type: ignore[misc]
+
+
 @final
 @dataclass(frozen=True, slots=True)
 class Snapshot:
@@ -446,6 +502,20 @@ class Snapshot:
 
 _current: Snapshot | None = None
 _version = 0
+# Serialises reading the environment (the version counter) and reloads: two concurrent
+# reload_config() calls would otherwise number their snapshots alike and commit
+# interleaved. Re-entrant: a reloader may ask for snapshot() while a reload runs.
+_reload_lock = threading.RLock()
+
+
+def _reinit_after_fork() -> None:
+    # A thread of the parent may have held it at fork: the child's copy would stay held.
+    global _reload_lock
+    _reload_lock = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX only
+    os.register_at_fork(after_in_child=_reinit_after_fork)
 #: Called with the new snapshot by reload(); they may raise to refuse it.
 _reloaders: list[Callable[[Snapshot], Callable[[], None]]] = []
 
@@ -467,9 +537,13 @@ def _read(environ: Mapping[str, str]) -> Snapshot:
 def snapshot() -> Snapshot:
     """The current snapshot, read from ``os.environ`` on first use."""
     global _current
-    if _current is None:
-        _current = _read(os.environ)
-    return _current
+    current = _current
+    if current is None:
+        with _reload_lock:
+            if _current is None:
+                _current = _read(os.environ)
+            current = _current
+    return current
 
 
 def on_reload(prepare: Callable[[Snapshot], Callable[[], None]]) -> None:
@@ -481,12 +555,14 @@ def reload_config() -> Snapshot:
     """Re-read the environment and re-resolve every kernel's policy and provider.
 
     All-or-nothing: when any value is invalid, :class:`PolicyConfigError` is raised
-    and the previous configuration stays in force everywhere.
+    and the previous configuration stays in force everywhere. Concurrent calls run
+    one after the other, so each snapshot has its own ``version``.
     """
     global _current
-    new = _read(os.environ)
-    commits = [prepare(new) for prepare in list(_reloaders)]
-    _current = new
-    for commit in commits:
-        commit()
-    return new
+    with _reload_lock:
+        new = _read(os.environ)
+        commits = [prepare(new) for prepare in list(_reloaders)]
+        _current = new
+        for commit in commits:
+            commit()
+        return new

@@ -41,7 +41,6 @@ import datetime
 import functools
 import os
 import sys
-import threading
 import types
 import weakref
 from collections.abc import Callable, Mapping
@@ -51,7 +50,7 @@ from typing import Any, Final, final
 import structlog
 import torch
 
-from kernel_fallback import _config, _sinks
+from kernel_fallback import _config, _reentry, _sinks
 from kernel_fallback._counter import Counter as Counter
 from kernel_fallback._counter import FallbackEvent as FallbackEvent
 from kernel_fallback._counter import Key as Key
@@ -104,7 +103,11 @@ class _Entry:
     counters: list[Counter] = field(default_factory=list)
 
 
-_lock = threading.Lock()
+# Guards the counts; a signal handler that interrupted its own thread's bookkeeping
+# defers its work instead of waiting for ever (see _reentry).
+_book = _reentry.Bookkeeping()
+# Log handlers and listeners, one at a time per thread, for the same reason.
+_outbound = _reentry.Outbound()
 _entries: dict[Key, _Entry] = {}
 # Held by the kernels (strongly) and by the entries that count them.
 _counters: weakref.WeakValueDictionary[Key, Counter] = weakref.WeakValueDictionary()
@@ -131,8 +134,9 @@ _exit_flushed_pid = 0
 def _reinit_after_fork() -> None:
     # A forked child starts with no counts of its own: re-reporting the parent's
     # would double them when logs of many processes are merged.
-    global _lock, _log_errors
-    _lock = threading.Lock()
+    global _book, _outbound, _log_errors
+    _book = _reentry.Bookkeeping()
+    _outbound = _reentry.Outbound()
     _entries.clear()
     _log_errors = 0
     _rearm_counters()
@@ -170,11 +174,14 @@ def describe_key(key: Key, fields: Mapping[str, Any]) -> StaticFields:
     ``reload_config()``, say).
     """
     held = StaticFields(fields)
-    with _lock:
+    _book.enter_or_refuse("describe_key()")
+    try:
         _static_fields[key] = held
         entry = _entries.get(key)
         if entry is not None:
             entry.fields = held
+    finally:
+        _book.leave()
     return held
 
 
@@ -183,11 +190,14 @@ def counter(key: Key) -> Counter:
 
     The caller keeps it alive as long as it may tick it (as with :func:`describe_key`).
     """
-    with _lock:
+    _book.enter_or_refuse("counter()")
+    try:
         held = _counters.get(key)
         if held is None:
             held = _counters[key] = Counter(key)
         return held
+    finally:
+        _book.leave()
 
 
 def record(
@@ -197,8 +207,14 @@ def record(
 
     ``counter`` is the key's :class:`Counter` when the caller may tick it later: the
     occurrence is counted there, and the counter turns hot once the key is logged.
+
+    Called from a signal handler that interrupted this thread inside the library's
+    bookkeeping, it is counted as soon as that bookkeeping ends (microseconds later).
     """
-    with _lock:
+    if not _book.enter():
+        _book.defer(functools.partial(record, key, compiled=compiled, captured=captured, counter=counter))
+        return
+    try:
         entry = _entries.get(key)
         if entry is None:
             entry = _new_entry(key)
@@ -227,10 +243,18 @@ def record(
             entry.where = _caller_location()
         if counter is not None and entry.kind != "overflow" and not _listeners:
             counter.hot = True
+    finally:
+        _book.leave()
     if first and _exit_armed_pid != os.getpid():
         _arm_exit_flush()
     # A CUDA graph capture is logged every time, not only first: each capture bakes the
     # fallback into a graph that replays it with no Python (and so no count) at all.
+    if first or captured or _listeners:
+        _outbound.run(functools.partial(_tell, key, entry, count, first, compiled, captured))
+
+
+def _tell(key: Key, entry: _Entry, count: int, first: bool, compiled: bool, captured: bool) -> None:
+    """Log an occurrence that must be logged, and pass it to every listener."""
     if first or captured:
         _log_first(entry, compiled=compiled, captured=captured)
     if _listeners:
@@ -273,8 +297,11 @@ def _collect() -> None:
 
 def overflowed_count(held: Counter) -> int:
     """Occurrences of ``held``'s key counted in the overflow row since the last reset."""
-    with _lock:
+    _book.enter_or_refuse("overflowed_count()")
+    try:
         return _overflowed.get(held, 0)
+    finally:
+        _book.leave()
 
 
 def _new_entry(key: Key) -> _Entry:
@@ -292,7 +319,7 @@ def _new_entry(key: Key) -> _Entry:
 
 def _log_first(entry: _Entry, *, compiled: bool, captured: bool) -> None:
     if entry.kind == "overflow":
-        emit(OVERFLOW_EVENT, {"max_entries": MAX_ENTRIES, **entry.fields})
+        _emit_now(OVERFLOW_EVENT, {"max_entries": MAX_ENTRIES, **entry.fields})
         return
     # `kind` lets log readers tell keyword, provider and dispatch events apart.
     extra: dict[str, Any] = {"kind": entry.kind, "where": entry.where}
@@ -307,7 +334,7 @@ def _log_first(entry: _Entry, *, compiled: bool, captured: bool) -> None:
                 "the graph replays without writing the caller's buffer; "
                 "use on_drop='copy' to keep it right under CUDA graphs"
             )
-    emit(str(entry.fields.get("event", "kernel_fallback.fallback")), {**entry.fields, **extra})
+    _emit_now(str(entry.fields.get("event", "kernel_fallback.fallback")), {**entry.fields, **extra})
 
 
 def note_traced(kind: str, kernel: str, subject: str, policy: str) -> bool:
@@ -328,7 +355,15 @@ note_traced._dynamo_marked_constant = True  # type: ignore[attr-defined]
 
 
 def emit(event: str, fields: Mapping[str, Any]) -> None:
-    """Log one event at warning level; a failing handler never reaches the caller."""
+    """Log one event at warning level; a failing handler never reaches the caller.
+
+    From a signal handler that interrupted this thread's own logging (whose handler may
+    hold its file's lock), the event is logged when that logging call returns.
+    """
+    _outbound.run(functools.partial(_emit_now, event, dict(fields)))
+
+
+def _emit_now(event: str, fields: Mapping[str, Any]) -> None:
     try:
         logger = _logger_override
         if logger is None:
@@ -368,10 +403,19 @@ def flush() -> int:
     ``where``, with its static fields (``kernel``, ``kwarg`` or ``provider``,
     ``policy``, ``source``, ``reason``...). Nothing is logged when nothing was counted.
     Runs by itself at interpreter exit once the process has recorded a fallback.
+
+    Called from a signal handler that interrupted this thread inside the library's
+    bookkeeping, it returns 0 and runs as soon as that bookkeeping ends (also when the
+    handler's ``SystemExit`` unwinds it), so a SIGTERM handler may call it safely.
     """
-    with _lock:
+    if not _book.enter():
+        _book.defer(flush)
+        return 0
+    try:
         _collect()
         summaries = [_summary_fields(e) for e in _entries.values() if e.count]
+    finally:
+        _book.leave()
     summaries.sort(key=lambda f: (f["kind"], f["kernel"], f.get("kwarg") or f.get("provider"), f["policy"]))
     for fields in summaries:
         emit(SUMMARY_EVENT, fields)
@@ -436,16 +480,26 @@ def add_listener(listener: Callable[[FallbackEvent], None]) -> None:
     While any listener is registered, decorated kernels record every fallback through
     the lock instead of ticking a counter, so that each occurrence reaches it.
     """
-    with _lock:
+    if not _book.enter():
+        _book.defer(functools.partial(add_listener, listener))
+        return
+    try:
         _listeners.append(listener)
         for held in list(_counters.values()):
             held.hot = False
+    finally:
+        _book.leave()
 
 
 def remove_listener(listener: Callable[[FallbackEvent], None]) -> None:
     """Stop calling ``listener``; a listener that is not registered is an error."""
-    with _lock:
+    if not _book.enter():
+        _book.defer(functools.partial(remove_listener, listener))
+        return
+    try:
         _listeners.remove(listener)
+    finally:
+        _book.leave()
 
 
 def stats() -> list[dict[str, Any]]:
@@ -459,7 +513,8 @@ def stats() -> list[dict[str, Any]]:
     every later run of that graph), ``first_seen`` (ISO 8601, UTC) and ``where``
     (file:line of the first caller).
     """
-    with _lock:
+    _book.enter_or_refuse("stats()")
+    try:
         _collect()
         rows = [
             {
@@ -477,6 +532,8 @@ def stats() -> list[dict[str, Any]]:
             }
             for e in _entries.values()
         ]
+    finally:
+        _book.leave()
     rows.sort(key=lambda r: (r["kind"], r["kernel"], r["kwarg"] or r["provider"] or "", r["policy"]))
     return rows
 
@@ -493,8 +550,13 @@ def reset_stats() -> None:
     up the counts of a process across resets instead of keeping only the last ones.
     """
     global _log_errors, _epoch
-    with _lock:
+    if not _book.enter():
+        _book.defer(reset_stats)
+        return
+    try:
         _entries.clear()
         _rearm_counters()
         _log_errors = 0
         _epoch += 1
+    finally:
+        _book.leave()

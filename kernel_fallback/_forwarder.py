@@ -36,7 +36,7 @@ from kernel_fallback._codegen import PREFIX, define
 from kernel_fallback._events import Counter
 from kernel_fallback._options import stream_capturing
 
-__all__ = ["UNSET", "Hooks", "clone", "forwarder"]
+__all__ = ["UNSET", "Hooks", "clone", "forwarder", "is_coroutine_or_generator", "same_kind"]
 
 
 class _Unset:
@@ -167,9 +167,10 @@ def _source(params: _Params, missing: Mapping[str, object]) -> str:
             # Counted once the call did what the policy says, as on the general path.
             "                if _kf_s.copies:",
             # Cheap tests first; the full check runs (and raises) only for a buffer that
-            # needs grad, is an inference tensor, or is not contiguous.
+            # needs grad, is an inference tensor, is not contiguous or is a meta tensor
+            # (get_device() below is -1 for it as for the CPU: it must not get that far).
             f"                    if ({name}.requires_grad or {name}.is_inference()",
-            f"                            or not {name}.is_contiguous()):",
+            f"                            or not {name}.is_contiguous() or {name}.is_meta):",
             f"                        _kf_check({name!r}, {name})",
             f"                    _kf_r = {call}",
             f"                    if (_kf_r.__class__ is _kf_T and _kf_r.dtype is {name}.dtype",
@@ -234,3 +235,54 @@ def forwarder(
     made.__defaults__ = params.defaults
     made.__kwdefaults__ = {**params.kwdefaults, **dict.fromkeys(missing, UNSET)}
     return made, namespace
+
+
+_KIND_FLAGS: Final = inspect.CO_COROUTINE | inspect.CO_GENERATOR | inspect.CO_ASYNC_GENERATOR
+
+
+def _code_flags(fn: Callable[..., Any]) -> int:
+    code = getattr(fn, "__code__", None)  # functions, and bound methods through __func__
+    return code.co_flags if isinstance(code, types.CodeType) else 0
+
+
+def is_coroutine_or_generator(fn: Callable[..., Any]) -> bool:
+    """True for an ``async def``, generator or async generator function (or method)."""
+    return bool(_code_flags(fn) & _KIND_FLAGS)
+
+
+def same_kind(
+    fn: Callable[..., Any], slow: Callable[[tuple[Any, ...], dict[str, Any]], Any], missing: frozenset[str]
+) -> Callable[..., Any]:
+    """A wrapper that ``inspect`` (and asyncio, pytest...) sees as what ``fn`` is.
+
+    An ``async def``, generator or async generator kernel gets a wrapper of its own kind:
+    a generated forwarder is a plain function, which ``inspect.iscoroutinefunction``
+    and the frameworks that ask it would take for a synchronous kernel. ``slow(args,
+    kwargs)`` handles a call passing one of ``missing``; its policy applies when the
+    wrapper's body starts (at ``await``, or at the first ``next()``).
+    """
+
+    def start(args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        if kwargs and not missing.isdisjoint(kwargs):
+            return slow(args, kwargs)
+        return fn(*args, **kwargs)
+
+    flags = _code_flags(fn)
+    if flags & inspect.CO_COROUTINE:
+
+        async def coroutine(*args: Any, **kwargs: Any) -> Any:
+            return await start(args, kwargs)
+
+        return coroutine
+    if flags & inspect.CO_GENERATOR:
+
+        def generator(*args: Any, **kwargs: Any) -> Any:
+            return (yield from start(args, kwargs))
+
+        return generator
+
+    async def async_generator(*args: Any, **kwargs: Any) -> Any:
+        async for item in start(args, kwargs):
+            yield item
+
+    return async_generator

@@ -100,6 +100,16 @@ def _check_options(
             name="env",
             value=env,
         )
+    if isinstance(env, str) and env.upper().startswith(_config.ENV_PREFIX):
+        # The library's own names mean one thing each; `env=KERNEL_FALLBACK_STRICT` would
+        # give a variable two meanings, and a new name there is reported as a typo.
+        raise PolicyConfigError(
+            f"tolerant_kwargs(env={env!r}): names under {_config.ENV_PREFIX} belong to "
+            f"kernel_fallback; use a variable of your own (MYAPP_..._ON_DROP), or "
+            f"{_config.ENV_ON_DROP_PREFIX}<NAME>, which every kernel reads already.",
+            name="env",
+            value=env,
+        )
     return neutral, policy
 
 

@@ -3,7 +3,9 @@
 Kinds of callables and where their keywords are written:
 - Python functions, bound methods, callable objects, ``functools.partial``:
   ``inspect.signature``; a ``**kwargs`` wrapper is followed through ``__wrapped__``
-  (what ``functools.wraps`` sets) to the function it forwards to.
+  (what ``functools.wraps`` sets) to the function it forwards to, and so is a
+  wrapper with no signature at all (``functools.cache``, ``lru_cache``). An
+  ``nn.Module`` instance is read from its ``forward``.
 - ``torch.ops`` overloads and packets, ``torch.library.custom_op`` objects: the
   operator schema (``_schema.arguments``); they show only ``(*args, **kwargs)`` to
   ``inspect`` and reject an unknown keyword with RuntimeError, not TypeError.
@@ -81,9 +83,15 @@ def _support(fn: Any, depth: int) -> KwargSupport:
         return _support(fn.func, depth + 1)
     if isinstance(fn, types.MethodType):
         return _support(fn.__func__, depth + 1)
+    if isinstance(fn, torch.nn.Module):
+        # Module.__call__ is (*args, **kwargs) around `forward`, which says what it takes.
+        return _support(fn.forward, depth + 1)
     try:
         sig = inspect.signature(fn, follow_wrapped=False)
     except (ValueError, TypeError):
+        wrapped = getattr(fn, "__wrapped__", None)
+        if wrapped is not None:  # functools.cache / lru_cache: C wrappers with no signature
+            return _support(wrapped, depth + 1)
         return _from_builtin(fn)
     names = frozenset(p.name for p in sig.parameters.values() if p.kind in _KEYWORD_KINDS)
     has_var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.parameters.values())

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
 import sys
 import threading
 import types
@@ -43,6 +44,17 @@ _registry: weakref.WeakSet[TolerantKernel] = weakref.WeakSet()
 # Held while a kernel resolves its policies and joins the registry, and while a reload
 # reads or commits the registry: a kernel decorated during a reload gets the new policy.
 _registry_lock = threading.RLock()
+
+
+def _reinit_after_fork() -> None:
+    # Only the forking thread lives on in a child: a lock another thread held at fork
+    # (a reload in progress) would stay held there, and the child's first decoration hang.
+    global _registry_lock
+    _registry_lock = threading.RLock()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX only
+    os.register_at_fork(after_in_child=_reinit_after_fork)
 
 
 @final
@@ -216,8 +228,13 @@ class TolerantKernel:
     def _check_buffer(self, kwarg: str, out: torch.Tensor) -> None:
         """Refuse, before the kernel runs, a buffer torch would not let ``copy_`` write."""
         why = None
-        if out.requires_grad and out.is_leaf and torch.is_grad_enabled():
+        base = out._base
+        if out.is_meta:
+            why = "it is a meta tensor, which holds no data (a copy into it writes nothing)"
+        elif out.requires_grad and out.is_leaf and torch.is_grad_enabled():
             why = "it is a leaf tensor that requires grad (in-place writes to it are refused)"
+        elif out.requires_grad and base is not None and base.is_leaf and torch.is_grad_enabled():
+            why = "it is a view of a leaf tensor that requires grad (in-place writes to it are refused)"
         elif out.is_inference() and not torch.is_inference_mode_enabled():
             why = "it is an inference-mode tensor and inference mode is off (in-place writes are refused)"
         elif any(stride == 0 and size > 1 for size, stride in zip(out.shape, out.stride(), strict=True)):
@@ -488,6 +505,8 @@ def _make_wrapper(fn: Callable[..., Any], plan: TolerantKernel) -> Any:
         # descriptors): a C-level forwarder costs next to nothing on launch-bound calls
         # (torch.mm(out=) on decode shapes).
         return functools.partial(fn)
+    if _forwarder.is_coroutine_or_generator(fn):
+        return _forwarder.same_kind(fn, plan.call_dropping, missing)
     hooks = _forwarder.Hooks(plan._call_from_forwarder, plan._check_buffer, plan._copy_back)
     with _registry_lock:  # no reload commits between reading the counters and publishing them
         neutral = {k: plan.neutral[k] for k in plan.missing}

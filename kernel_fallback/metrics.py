@@ -21,6 +21,7 @@ Counters need no ``mark_process_dead``. See the prometheus_client documentation.
 
 from __future__ import annotations
 
+import os
 import threading
 from typing import TYPE_CHECKING, Any, Final, final
 
@@ -39,6 +40,16 @@ _CACHE_LIMIT: Final = 4096
 
 _lock = threading.Lock()
 _active: dict[tuple[int, str], FallbackMetrics] = {}
+
+
+def _reinit_after_fork() -> None:
+    # Held by another thread at fork, the child's copy would never be released.
+    global _lock
+    _lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):  # POSIX only
+    os.register_at_fork(after_in_child=_reinit_after_fork)
 
 
 def _labels(kind: str, kernel: str, subject: str, policy: str) -> tuple[str, str, str, str]:

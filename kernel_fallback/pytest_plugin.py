@@ -55,6 +55,7 @@ class _Settings:
 
 
 _SETTINGS = pytest.StashKey[_Settings]()
+_MARKERS = pytest.StashKey["AllowList | PolicyConfigError"]()
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -122,14 +123,26 @@ def pytest_report_header(config: pytest.Config) -> str | None:
     return f"kernel_fallback: strict mode {'on' if settings.strict else 'off'}; allowed: {allowed}"
 
 
-def _marker_allow(item: pytest.Item) -> AllowList:
-    allow = AllowList()
-    for marker in item.iter_markers("allow_fallback"):
+def _marker_allow(item: pytest.Item, phase: str) -> AllowList | None:
+    """The test's ``allow_fallback`` patterns, read once per test.
+
+    A bad pattern is one error, raised at set-up; the later phases of that test then
+    run unguarded (None) instead of reporting it again.
+    """
+    read = item.stash.get(_MARKERS, None)
+    if read is None:
         try:
-            allow = allow + AllowList.parse("@pytest.mark.allow_fallback", marker.args)
+            read = AllowList()
+            for marker in item.iter_markers("allow_fallback"):
+                read = read + AllowList.parse("@pytest.mark.allow_fallback", marker.args)
         except PolicyConfigError as exc:
-            raise pytest.UsageError(f"{item.nodeid}: {exc}") from exc
-    return allow
+            read = exc
+        item.stash[_MARKERS] = read
+    if isinstance(read, PolicyConfigError):
+        if phase == "setup":
+            raise pytest.UsageError(f"{item.nodeid}: {read}") from read
+        return None
+    return read
 
 
 def _hint(item: pytest.Item) -> Callable[[list[str]], str]:
@@ -157,9 +170,9 @@ def _guarded(item: pytest.Item, phase: str) -> Iterator[None]:
     if phase == "call":
         for marker in item.iter_markers("expect_fallback"):
             stack.enter_context(testing.expect_fallback(*marker.args, **marker.kwargs))
-    if strict:
-        allow = settings.allow + _marker_allow(item)
-        stack.enter_context(testing.FallbackGuard(allow, hint=_hint(item)))
+    marked = _marker_allow(item, phase) if strict else None
+    if marked is not None:
+        stack.enter_context(testing.FallbackGuard(settings.allow + marked, hint=_hint(item)))
     try:
         yield
     except BaseException:

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from child_env import clean_env
 
+from kernel_fallback import PolicyConfigError
+
 WORKLOAD = Path(__file__).with_name("fallback_workload.py")
 FLASH_ATTN = "kernel_fallback.integrations.flash_attn"
 
@@ -146,3 +148,90 @@ def test_a_provider_variable_close_to_a_declared_chain_fails_config(name: str) -
     assert "Traceback" not in done.stderr
     assert name in done.stderr
     assert "Did you mean 'KERNEL_FALLBACK_PROVIDER__FLASH_ATTN_VARLEN_FUNC'" in done.stderr
+
+
+@pytest.mark.parametrize(
+    ("value", "code", "status"),
+    [("0", 0, "ok"), ("On", 0, "ok"), (" ", 0, "ok"), ("maybe", 1, "invalid")],
+    ids=["off", "on-any-case", "blank", "not-a-boolean"],
+)
+def test_every_variable_a_module_reads_is_checked_by_its_readers_parser(
+    value: str, code: int, status: str
+) -> None:
+    # KERNEL_FALLBACK_TRITON is read by the flash_attn integration, not by the core.
+    done = config("--format", "json", KERNEL_FALLBACK_TRITON=value)
+    assert done.returncode == code, done.stderr
+    (row,) = [v for v in json.loads(done.stdout)["variables"] if v["name"] == "KERNEL_FALLBACK_TRITON"]
+    assert row["status"] == status, row
+    if status == "invalid":
+        from kernel_fallback.integrations.flash_attn._fast import triton_decode_enabled
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("KERNEL_FALLBACK_TRITON", value)
+            with pytest.raises(PolicyConfigError) as info:
+                triton_decode_enabled()
+        assert row["message"] == str(info.value), "config and the reader must say the same"
+
+
+_PLANTED = """
+import pathlib
+pathlib.Path(__file__).with_name("EXECUTED").write_text("a flash_attn.py in the working directory ran")
+"""
+
+
+@pytest.mark.parametrize(
+    ("how", "executed"),
+    [
+        ("console-script", False),
+        ("console-script-safe-path", False),
+        ("python-m-safe-path", False),
+        ("pythonpath-names-it", True),
+    ],
+    ids=["console-script", "console-script-safe-path", "python-m-safe-path", "pythonpath-names-it"],
+)
+def test_providers_do_not_import_a_module_of_the_working_directory(
+    tmp_path: Path, how: str, executed: bool
+) -> None:
+    # `import flash_attn` (the flash_attn provider's loader) must not run a file of that
+    # name that happens to sit in the directory config runs in, unless the user's own
+    # sys.path holds that directory (PYTHONPATH here: a positive control).
+    (tmp_path / "flash_attn.py").write_text(_PLANTED)
+    script = Path(sys.executable).with_name("kernel-fallback")
+    command = (
+        [str(script)]
+        if how.startswith("console") or how.startswith("pythonpath")
+        else [
+            sys.executable,
+            "-m",
+            "kernel_fallback",
+        ]
+    )
+    env = {"PYTHONSAFEPATH": "1"} if how.endswith("safe-path") else {}
+    if how == "pythonpath-names-it":
+        env["PYTHONPATH"] = str(tmp_path)
+    done = subprocess.run(
+        [*command, "config", "--import", FLASH_ATTN, "--format", "json"],
+        env=clean_env(**env),
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "EXECUTED").exists() is executed
+
+
+def test_the_projects_own_module_is_still_imported_from_the_working_directory(project: Path) -> None:
+    script = Path(sys.executable).with_name("kernel-fallback")
+    done = subprocess.run(
+        [str(script), "config", "--import", "my_kernels", "--format", "json"],
+        env=clean_env(),
+        cwd=project,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert [k["kernel"] for k in json.loads(done.stdout)["kernels"]] == ["cli_attn"]

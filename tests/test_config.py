@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 import textwrap
+import threading
 from typing import Any
 
 import pytest
@@ -504,3 +505,70 @@ def test_env_argument_must_be_a_variable_name(env: str) -> None:
     with pytest.raises(PolicyConfigError, match=r"tolerant_kwargs\(env=.*environment variable name") as info:
         decorate()
     assert info.value.value == env
+
+
+def test_concurrent_reloads_number_each_snapshot_once() -> None:
+    # Many kernels make each reload long enough for the threads to overlap.
+    kept = [tolerant_kwargs(["out"], name=f"reload_race_{i}")(kernel) for i in range(50)]
+    versions: list[int] = []
+    errors: list[BaseException] = []
+
+    def reload_many() -> None:
+        try:
+            for _ in range(300):
+                versions.append(reload_config().version)
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            errors.append(exc)
+
+    old_interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # switch threads as often as the interpreter allows
+    try:
+        threads = [threading.Thread(target=reload_many) for _ in range(6)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(old_interval)
+    assert not errors
+    duplicates = len(versions) - len(set(versions))
+    assert duplicates == 0, f"{duplicates} of {len(versions)} snapshots share a version"
+    assert all(plan.tolerant.policies["out"] == ("warn", "default") for plan in kept)
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        "KERNEL_FALLBACK_STRICT",
+        "KERNEL_FALLBACK_ON_DROP__MY_ATTN",
+        "KERNEL_FALLBACK_MY_ATTN",
+        "kernel_fallback_x",
+    ],
+    ids=["global-variable", "per-kernel-variable", "new-name", "lower-case"],
+)
+def test_env_argument_may_not_name_a_library_variable(env: str) -> None:
+    def decorate() -> None:
+        tolerant_kwargs(["out"], name="my_attn", env=env)(kernel)
+
+    with pytest.raises(PolicyConfigError, match=r"env=.*belong to kernel_fallback") as info:
+        decorate()
+    assert info.value.name == "env"
+    assert info.value.value == env
+
+
+def test_every_fixed_variable_the_package_names_is_registered() -> None:
+    # `kernel-fallback config` calls a set KERNEL_FALLBACK_* name it does not know a typo:
+    # a variable some module reads but the registry lacks would fail every config run.
+    import kernel_fallback
+    from kernel_fallback._config import PER_KERNEL_PREFIXES, VARIABLES
+
+    root = os.path.dirname(kernel_fallback.__file__)
+    named: set[str] = set()
+    for folder, _, files in os.walk(root):
+        for file in files:
+            if file.endswith(".py"):
+                with open(os.path.join(folder, file), encoding="utf-8") as source:
+                    named |= set(re.findall(r"[\"'](KERNEL_FALLBACK_[A-Z0-9_]+)[\"']", source.read()))
+    fixed = {name for name in named if not name.startswith(PER_KERNEL_PREFIXES) and not name.endswith("_")}
+    assert "KERNEL_FALLBACK_TRITON" in fixed, "the scan must see the integration's variable"
+    assert fixed <= set(VARIABLES), sorted(fixed - set(VARIABLES))

@@ -7,6 +7,7 @@ import gc
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -15,6 +16,7 @@ from typing import Any
 import pytest
 import structlog
 import torch
+from child_env import clean_env
 from structlog.testing import capture_logs
 from structlog.typing import EventDict
 
@@ -257,3 +259,90 @@ def test_provider_events_name_their_provider() -> None:
     assert (event.provider, event.kwarg) == ("torch", None)
     kwarg_event = _events.FallbackEvent("kwarg", "attn", "out", "warn", fields={}, count=1)
     assert (kwarg_event.provider, kwarg_event.kwarg) == (None, "out")
+
+
+_SIGNALS_DURING_RECORD = """
+import json, logging, signal, sys
+import torch
+import kernel_fallback
+from kernel_fallback import _events, stats, tolerant_kwargs
+
+sink, log = sys.argv[1], sys.argv[2]
+if sink == "stdlib":  # the host's logging, through a file handler (an RLock of its own)
+    handler = logging.FileHandler(log)
+    logging.getLogger("kernel_fallback").addHandler(handler)
+elif sink == "metrics":  # a listener that takes prometheus_client's (plain) lock
+    from prometheus_client import CollectorRegistry
+    from kernel_fallback.metrics import enable_prometheus
+
+    metrics = enable_prometheus(CollectorRegistry())
+
+def add(x, y):
+    return x + y
+
+main_kernel = tolerant_kwargs(["out"], name="main_kernel")(add)
+handler_kernel = tolerant_kwargs(["out"], name="handler_kernel")(add)
+x, buf = torch.ones(2), torch.empty(2)
+seen = []
+_events.add_listener(seen.append)  # every call records through the events lock now
+handled = 0
+
+def on_alarm(signum, frame):  # what a SIGTERM handler does at shutdown
+    global handled
+    handled += 1
+    kernel_fallback.flush()
+    handler_kernel(x, x, out=buf)
+
+signal.signal(signal.SIGALRM, on_alarm)
+signal.setitimer(signal.ITIMER_REAL, 0.003, 0.003)
+calls = 50_000
+for _ in range(calls):
+    main_kernel(x, x, out=buf)
+signal.setitimer(signal.ITIMER_REAL, 0, 0)
+counts = {row["kernel"]: row["count"] for row in stats()}
+out = {"calls": calls, "handled": handled, "counts": counts, "seen": len(seen)}
+if sink == "metrics":
+    out["metric"] = sum(s.value for m in metrics.registry.collect() for s in m.samples if s.name.endswith("_total"))
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(not hasattr(signal, "setitimer"), reason="needs setitimer")
+@pytest.mark.parametrize("sink", ["log-file", "stdlib", "metrics"])
+def test_flush_and_kernels_in_a_signal_handler_do_not_deadlock_record(tmp_path: Any, sink: str) -> None:
+    # SIGALRM every 3 ms while the main thread records with a listener registered: a
+    # handler lands inside record()'s lock, or a log handler's, again and again. Each
+    # handler flushes and calls a decorated kernel. The process used to hang at once.
+    log = tmp_path / "events.jsonl"
+    env = clean_env()
+    if sink == "log-file":
+        env.update(KERNEL_FALLBACK_LOG_FORMAT="json", KERNEL_FALLBACK_LOG_FILE=str(log))
+    done = subprocess.run(
+        [sys.executable, "-c", _SIGNALS_DURING_RECORD, sink, str(log)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,  # a deadlock fails here
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    handled = result["handled"]
+    assert handled > 0
+    # Exact, as without signals: every call counted once and seen once by the listener.
+    assert result["counts"] == {"main_kernel": result["calls"], "handler_kernel": handled}
+    assert result["seen"] == result["calls"] + handled
+    if sink == "metrics":
+        assert result["metric"] == result["calls"] + handled
+    if sink == "metrics":
+        return
+    lines = log.read_text().splitlines()
+    # Every handler's flush ran (some deferred until the interrupted record ended), and
+    # the one at exit.
+    if sink == "log-file":
+        summaries = [json.loads(line) for line in lines if "kernel_fallback.summary" in line]
+        assert sum(row["kernel"] == "main_kernel" for row in summaries) == handled + 1
+    else:
+        assert (
+            sum("kernel_fallback.summary" in line and "main_kernel" in line for line in lines) == handled + 1
+        )

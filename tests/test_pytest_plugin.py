@@ -281,6 +281,9 @@ def test_bad_marker_pattern_is_a_usage_error(pytester: pytest.Pytester) -> None:
     result.stdout.fnmatch_lines(
         ["*test_marked: @pytest.mark.allow_fallback: 'pt_add' is not a 'kernel:kwarg'*"]
     )
+    # One error for one bad marker: reported at set-up, not again at teardown.
+    result.assert_outcomes(errors=1)
+    assert result.stdout.str().count("ERROR at ") == 1, result.stdout.str()
 
 
 def test_no_header_and_no_effect_when_off(pytester: pytest.Pytester) -> None:

@@ -218,3 +218,27 @@ def test_builtin_without_any_signature_is_unknown() -> None:
     support = _from_pybind11_doc("g", "does something useful")
     assert not support.known
     assert support.accepts("out")
+
+
+def _cached_kernel(q: torch.Tensor, k: torch.Tensor, *, causal: bool = False) -> torch.Tensor:
+    return q
+
+
+class _Attention(torch.nn.Module):
+    def forward(self, q: torch.Tensor, k: torch.Tensor, *, causal: bool = False) -> torch.Tensor:
+        return q
+
+
+@pytest.mark.parametrize(
+    "kernel",
+    [functools.cache(_cached_kernel), functools.lru_cache(maxsize=8)(_cached_kernel), _Attention()],
+    ids=["functools.cache", "lru_cache", "nn.Module"],
+)
+def test_cache_wrappers_and_modules_are_read_from_what_they_call(kernel: Any) -> None:
+    support = kwarg_support(kernel)
+    assert not support.open, "read as accepting every keyword"
+    assert {"q", "k", "causal"} <= support.names
+    assert not support.accepts("out")
+    # The oracle: the call itself refuses the keyword kwarg_support says it lacks.
+    with pytest.raises(TypeError, match="out"):
+        kernel(torch.ones(1), torch.ones(1), out=torch.ones(1))

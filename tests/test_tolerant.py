@@ -2,16 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import inspect
+import json
+import os
+import subprocess
 import sys
 import threading
 import types
 from collections import namedtuple
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import pytest
 import torch
+from child_env import clean_env
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
@@ -642,26 +648,30 @@ def _inference_tensor() -> torch.Tensor:
         (lambda: torch.zeros(1).expand(3), "share one memory location"),
         (_leaf_requiring_grad, "leaf tensor that requires grad"),
         (_inference_tensor, "inference-mode tensor"),
+        (lambda: _leaf_requiring_grad()[:3], "view of a leaf tensor that requires grad"),
+        (lambda: torch.empty(3, device="meta"), "meta tensor, which holds no data"),
     ],
-    ids=["expanded", "leaf-requires-grad", "inference-tensor"],
+    ids=["expanded", "leaf-requires-grad", "inference-tensor", "view-of-leaf-requiring-grad", "meta"],
 )
 @pytest.mark.parametrize("shape", ["function", "callable-object"])
+@pytest.mark.parametrize("warm", [True, False], ids=["warm", "first-call"])
 def test_copy_into_a_buffer_torch_refuses_fails_before_the_kernel_runs(
-    make_buffer: Callable[[], torch.Tensor], why: str, shape: str
+    make_buffer: Callable[[], torch.Tensor], why: str, shape: str, warm: bool
 ) -> None:
     body = CountingKernel()
     kernel = body if shape == "callable-object" else (lambda x, y: body(x, y))
     wrapped = tolerant_kwargs(["out"], "copy", name="refused")(kernel)
-    with capture_logs():
-        wrapped(rand(3), rand(3), out=torch.empty(3))  # a good buffer first: the fast path is armed
+    if warm:
+        with capture_logs():
+            wrapped(rand(3), rand(3), out=torch.empty(3))  # a good buffer first: the fast path is armed
     buf = make_buffer()
     with pytest.raises(
         UnsupportedKwargError, match=f"refused does not accept the keyword 'out'.*{why}"
     ) as info:
         wrapped(rand(3), rand(3), out=buf)
     assert (info.value.kernel, info.value.kwarg) == ("refused", "out")
-    assert body.calls == 1
-    assert [r["count"] for r in stats()] == [1]
+    assert body.calls == int(warm), "refused before the kernel ran"
+    assert [r["count"] for r in stats()] == ([1] if warm else [])
 
 
 def test_copy_into_a_leaf_requiring_grad_is_fine_under_no_grad() -> None:
@@ -670,3 +680,131 @@ def test_copy_into_a_leaf_requiring_grad_is_fine_under_no_grad() -> None:
     with torch.no_grad(), capture_logs():
         assert wrapped(torch.ones(3), out=buf) is buf
     torch.testing.assert_close(buf.detach(), torch.full((3,), 2.0))
+
+
+# -- processes ------------------------------------------------------------------------------------
+
+_FORK_WHILE_RELOADING = """
+import json, os, threading, time
+import structlog, torch
+from prometheus_client import CollectorRegistry
+from kernel_fallback import kernel_chain, reload_config, tolerant_kwargs
+from kernel_fallback.metrics import enable_prometheus
+
+structlog.configure(logger_factory=structlog.ReturnLoggerFactory())  # events go nowhere
+
+def add(x, y):
+    return x + y
+
+kept = [tolerant_kwargs(["out"], name=f"k{i}")(add) for i in range(2000)]
+
+@kernel_chain(name="forked_chain", drop=["out"])
+def chained(x, y, *, out=None):
+    raise NotImplementedError
+
+chained.chain.provider("plain", loader=lambda: add)
+stop = False
+
+def reload_forever():  # holds the registry lock and each chain's lock in turn
+    while not stop:
+        reload_config()
+
+def metrics_forever():  # holds metrics._lock in turn
+    while not stop:
+        enable_prometheus(CollectorRegistry(), include_existing=False).close()
+
+def describe_forever():  # holds the chain's lock in turn
+    while not stop:
+        chained.chain.describe()
+
+for target in (reload_forever, metrics_forever, describe_forever):
+    threading.Thread(target=target, daemon=True).start()
+time.sleep(0.2)
+x = torch.ones(2)
+pids = []
+for _ in range(20):
+    pid = os.fork()
+    if pid == 0:
+        tolerant_kwargs(["out"], name="in_child")(add)(x, x, out=torch.empty(2))
+        chained(x, x)
+        chained.chain.describe()
+        reload_config()
+        enable_prometheus(CollectorRegistry()).close()
+        os._exit(0)
+    pids.append(pid)
+    time.sleep(0.02)
+stop = True
+waiting, codes, deadline = set(pids), [], time.monotonic() + 60
+while waiting and time.monotonic() < deadline:
+    for pid in list(waiting):
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            codes.append(os.waitstatus_to_exitcode(status))
+            waiting.discard(pid)
+    time.sleep(0.05)
+for pid in waiting:  # hung: deadlocked on a lock inherited held
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+print(json.dumps({"children": len(pids), "hung": len(waiting), "codes": codes}))
+"""
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_a_child_forked_during_a_reload_in_another_thread_does_not_hang() -> None:
+    # The issue's scenario: 2000 kernels, a thread reloading (others enabling metrics and
+    # describing a chain), 20 children forked meanwhile; each decorates, calls and
+    # describes a chain, reloads and enables metrics. A lock another thread held at fork
+    # (registry, chain or metrics lock) hung 15-20 of them.
+    done = subprocess.run(
+        [sys.executable, "-W", "ignore", "-c", _FORK_WHILE_RELOADING],
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["hung"] == 0, result
+    assert result["codes"] == [0] * result["children"], result
+
+
+async def _async_kernel(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+def _generator_kernel(x: torch.Tensor) -> Iterator[torch.Tensor]:
+    yield x * 2
+
+
+async def _async_generator_kernel(x: torch.Tensor) -> AsyncIterator[torch.Tensor]:
+    yield x * 2
+
+
+async def _collect(items: AsyncIterator[torch.Tensor]) -> list[torch.Tensor]:
+    return [item async for item in items]
+
+
+@pytest.mark.parametrize(
+    ("kernel", "is_kind", "run"),
+    [
+        (_async_kernel, inspect.iscoroutinefunction, lambda made: [asyncio.run(made)]),
+        (_generator_kernel, inspect.isgeneratorfunction, list),
+        (_async_generator_kernel, inspect.isasyncgenfunction, lambda made: asyncio.run(_collect(made))),
+    ],
+    ids=["async-def", "generator", "async-generator"],
+)
+@pytest.mark.parametrize("drop", [["out"], ["x"]], ids=["lacks-a-keyword", "lacks-none"])
+def test_coroutine_and_generator_kernels_stay_what_they_are(
+    kernel: Callable[..., Any],
+    is_kind: Callable[[Any], bool],
+    run: Callable[[Any], list[Any]],
+    drop: list[str],
+) -> None:
+    wrapped = tolerant_kwargs(drop, name="kind")(kernel)
+    assert is_kind(wrapped), "asyncio, pytest and friends ask inspect what a function is"
+    x = torch.ones(2)
+    with capture_logs():
+        results = run(wrapped(x, out=torch.empty(2)) if drop == ["out"] else wrapped(x))
+    torch.testing.assert_close(results, run(kernel(x)))
+    assert [r["count"] for r in stats()] == ([1] if drop == ["out"] else [])

@@ -58,7 +58,6 @@ from torch.nn.attention import flex_attention as _flex_mod
 
 from kernel_fallback import _config
 from kernel_fallback._options import stream_capturing
-from kernel_fallback.exceptions import PolicyConfigError
 from kernel_fallback.integrations.flash_attn import _reference
 from kernel_fallback.integrations.flash_attn._exact import (
     NO_KEYS,
@@ -89,7 +88,7 @@ __all__ = [
 ]
 
 #: Environment variable: false (``0``) keeps CUDA decode off the Triton kernel (SDPA/flex instead).
-TRITON_DECODE_ENV = "KERNEL_FALLBACK_TRITON"  # listed in _config.KNOWN_VARIABLES
+TRITON_DECODE_ENV = _config.ENV_TRITON
 #: The backend name of the Triton split-K decode path in ``describe_table()``.
 TRITON_DECODE = "triton split-k decode (paged)"
 
@@ -394,19 +393,9 @@ def triton_decode_enabled() -> bool:
 
 @functools.lru_cache(maxsize=8)
 def _triton_decode_flag(raw_value: str | None) -> bool:
-    # Parsed once per value (an invalid one raises every time: errors are not cached).
-    raw = _config.env_value(raw_value)
-    if raw is None:
-        return True
-    value = raw.strip().lower()
-    if value not in _config.BOOL_VALUES:
-        raise PolicyConfigError(
-            f"{TRITON_DECODE_ENV}={raw!r} is not a boolean; use one of {', '.join(_config.BOOL_VALUES)}",
-            name=TRITON_DECODE_ENV,
-            value=raw,
-            allowed=_config.BOOL_VALUES,
-        )
-    return value in ("true", "1", "yes", "on")
+    # Parsed once per value, as `kernel-fallback config` parses it (one registry,
+    # _config.VARIABLES); an invalid value raises every time: errors are not cached.
+    return _config.parse_flag(TRITON_DECODE_ENV, raw_value, default=True)
 
 
 @functools.cache
