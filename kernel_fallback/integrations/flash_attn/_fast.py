@@ -47,6 +47,7 @@ from torch.nn.attention import flex_attention as _flex_mod
 from kernel_fallback import _config
 from kernel_fallback._options import stream_capturing
 from kernel_fallback.exceptions import PolicyConfigError
+from kernel_fallback.integrations.flash_attn import _mla_fp8
 from kernel_fallback.integrations.flash_attn._masks import MaskSpec, block_mask_for, row_intervals
 from kernel_fallback.integrations.flash_attn._reference import (
     WindowSize,
@@ -172,13 +173,19 @@ def flash_attn_varlen_func(
     softcap: float = 0.0,
     sinks: Tensor | None = None,
     return_softmax_lse: bool = False,
+    qv: Tensor | None = None,
+    q_descale: Tensor | None = None,
+    k_descale: Tensor | None = None,
+    v_descale: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Variable-length (packed) attention through flex_attention; FA3's arguments.
 
     q (total_q, Hq, D), k/v (total_k, Hkv, D[v]), ``cu_seqlens_q/k`` int32 (batch + 1,).
-    Returns ``out`` (total_q, Hq, Dv) in q's dtype, or ``(out, lse)`` with lse float32
-    (Hq, total_q). Rows outside every sequence (or past ``seqused_q``) get zeros and lse
-    ``-inf``. See the module docstring for what is not validated.
+    Returns ``out`` (total_q, Hq, Dv) in q's dtype (bfloat16 for fp8), or ``(out, lse)``
+    with lse float32 (Hq, total_q). Rows outside every sequence (or past ``seqused_q``) get
+    zeros and lse ``-inf``. ``qv`` and fp8 descales as in
+    :mod:`~kernel_fallback.integrations.flash_attn._mla_fp8`. See the module docstring for
+    what is not validated.
     """
     del max_seqlen_q, max_seqlen_k  # launch hints of the CUDA kernel
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -198,6 +205,15 @@ def flash_attn_varlen_func(
         if used is not None:
             _check_int32_shape(name, used, batch)
     total_q, total_k = q.shape[0], k.shape[0]
+    _mla_fp8.check_qv(q, qv, v.shape[-1])
+    descales = _mla_fp8.check_descales(q, (q_descale, k_descale, v_descale), batch, k.shape[1])
+    q_factor = v_factor = None
+    if any(t is not None for t in descales):
+        cu = cu_seqlens_q.to(device=q.device, dtype=torch.long)
+        doc = _packed_rows(cu, total_q, cu[1:] - cu[:-1])[0]
+        q_factor, v_factor = _mla_fp8.row_factors(descales, doc, q.shape[1] // k.shape[1])
+    scale = softmax_scale if softmax_scale is not None else _mla_fp8.default_scale(q, qv)
+    q, k, v = _mla_fp8.fold(q, k, v, qv, q_factor)
 
     def intervals() -> tuple[Tensor, Tensor]:
         cu_q = cu_seqlens_q.to(device=q.device, dtype=torch.long)
@@ -215,7 +231,6 @@ def flash_attn_varlen_func(
         total_k,
         reuse=not _capturing(q.device),
     )
-    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
     out, lse, backend = _flex(
         q.transpose(0, 1).unsqueeze(0),
         k.transpose(0, 1).unsqueeze(0),
@@ -227,7 +242,7 @@ def flash_attn_varlen_func(
         return_softmax_lse,
     )
     _last["flash_attn_varlen_func"] = backend
-    out = out[0].transpose(0, 1).contiguous()
+    out = _mla_fp8.scale_out(out[0].transpose(0, 1), v_factor, q.dtype).contiguous()
     return (out, lse[0]) if return_softmax_lse and lse is not None else out
 
 
@@ -306,13 +321,22 @@ def _capability(device: torch.device) -> tuple[int, int]:
     return torch.cuda.get_device_capability(device)
 
 
-def _triton_decode_fits(q: Tensor, k_cache: Tensor, v_cache: Tensor, spec: MaskSpec) -> bool:
+def _triton_decode_fits(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    spec: MaskSpec,
+    qv: Tensor | None = None,
+    descales: tuple[Tensor | None, ...] = (),
+) -> bool:
     """Whether the Triton split-K decode kernel serves this (non-packed) cache call.
 
     CUDA tensors (compute capability 8.0+) of one 16-bit dtype, at most 64 query rows per kv head, head
-    dims up to 256 (unit stride in the cache), no ``attention_chunk``;
-    ``KERNEL_FALLBACK_TRITON=0`` opts out.
+    dims up to 256 (unit stride in the cache), no ``attention_chunk``, no ``qv`` or
+    ``*_descale`` (the kernel does not take them yet); ``KERNEL_FALLBACK_TRITON=0`` opts out.
     """
+    if qv is not None or any(t is not None for t in descales):
+        return False
     if not triton_decode_enabled() or not _has_triton():
         return False
     if q.device.type != "cuda" or k_cache.device != q.device or _capability(q.device) < (8, 0):
@@ -364,17 +388,25 @@ def flash_attn_with_kvcache(
     softcap: float = 0.0,
     sinks: Tensor | None = None,
     return_softmax_lse: bool = False,
+    qv: Tensor | None = None,
+    q_descale: Tensor | None = None,
+    k_descale: Tensor | None = None,
+    v_descale: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Attention over a (paged) KV cache through SDPA (decode) or flex_attention; FA3's arguments.
 
     Layouts and results as the reference's ``flash_attn_with_kvcache``: q (B, Sq, Hq, D)
     or packed (total_q, Hq, D) with ``cu_seqlens_q``; ``k``/``v`` appended in place at
-    ``cache_seqlens``; lse (B, Hq, Sq), or (Hq, total_q) for packed q.
+    ``cache_seqlens``; lse (B, Hq, Sq), or (Hq, total_q) for packed q. ``qv`` and fp8
+    descales as in :mod:`~kernel_fallback.integrations.flash_attn._mla_fp8` (output
+    bfloat16 for fp8).
     """
     del max_seqlen_q  # launch hint of the CUDA kernel
     batch, s_new = _check_cache_args(q, k_cache, v_cache, k, v, page_table, cu_seqlens_q, cache_seqlens)
     _check_common(q, k_cache, v_cache, softcap, sinks, "k_cache and v_cache")
     spec = _spec(window_size, causal, attention_chunk)
+    _mla_fp8.check_qv(q, qv, v_cache.shape[-1])
+    descales = _mla_fp8.check_descales(q, (q_descale, k_descale, v_descale), batch, k_cache.shape[2])
     dev = k_cache.device
     hkv = k_cache.shape[2]
     page = k_cache.shape[1]
@@ -393,8 +425,8 @@ def flash_attn_with_kvcache(
         k_cache.index_put_(index, k.to(device=dev, dtype=k_cache.dtype))
         v_cache.index_put_(index, v.to(device=dev, dtype=v_cache.dtype))
     lens_k = cached + s_new
-    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
-    if cu_seqlens_q is None and _triton_decode_fits(q, k_cache, v_cache, spec):
+    scale = softmax_scale if softmax_scale is not None else _mla_fp8.default_scale(q, qv)
+    if cu_seqlens_q is None and _triton_decode_fits(q, k_cache, v_cache, spec, qv, descales):
         from kernel_fallback.integrations.flash_attn._triton_decode import decode_attention
 
         out, lse = decode_attention(
@@ -408,6 +440,16 @@ def flash_attn_with_kvcache(
         v_log = v_cache[blocks].flatten(1, 2)
     else:
         k_log, v_log = k_cache, v_cache
+    q_factor = v_factor = None
+    if any(t is not None for t in descales):
+        if cu_seqlens_q is None:
+            seq_of_row = torch.arange(batch, device=q.device).view(batch, 1)
+        else:
+            cu = cu_seqlens_q.to(device=q.device, dtype=torch.long)
+            seq_of_row = _packed_rows(cu, q.shape[0], cu[1:] - cu[:-1])[0]
+        q_factor, v_factor = _mla_fp8.row_factors(descales, seq_of_row, q.shape[-2] // hkv)
+    dtype = _mla_fp8.result_dtype(q.dtype)
+    q, k_log, v_log = _mla_fp8.fold(q, k_log, v_log, qv, q_factor)  # MLA and fp8: plain attention
     layout = (cache_seqlens if isinstance(cache_seqlens, Tensor) else None, cu_seqlens_q)
     params = (
         "kvcache",
@@ -433,7 +475,7 @@ def flash_attn_with_kvcache(
         if simple and sq * (hq // hkv) <= SDPA_DECODE_MAX_ROWS:
             lo, hi = intervals()
             _last["flash_attn_with_kvcache"] = "sdpa (decode, gqa folded into rows)"
-            return _sdpa_decode(q, k_log, v_log, lo, hi, scale).to(q.dtype)
+            return _mla_fp8.scale_out(_sdpa_decode(q, k_log, v_log, lo, hi, scale), v_factor, dtype)
         mask = block_mask_for(layout, params, intervals, capacity, reuse=not _capturing(dev))
         out, lse, backend = _flex(
             q.transpose(1, 2),
@@ -446,7 +488,7 @@ def flash_attn_with_kvcache(
             return_softmax_lse,
         )
         _last["flash_attn_with_kvcache"] = backend
-        out = out.transpose(1, 2).contiguous()
+        out = _mla_fp8.scale_out(out.transpose(1, 2), v_factor, dtype).contiguous()
         return (out, lse) if return_softmax_lse and lse is not None else out
 
     cu_q = cu_seqlens_q
@@ -470,7 +512,7 @@ def flash_attn_with_kvcache(
         return_softmax_lse,
     )
     _last["flash_attn_with_kvcache"] = backend
-    out = out[0].transpose(0, 1).contiguous()
+    out = _mla_fp8.scale_out(out[0].transpose(0, 1), v_factor, dtype).contiguous()
     return (out, lse[0]) if return_softmax_lse and lse is not None else out
 
 
