@@ -213,6 +213,7 @@ def flash_attn_varlen_func(
         doc = _packed_rows(cu, total_q, cu[1:] - cu[:-1])[0]
         q_factor, v_factor = _mla_fp8.row_factors(descales, doc, q.shape[1] // k.shape[1])
     scale = softmax_scale if softmax_scale is not None else _mla_fp8.default_scale(q, qv)
+    dtype = _mla_fp8.result_dtype(q.dtype)
     q, k, v = _mla_fp8.fold(q, k, v, qv, q_factor)
 
     def intervals() -> tuple[Tensor, Tensor]:
@@ -242,7 +243,7 @@ def flash_attn_varlen_func(
         return_softmax_lse,
     )
     _last["flash_attn_varlen_func"] = backend
-    out = _mla_fp8.scale_out(out[0].transpose(0, 1), v_factor, q.dtype).contiguous()
+    out = _mla_fp8.scale_out(out[0].transpose(0, 1), v_factor, dtype).contiguous()
     return (out, lse[0]) if return_softmax_lse and lse is not None else out
 
 

@@ -28,6 +28,7 @@ __all__ = [
     "FP8_DTYPES",
     "check_descales",
     "check_qv",
+    "compute_dtype",
     "default_scale",
     "is_fp8",
     "fold",
@@ -121,17 +122,25 @@ def row_factors(
     return scores, per_row(v_d) if v_d is not None else None
 
 
+def compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
+    """The dtype the torch provider attends in: fp8 runs as bfloat16 on CUDA (tensor cores),
+    float32 elsewhere (CPU attention in bfloat16 rounds the scores); others as given."""
+    if not is_fp8(dtype):
+        return dtype
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
 def fold(
     q: Tensor, k: Tensor, v: Tensor, qv: Tensor | None, q_factor: Tensor | None
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """``(q, k, v)`` of one plain attention with FA3's scores, in the output dtype.
+    """``(q, k, v)`` of one plain attention with FA3's scores, in :func:`compute_dtype`.
 
     The scores ``(q @ k^T + qv @ v^T) * q_factor`` are those of ``[q, qv] * q_factor``
     against ``[k, v]``, so MLA runs as ordinary attention with head dims ``D + Dv`` (scores)
-    and ``Dv`` (values); fp8 inputs are cast to bfloat16 (exact), the descales folded into
-    the (few) query rows instead of the (many) keys.
+    and ``Dv`` (values); fp8 values are cast exactly, and the descales are folded into the
+    (few) query rows instead of the (many) keys.
     """
-    dtype = result_dtype(q.dtype)
+    dtype = compute_dtype(q.dtype, q.device)
     parts = [q] if qv is None else [q, qv]
     if q_factor is not None:
         parts = [(p.to(torch.float32) * q_factor).to(dtype) for p in parts]
