@@ -547,3 +547,28 @@ def test_mla_prefill_192_128_in_fp8_on_cuda() -> None:
     plain, _ = ref.flash_attn_varlen_func(q.bfloat16(), k.bfloat16(), v.bfloat16(), cu, cu, **opts)
     _bf16_rule(out, plain, oracle)
     torch.testing.assert_close(lse.cpu(), oracle_lse, atol=2e-2, rtol=2e-3)
+
+
+def test_qv_decode_that_the_triton_kernel_would_fit_stays_off_it_and_is_right() -> None:
+    """Head dims the Triton kernel takes (64 / 128, bf16, 8 rows): with qv it must not run it."""
+    pytest.importorskip("triton")
+    from kernel_fallback.integrations.flash_attn import _fast as fast
+    from kernel_fallback.integrations.flash_attn import _reference as ref
+
+    gen = torch.Generator().manual_seed(44)
+    q, qv = torch.randn(2, 1, 8, 64, generator=gen), torch.randn(2, 1, 8, 128, generator=gen)
+    k_cache, v_cache = torch.randn(9, 16, 1, 64, generator=gen), torch.randn(9, 16, 1, 128, generator=gen)
+    opts: dict[str, Any] = {
+        "cache_seqlens": torch.tensor([61, 3], dtype=torch.int32),
+        "page_table": (torch.randperm(8, generator=gen) + 1).view(2, 4).int(),
+    }
+    qb, kb, vb, qvb = (t.bfloat16() for t in (q, k_cache, v_cache, qv))
+    on_cuda = {k: v.cuda() for k, v in opts.items()}
+    got = fast.flash_attn_with_kvcache(qb.cuda(), kb.cuda(), vb.cuda(), qv=qvb.cuda(), **on_cuda)
+    assert fast.last_backend("flash_attn_with_kvcache") != fast.TRITON_DECODE
+    oracle = ref.flash_attn_with_kvcache(qb.double(), kb.double(), vb.double(), qv=qvb.double(), **opts)
+    plain = ref.flash_attn_with_kvcache(qb, kb, vb, qv=qvb, **opts)
+    assert isinstance(got, torch.Tensor)
+    assert isinstance(oracle, torch.Tensor)
+    assert isinstance(plain, torch.Tensor)
+    _bf16_rule(got, plain, oracle)

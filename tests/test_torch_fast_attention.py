@@ -482,12 +482,3 @@ def test_fp8_mla_prefill_192_128_matches_reference(descales: bool) -> None:
     scale = want[0].double().abs().max()
     assert (got[0].double() - want[0].double()).abs().max() <= 2**-6 * scale
     _close_lse(got[1], want[1])
-
-
-def test_qv_or_descales_keep_off_the_triton_decode_kernel() -> None:
-    """Until the Triton kernel takes them, a call with qv or a descale never selects it."""
-    from kernel_fallback.integrations.flash_attn._masks import MaskSpec
-
-    q, cache, spec = torch.ones(2, 1, 4, 16), torch.ones(2, 8, 2, 16), MaskSpec(-1, -1, 0)
-    assert not fast._triton_decode_fits(q, cache, cache, spec, qv=torch.ones(2, 1, 4, 16))
-    assert not fast._triton_decode_fits(q, cache, cache, spec, descales=(None, torch.ones(2, 2), None))

@@ -25,6 +25,9 @@ Lq x Lk score matrix on CUDA:
   ``KERNEL_FALLBACK_TRITON=0`` opts out.
 * Otherwise a paged cache is gathered through ``page_table`` into a (B, capacity) layout first.
 * Sinks fold in through the log-sum-exp: ``out *= sigmoid(lse - sink)``.
+* MLA's ``qv`` and fp8 descales become one plain attention (``[q, qv]`` against
+  ``[k, v]``, descales folded into query and output rows) on the paths above, Triton
+  excepted: :mod:`~kernel_fallback.integrations.flash_attn._mla_fp8`.
 
 Values are not validated (that would read them on the host): ``cu_seqlens`` must be
 well formed, ``cache_seqlens + Sk_new`` within capacity and ``page_table`` entries
@@ -156,6 +159,14 @@ def _packed_rows(cu_q: Tensor, total_q: int, lens_q: Tensor) -> tuple[Tensor, Te
     return doc, pos, (pos >= 0) & (pos < lens_q[doc])
 
 
+def _row_seqs(cu_q: Tensor | None, rows: int, device: torch.device) -> Tensor:
+    """Each query row's sequence: by ``cu_q`` for ``rows`` packed rows, else (rows, 1) for (B, Sq)."""
+    if cu_q is None:
+        return torch.arange(rows, device=device).view(rows, 1)
+    cu = cu_q.to(device=device, dtype=torch.long)
+    return _packed_rows(cu, rows, cu[1:] - cu[:-1])[0]
+
+
 def flash_attn_varlen_func(
     q: Tensor,
     k: Tensor,
@@ -207,14 +218,9 @@ def flash_attn_varlen_func(
     total_q, total_k = q.shape[0], k.shape[0]
     _mla_fp8.check_qv(q, qv, v.shape[-1])
     descales = _mla_fp8.check_descales(q, (q_descale, k_descale, v_descale), batch, k.shape[1])
-    q_factor = v_factor = None
-    if any(t is not None for t in descales):
-        cu = cu_seqlens_q.to(device=q.device, dtype=torch.long)
-        doc = _packed_rows(cu, total_q, cu[1:] - cu[:-1])[0]
-        q_factor, v_factor = _mla_fp8.row_factors(descales, doc, q.shape[1] // k.shape[1])
     scale = softmax_scale if softmax_scale is not None else _mla_fp8.default_scale(q, qv)
-    dtype = _mla_fp8.result_dtype(q.dtype)
-    q, k, v = _mla_fp8.fold(q, k, v, qv, q_factor)
+    dtype, dev = _mla_fp8.result_dtype(q.dtype), q.device
+    q, k, v, v_factor = _mla_fp8.fold(q, k, v, qv, descales, lambda: _row_seqs(cu_seqlens_q, total_q, dev))
 
     def intervals() -> tuple[Tensor, Tensor]:
         cu_q = cu_seqlens_q.to(device=q.device, dtype=torch.long)
@@ -441,16 +447,10 @@ def flash_attn_with_kvcache(
         v_log = v_cache[blocks].flatten(1, 2)
     else:
         k_log, v_log = k_cache, v_cache
-    q_factor = v_factor = None
-    if any(t is not None for t in descales):
-        if cu_seqlens_q is None:
-            seq_of_row = torch.arange(batch, device=q.device).view(batch, 1)
-        else:
-            cu = cu_seqlens_q.to(device=q.device, dtype=torch.long)
-            seq_of_row = _packed_rows(cu, q.shape[0], cu[1:] - cu[:-1])[0]
-        q_factor, v_factor = _mla_fp8.row_factors(descales, seq_of_row, q.shape[-2] // hkv)
-    dtype = _mla_fp8.result_dtype(q.dtype)
-    q, k_log, v_log = _mla_fp8.fold(q, k_log, v_log, qv, q_factor)  # MLA and fp8: plain attention
+    dtype, rows, q_dev = _mla_fp8.result_dtype(q.dtype), q.shape[0], q.device
+    q, k_log, v_log, v_factor = _mla_fp8.fold(
+        q, k_log, v_log, qv, descales, lambda: _row_seqs(cu_seqlens_q, rows, q_dev)
+    )
     layout = (cache_seqlens if isinstance(cache_seqlens, Tensor) else None, cu_seqlens_q)
     params = (
         "kvcache",

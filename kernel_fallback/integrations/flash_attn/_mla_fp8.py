@@ -20,6 +20,8 @@ FlashAttention-3's math (hopper mainloop), which both providers follow::
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -131,15 +133,26 @@ def compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
 
 
 def fold(
-    q: Tensor, k: Tensor, v: Tensor, qv: Tensor | None, q_factor: Tensor | None
-) -> tuple[Tensor, Tensor, Tensor]:
-    """``(q, k, v)`` of one plain attention with FA3's scores, in :func:`compute_dtype`.
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    qv: Tensor | None,
+    descales: tuple[Tensor | None, Tensor | None, Tensor | None],
+    seq_of_row: Callable[[], Tensor],
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """``(q, k, v)`` of one plain attention with FA3's scores, and the output's ``v_descale``.
 
-    The scores ``(q @ k^T + qv @ v^T) * q_factor`` are those of ``[q, qv] * q_factor``
-    against ``[k, v]``, so MLA runs as ordinary attention with head dims ``D + Dv`` (scores)
-    and ``Dv`` (values); fp8 values are cast exactly, and the descales are folded into the
-    (few) query rows instead of the (many) keys.
+    The scores ``(q @ k^T + qv @ v^T) * q_descale * k_descale`` are those of
+    ``[q, qv] * q_descale * k_descale`` against ``[k, v]``, so MLA runs as ordinary
+    attention with head dims ``D + Dv`` (scores) and ``Dv`` (values); the descales are
+    folded into the (few) query rows instead of the (many) keys. ``seq_of_row()`` gives
+    each query row's sequence (see :func:`row_factors`), asked only with descales. The
+    tensors come in :func:`compute_dtype` (fp8 values cast exactly); the output factor is
+    for :func:`scale_out`.
     """
+    q_factor = v_factor = None
+    if any(t is not None for t in descales):
+        q_factor, v_factor = row_factors(descales, seq_of_row(), q.shape[-2] // k.shape[-2])
     dtype = compute_dtype(q.dtype, q.device)
     parts = [q] if qv is None else [q, qv]
     if q_factor is not None:
@@ -148,8 +161,8 @@ def fold(
         parts = [p.to(dtype) for p in parts]
     k, v = k.to(dtype), v.to(dtype)
     if qv is None:
-        return parts[0], k, v
-    return torch.cat(parts, -1), torch.cat([k, v], -1), v
+        return parts[0], k, v, v_factor
+    return torch.cat(parts, -1), torch.cat([k, v], -1), v, v_factor
 
 
 def scale_out(out: Tensor, v_factor: Tensor | None, dtype: torch.dtype) -> Tensor:
