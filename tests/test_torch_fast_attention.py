@@ -294,6 +294,7 @@ MLA_FAST = [
     pytest.param({"page": 16, "sq": [2, 3, 1], "causal": False, "lse": True}, id="cascade-empty-prefix"),
     pytest.param({"page": 16, "sq": [3, 1, 2], "window_size": (4, 0)}, id="window"),
     pytest.param({"page": 64, "scale": None}, id="default-scale"),
+    pytest.param({"page": 16, "lse": True, "separate": True}, id="separate-buffers"),
 ]
 
 
@@ -307,6 +308,9 @@ def test_mla_kvcache_matches_reference(case: dict[str, Any]) -> None:
     table, owner = _pages(gen, lens, page)
     buf = torch.randn(owner.shape[0], page, 1, LATENT + ROPE, generator=gen)
     c_kv, k_rope = buf[..., :LATENT], buf[..., LATENT:]
+    if case.get("separate"):
+        c_kv, k_rope = c_kv.clone(), k_rope.clone()
+    assert (fast._mla_fp8.joint_view(k_rope, c_kv) is None) == bool(case.get("separate"))
     opts: dict[str, Any] = {
         "cache_seqlens": torch.tensor(lens, dtype=torch.int32),
         "page_table": table,
@@ -482,3 +486,22 @@ def test_fp8_mla_prefill_192_128_matches_reference(descales: bool) -> None:
     scale = want[0].double().abs().max()
     assert (got[0].double() - want[0].double()).abs().max() <= 2**-6 * scale
     _close_lse(got[1], want[1])
+
+
+@pytest.mark.parametrize(
+    ("make", "joint"),
+    [
+        pytest.param(lambda b: (b[..., 512:], b[..., :512]), True, id="sglang-views"),
+        pytest.param(lambda b: (b[..., :64], b[..., 64:]), False, id="k-before-v"),
+        pytest.param(lambda b: (b[..., 512:].clone(), b[..., :512]), False, id="copied"),
+        pytest.param(lambda b: (b[..., 510:574], b[..., :512]), False, id="overlapping"),
+        pytest.param(lambda b: (b[1:, ..., 512:], b[:-1, ..., :512]), False, id="other-rows"),
+    ],
+)
+def test_joint_view_only_for_adjacent_views_of_one_buffer(make: Any, joint: bool) -> None:
+    buf = torch.randn(4, 8, 1, 576)
+    k, v = make(buf)
+    view = fast._mla_fp8.joint_view(k, v)
+    assert (view is not None) == joint
+    if view is not None:
+        assert torch.equal(view, torch.cat([v, k], -1))

@@ -442,7 +442,11 @@ def flash_attn_with_kvcache(
         )  # fmt: skip
         _last["flash_attn_with_kvcache"] = TRITON_DECODE
         return (out, lse) if return_softmax_lse and lse is not None else out
-    if blocks is not None:  # the logical cache, (B, capacity, Hkv, D)
+    joint = _mla_fp8.joint_view(k_cache, v_cache) if qv is not None else None
+    if blocks is not None and joint is not None:  # sglang's MLA buffer: one gather, two views
+        kv_log = joint[blocks].flatten(1, 2)
+        k_log, v_log = kv_log[..., v_cache.shape[-1] :], kv_log[..., : v_cache.shape[-1]]
+    elif blocks is not None:  # the logical cache, (B, capacity, Hkv, D)
         k_log = k_cache[blocks].flatten(1, 2)
         v_log = v_cache[blocks].flatten(1, 2)
     else:

@@ -33,6 +33,7 @@ __all__ = [
     "compute_dtype",
     "default_scale",
     "is_fp8",
+    "joint_view",
     "fold",
     "result_dtype",
     "row_factors",
@@ -132,6 +133,22 @@ def compute_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if device.type == "cuda" else torch.float32
 
 
+def joint_view(k: Tensor, v: Tensor) -> Tensor | None:
+    """``[v | k]`` along the head dim as one view, when ``v`` and ``k`` are adjacent views of one buffer.
+
+    sglang keeps MLA's cache as one (tokens, 1, 512 + 64) buffer and passes ``c_kv`` (its
+    first 512) as ``v_cache`` and ``k_rope`` (the last 64) as ``k_cache``; attending over
+    that buffer directly saves the copy a concatenation makes. None when they are not so.
+    """
+    if k.dtype != v.dtype or k.device != v.device or k.shape[:-1] != v.shape[:-1] or k.stride() != v.stride():
+        return None
+    if k.stride(-1) != 1 or k.untyped_storage().data_ptr() != v.untyped_storage().data_ptr():
+        return None
+    if k.storage_offset() != v.storage_offset() + v.shape[-1]:
+        return None
+    return v.as_strided((*v.shape[:-1], v.shape[-1] + k.shape[-1]), v.stride(), v.storage_offset())
+
+
 def fold(
     q: Tensor,
     k: Tensor,
@@ -159,9 +176,12 @@ def fold(
         parts = [(p.to(torch.float32) * q_factor).to(dtype) for p in parts]
     else:
         parts = [p.to(dtype) for p in parts]
-    k, v = k.to(dtype), v.to(dtype)
     if qv is None:
-        return parts[0], k, v, v_factor
+        return parts[0], k.to(dtype), v.to(dtype), v_factor
+    joint = joint_view(k, v) if k.dtype == dtype else None
+    if joint is not None:  # [qv, q] against the buffer [v | k]: the same scores, no copy
+        return torch.cat(parts[::-1], -1), joint, v, v_factor
+    k, v = k.to(dtype), v.to(dtype)
     return torch.cat(parts, -1), torch.cat([k, v], -1), v, v_factor
 
 
