@@ -16,6 +16,7 @@ from torch import Tensor
 
 from kernel_fallback.integrations.flash_attn import _fast as fast
 from kernel_fallback.integrations.flash_attn import _masks as _attention_masks
+from kernel_fallback.integrations.flash_attn import _mla_fp8
 from kernel_fallback.integrations.flash_attn import _reference as ref
 from kernel_fallback.integrations.flash_attn import flash_attn_varlen_func as chain_varlen
 
@@ -310,7 +311,7 @@ def test_mla_kvcache_matches_reference(case: dict[str, Any]) -> None:
     c_kv, k_rope = buf[..., :LATENT], buf[..., LATENT:]
     if case.get("separate"):
         c_kv, k_rope = c_kv.clone(), k_rope.clone()
-    assert (fast._mla_fp8.joint_view(k_rope, c_kv) is None) == bool(case.get("separate"))
+    assert (_mla_fp8.joint_view(k_rope, c_kv) is None) == bool(case.get("separate"))
     opts: dict[str, Any] = {
         "cache_seqlens": torch.tensor(lens, dtype=torch.int32),
         "page_table": table,
@@ -501,7 +502,7 @@ def test_fp8_mla_prefill_192_128_matches_reference(descales: bool) -> None:
 def test_joint_view_only_for_adjacent_views_of_one_buffer(make: Any, joint: bool) -> None:
     buf = torch.randn(4, 8, 1, 576)
     k, v = make(buf)
-    view = fast._mla_fp8.joint_view(k, v)
+    view = _mla_fp8.joint_view(k, v)
     assert (view is not None) == joint
     if view is not None:
         assert torch.equal(view, torch.cat([v, k], -1))
