@@ -200,6 +200,16 @@ def test_describe_table_names_the_backend_of_the_last_call() -> None:
             {"seqused_k": torch.tensor([1, 2])}, r"seqused_k must have dtype torch\.int32", id="seqused"
         ),
         pytest.param({"softcap": -1.0}, r"softcap must be >= 0", id="softcap"),
+        pytest.param(
+            {"qv": torch.ones(7, 4, 16)},
+            r"qv must have shape \(7, 4, 8\) \(q's shape with the value head dim 8\)",
+            id="qv-shape",
+        ),
+        pytest.param(
+            {"k_descale": torch.ones(2)},
+            r"k_descale must be a float32 tensor of shape \(2, 2\) \(batch, kv heads\)",
+            id="descale-shape",
+        ),
     ],
 )
 def test_varlen_bad_input_is_refused(override: dict[str, Any], match: str) -> None:
