@@ -5,7 +5,7 @@ Run: ``python examples/flash_attn_chain.py`` (no GPU needed). It shows, in order
 1. which provider serves ``flash_attn_varlen_func`` here and why the others were skipped
    (``describe_table``), and the one structured event the fallback recorded;
 2. ``out=`` honoured by copying into the caller's buffer when the provider lacks it;
-3. a keyword no provider here takes (``qv``) refused instead of silently dropped;
+3. a keyword no provider here takes (``score_mod``) refused instead of silently dropped;
 4. an explicit request that cannot be honoured raising ``ProviderUnavailableError``;
 5. ``SGLANG_USE_SGL_FA3_KERNEL=false`` putting the kernels-hub build first.
 """
@@ -45,7 +45,7 @@ def main() -> None:
 
     print("\n== 3. a keyword no provider here takes is refused, not dropped")
     try:
-        flash_attn_varlen_func(q, k, v, cu, cu, causal=True, qv=torch.randn(7, 8, 64))
+        flash_attn_varlen_func(q, k, v, cu, cu, causal=True, score_mod=lambda score, *_: score * 2)
     except UnsupportedKwargError as exc:
         print(f"UnsupportedKwargError: {str(exc)[:100]}...")
 

@@ -14,9 +14,12 @@ sglang's FA3 backend makes, and check each result against a float64 reference:
 3. extend: new tokens over a cached prefix, ``cu_seqlens_k_new`` with ``k=None``;
 4. cascade: a shared prefix and per-request suffixes, each returning the softmax lse
    (unpacked ``o, lse, *rest``), merged;
-5. MLA: with ``qv`` (refused here: no provider on this machine takes it, and dropping it
-   would compute something else), then the same attention written without ``qv``;
-6. ``ver=4`` without FlashAttention-4 installed: refused, naming what is allowed.
+5. MLA (DeepSeek-V2/V3/R1, absorbed): decode and extend with ``qv``, rope 64 / latent 512,
+   one kv head, ``k_rope`` and ``c_kv`` strided views of one (tokens, 1, 576) buffer, the
+   YaRN-scaled ``softmax_scale``; checked against attention over the concatenated heads;
+6. fp8 KV (``--kv-cache-dtype fp8_e4m3``): q cast to e4m3, ``k_descale``/``v_descale`` a
+   0-d scale ``.expand(batch, kv_heads)`` (stride 0), bfloat16 output;
+7. ``ver=4`` without FlashAttention-4 installed: refused, naming what is allowed.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from kernel_fallback import PolicyConfigError, ProviderUnavailableError, UnsupportedKwargError
+from kernel_fallback import PolicyConfigError, ProviderUnavailableError
 from kernel_fallback.integrations.flash_attn import flash_attn_varlen_func as fa3_varlen
 from kernel_fallback.integrations.flash_attn import flash_attn_with_kvcache as fa3_kvcache
 from kernel_fallback.testing import capture_fallbacks
@@ -327,44 +330,104 @@ def cascade(gen: torch.Generator) -> bool:
     return all(results)
 
 
-def mla(gen: torch.Generator) -> tuple[str, bool]:
-    """MLA decode: rope part in q/k_cache, latent part in qv/v_cache (one KV head)."""
-    lens, rope, latent, heads = [5, 8], 16, 32, 4
-    k_rope, c_kv = torch.randn(2, 8, 1, rope, generator=gen), torch.randn(2, 8, 1, latent, generator=gen)
-    q_rope, q_nope = torch.randn(2, heads, rope, generator=gen), torch.randn(2, heads, latent, generator=gen)
-    scale = (rope + latent) ** -0.5
-    common: dict[str, Any] = {
-        "cache_seqlens": torch.tensor(lens, dtype=torch.int32),
-        "page_table": torch.tensor([[0], [1]], dtype=torch.int32),
-        "cu_seqlens_q": cu([1, 1]),
-        "cu_seqlens_k_new": cu([1, 1]),
-        "max_seqlen_q": 1,
-        "softmax_scale": scale,
-        "causal": True,
-    }
-    try:
-        flash_attn_with_kvcache(q_rope, k_rope, c_kv, qv=q_nope, **common)
-        refused = "served"
-    except UnsupportedKwargError as exc:
-        refused = f"UnsupportedKwargError: {str(exc).splitlines()[0][:80]}"
-    # The same scores without qv: q = [q_nope, q_rope], k = [c_kv, k_rope], v = c_kv.
-    o = flash_attn_with_kvcache(
-        torch.cat([q_nope, q_rope], -1), torch.cat([c_kv, k_rope], -1).contiguous(), c_kv, **common
-    )
-    ok = all(
-        close(
-            o[i : i + 1],
-            reference(
-                torch.cat([q_nope, q_rope], -1)[i : i + 1],
-                torch.cat([c_kv, k_rope], -1)[i, : lens[i]],
-                c_kv[i, : lens[i]],
-                causal=True,
-                scale=scale,
-            )[0],
+MLA_ROPE, MLA_LATENT, MLA_HEADS = 64, 512, 16  # DeepSeek-V3: 128 heads / TP 8
+#: sglang's MLA scale: 1 / sqrt(qk_nope_head_dim + qk_rope_head_dim), times YaRN's mscale squared.
+MLA_SCALE = (128 + MLA_ROPE) ** -0.5 * 1.2**2
+
+
+def mla_cache(
+    gen: torch.Generator, lens: list[int], page: int
+) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+    """sglang's MLA cache: one (tokens, 1, 576) buffer, [c_kv | k_rope], seen through a page table.
+
+    Returns k_rope (pages, page, 1, 64) and c_kv (pages, page, 1, 512), strided views of
+    that buffer, the page table and each request's logical (len, 1, 576) rows.
+    """
+    pages = [(n + page - 1) // page for n in lens]
+    buf = torch.randn((sum(pages) + 1) * page, 1, MLA_LATENT + MLA_ROPE, generator=gen)
+    paged_buf = buf.view(-1, page, 1, MLA_LATENT + MLA_ROPE)
+    k_rope, c_kv = paged_buf[..., MLA_LATENT:], paged_buf[..., :MLA_LATENT]
+    order = torch.randperm(sum(pages), generator=gen) + 1
+    table = torch.zeros(len(lens), max(pages), dtype=torch.int32)
+    rows, start = [], 0
+    for i, (n, p) in enumerate(zip(lens, pages, strict=True)):
+        table[i, :p] = order[start : start + p]
+        start += p
+        rows.append(torch.cat([paged_buf[int(b)] for b in table[i, :p]])[:n])
+    return k_rope, c_kv, table, rows
+
+
+def mla_reference(q_rope: Tensor, q_nope: Tensor, rows: Tensor) -> Tensor:
+    """MLA written without ``qv``: q = [q_nope, q_rope] against k = [c_kv, k_rope], v = c_kv."""
+    q = torch.cat([q_nope, q_rope], -1)
+    return reference(q, rows, rows[..., :MLA_LATENT], causal=True, scale=MLA_SCALE)[0]
+
+
+def mla(gen: torch.Generator) -> bool:
+    """MLA decode (page size 1, sglang's default) and extend (page size 16) with ``qv``."""
+    results = []
+    for page, new in ((1, [1, 1, 1]), (16, [3, 1, 5])):
+        lens = [11 + n for n in new]  # cached tokens, the new ones included
+        k_rope, c_kv, table, rows = mla_cache(gen, lens, page)
+        q_rope = torch.randn(sum(new), MLA_HEADS, MLA_ROPE, generator=gen)
+        q_nope = torch.randn(sum(new), MLA_HEADS, MLA_LATENT, generator=gen)
+        o, _lse, *_rest = flash_attn_with_kvcache(
+            q=q_rope,
+            k_cache=k_rope,
+            v_cache=c_kv,
+            qv=q_nope,
+            page_table=table,
+            cache_seqlens=torch.tensor(lens, dtype=torch.int32),
+            cu_seqlens_q=cu(new),
+            cu_seqlens_k_new=cu(new),
+            max_seqlen_q=max(new),
+            softmax_scale=MLA_SCALE,
+            causal=True,
+            softcap=0.0,
+            k_descale=None,
+            v_descale=None,
+            num_splits=0,
+            return_softmax_lse=True,  # what the cascade path asks for
         )
-        for i in range(2)
+        offsets = cu(new).tolist()
+        for i in range(len(new)):
+            a, b = offsets[i], offsets[i + 1]
+            results.append(close(o[a:b], mla_reference(q_rope[a:b], q_nope[a:b], rows[i])))
+    return all(results)
+
+
+def fp8_decode(gen: torch.Generator) -> bool:
+    """fp8 KV decode: q cast to e4m3, stride-0 descales (batch, kv_heads), bfloat16 output."""
+    fp8 = torch.float8_e4m3fn
+    lens = [7, 10, 3]
+    k_cache, v_cache, table, _ks, _vs = paged(gen, lens)
+    k_scale = torch.tensor(0.5)  # a layer's 0-d scale, as sglang keeps it
+    k_cache, v_cache = (k_cache / k_scale).to(fp8), (v_cache / k_scale).to(fp8)
+    q = torch.randn(len(lens), HQ, D, generator=gen)
+    descale = k_scale.expand(len(lens), HKV)  # stride 0, as sglang passes it
+    o = flash_attn_with_kvcache(
+        q.to(fp8),
+        k_cache,
+        v_cache,
+        cache_seqlens=torch.tensor(lens, dtype=torch.int32),
+        page_table=table,
+        cu_seqlens_q=cu([1] * len(lens)),
+        cu_seqlens_k_new=cu([1] * len(lens)),
+        max_seqlen_q=1,
+        softmax_scale=D**-0.5,
+        causal=True,
+        k_descale=descale,
+        v_descale=descale,
+        num_splits=0,
     )
-    return refused, ok
+    results = [o.dtype == torch.bfloat16]
+    for i, n in enumerate(lens):
+        pages = table[i, : (n + PAGE - 1) // PAGE].long()
+        keys = k_cache[pages].flatten(0, 1)[:n].double() * k_scale.double()
+        values = v_cache[pages].flatten(0, 1)[:n].double() * k_scale.double()
+        want = reference(q[i : i + 1].to(fp8).double(), keys, values, causal=True)[0]
+        results.append(bool((o[i : i + 1].double() - want).abs().max() <= 2**-7 * want.abs().max()))
+    return all(results)
 
 
 def main() -> None:
@@ -376,12 +439,11 @@ def main() -> None:
             "extend": extend(gen),
             "cascade": cascade(gen),
         }
-        refused, mla_ok = mla(gen)
+        shapes["mla (qv)"] = mla(gen)
+        shapes["fp8 decode"] = fp8_decode(gen)
     print(f"active providers: varlen {fa3_varlen.chain.active}, kvcache {fa3_kvcache.chain.active}")
     for name, ok in shapes.items():
         print(f"{name}: matches the float64 reference: {ok}")
-    print(f"mla with qv: {refused}")
-    print(f"mla without qv: matches the float64 reference: {mla_ok}")
     kinds = sorted({(e.kind, e.kernel, e.subject) for e in events})
     print(f"events: {kinds}")  # the provider choice only: hints and neutral values are no fallbacks
     q = torch.zeros(2, HQ, D)

@@ -116,14 +116,16 @@ def test_describe_lists_every_provider_with_its_reason() -> None:
     assert rows["flash_attn"]["reason"] == "ModuleNotFoundError: No module named 'flash_attn'"
     assert rows["hub"]["status"] == rows["reference"]["status"] == rows["fa4"]["status"] == "not selected"
     assert rows["torch"]["source"] == "kernel_fallback.integrations.flash_attn._fast:flash_attn_with_kvcache"
-    assert {"out", "qv", "score_mod", "aux_tensors"} <= set(rows["torch"]["lacks"])
+    assert {"out", "score_mod", "aux_tensors"} <= set(rows["torch"]["lacks"])
+    # Everything else FA3 takes is the torch provider's own (issue 14): its signature lists it.
     extras = {"page_table", "rotary_cos", "rotary_sin", "rotary_seqlens", "rotary_interleaved"}
-    extras |= {"cache_batch_idx", "cache_leftpad", "cu_seqlens_k_new"}
+    extras |= {"cache_batch_idx", "cache_leftpad", "cu_seqlens_k_new", "qv", "q_descale", "k_descale"}
     assert not extras & set(rows["torch"]["lacks"])
     # Hints are not lacks: no policy applies, they are removed silently.
     assert rows["torch"]["ignores"] == ["num_splits", "pack_gqa", "scheduler_metadata", "sm_margin"]
     policies = rows["torch"]["on_drop"]
-    assert (policies["out"], policies["qv"]) == ("copy", "raise")
+    assert (policies["out"], policies["score_mod"]) == ("copy", "raise")
+    assert "qv" not in policies
     assert "num_splits" not in policies
     assert "  3  torch       active" in flash_attn_with_kvcache.describe_table()
 
@@ -235,8 +237,34 @@ def test_kvcache_chain_paged_append_matches_a_float64_reference() -> None:
 
 def test_keyword_no_provider_here_takes_is_refused_not_dropped() -> None:
     q, k, v, cu_q, cu_k = varlen_inputs([2], [2])
-    with pytest.raises(UnsupportedKwargError, match="'qv'"):
-        flash_attn_varlen_func(q, k, v, cu_q, cu_k, qv=torch.ones(2, 8, 16))
+    with pytest.raises(UnsupportedKwargError, match="'score_mod'"):
+        flash_attn_varlen_func(q, k, v, cu_q, cu_k, score_mod=lambda score, *_: score)
+
+
+@needs_no_native
+def test_qv_and_descales_are_served_by_torch_not_refused() -> None:
+    """MLA's qv and fp8 descales reach the torch provider and give the reference's result."""
+    q, k, v, cu_q, cu_k = varlen_inputs([2, 3], [2, 3], hkv=1)
+    qv = torch.randn(5, 8, 16, generator=torch.Generator().manual_seed(3))
+    with capture_fallbacks() as events:
+        out, lse = flash_attn_varlen_func(q, k, v, cu_q, cu_k, causal=True, qv=qv, return_softmax_lse=True)
+    assert [e.kind for e in events] == ["provider"]
+    want, want_lse = ref.flash_attn_varlen_func(
+        q.double(), k.double(), v.double(), cu_q, cu_k, causal=True, qv=qv.double(), return_softmax_lse=True
+    )
+    _assert_close(out, want, "out")
+    _assert_close(lse, want_lse, "lse")
+    f8 = torch.float8_e4m3fn
+    scale = torch.tensor(0.5).expand(2, 1)  # sglang's stride-0 descale
+    buf = torch.empty(5, 8, 16, dtype=torch.bfloat16)
+    got = flash_attn_varlen_func(
+        q.to(f8), k.to(f8), v.to(f8), cu_q, cu_k, k_descale=scale, v_descale=scale, out=buf
+    )
+    assert got is buf
+    want = ref.flash_attn_varlen_func(
+        q.to(f8), k.to(f8), v.to(f8), cu_q, cu_k, k_descale=scale, v_descale=scale
+    )
+    torch.testing.assert_close(buf, want, atol=2e-2, rtol=2e-2)
 
 
 # -- sglang's call shapes: positional order, neutral values, hints, ver -------------------
@@ -307,21 +335,6 @@ def test_sglangs_28_positional_kvcache_call_equals_the_keyword_call() -> None:
     assert [log["event"] for log in logs] == ["kernel_fallback.provider_fallback"]
 
 
-@pytest.mark.parametrize(
-    ("name", "value", "match"),
-    [
-        pytest.param("qv", torch.ones(2, 1, 8, 16), "'qv'", id="qv"),
-    ],
-)
-def test_a_keyword_given_by_position_is_refused_like_by_keyword(name: str, value: Any, match: str) -> None:
-    inputs = kvcache_inputs()
-    with pytest.raises(UnsupportedKwargError, match=match) as by_keyword:
-        flash_attn_with_kvcache(**inputs, **{name: value})
-    with pytest.raises(UnsupportedKwargError, match=match) as by_position:
-        flash_attn_with_kvcache(*fa3_positional(**inputs, **{name: value}))
-    assert str(by_position.value) == str(by_keyword.value)
-
-
 def test_rotary_leftpad_and_batch_idx_by_position_are_served_like_by_keyword() -> None:
     # FA3's positions 6, 7, 9, 10, 15 and 24: sglang's wrapper passes all 28 by position.
     inputs = kvcache_inputs(seed=5)
@@ -349,6 +362,26 @@ def test_rotary_leftpad_and_batch_idx_by_position_are_served_like_by_keyword() -
     torch.testing.assert_close(by_keyword, want, rtol=1e-5, atol=1e-5)
     for call in calls[:2]:  # the rotated new keys appended in place, in cache row 1 at 2
         torch.testing.assert_close(call["k_cache"], calls[2]["k_cache"], rtol=0, atol=0)
+
+
+@needs_no_native
+def test_qv_and_descales_given_by_position_are_served_like_by_keyword() -> None:
+    inputs = kvcache_inputs()
+    inputs["k_cache"], inputs["v_cache"] = inputs["k_cache"][:, :, :1], inputs["v_cache"][:, :, :1]
+    qv = torch.randn(2, 1, 8, 16, generator=torch.Generator().manual_seed(5))
+    by_keyword = flash_attn_with_kvcache(**inputs, qv=qv, causal=True)
+    by_position = flash_attn_with_kvcache(*fa3_positional(**inputs, qv=qv, causal=True))
+    torch.testing.assert_close(by_position, by_keyword, rtol=0, atol=0)
+    want = ref.flash_attn_with_kvcache(**inputs, qv=qv, causal=True)
+    assert isinstance(want, torch.Tensor)
+    _assert_close(by_keyword, want, "out")
+    f8, scale = torch.float8_e4m3fn, torch.tensor(2.0).expand(2, 2)
+    fp8 = {"q": inputs["q"].to(f8), "k_cache": kvcache_inputs()["k_cache"].to(f8)}
+    fp8 |= {"v_cache": kvcache_inputs()["v_cache"].to(f8), "cache_seqlens": inputs["cache_seqlens"]}
+    by_keyword = flash_attn_with_kvcache(**fp8, k_descale=scale, v_descale=scale / 4)
+    by_position = flash_attn_with_kvcache(*fa3_positional(**fp8, k_descale=scale, v_descale=scale / 4))
+    assert by_keyword.dtype == torch.bfloat16
+    torch.testing.assert_close(by_position, by_keyword, rtol=0, atol=0)
 
 
 def test_positional_mistakes_raise_type_error_naming_them() -> None:
@@ -688,7 +721,7 @@ def test_example_shows_the_choice_the_event_and_the_refusals(fresh_processes: di
         "  2  flash_attn  unavailable   ModuleNotFoundError: No module named 'flash_attn'",
         "event kernel_fallback.provider_fallback: {'kernel': 'flash_attn_varlen_func', 'wanted': 'sgl_kernel'",
         "returned the caller's buffer: True; same values: True",
-        "UnsupportedKwargError: flash_attn_varlen_func.torch does not accept the keyword 'qv'",
+        "UnsupportedKwargError: flash_attn_varlen_func.torch does not accept the keyword 'score_mod'",
         "ProviderUnavailableError: flash_attn_varlen_func: provider 'sgl_kernel' was requested",
         "flash_attn_varlen_func: active torch (automatic: SGLANG_USE_SGL_FA3_KERNEL='false')",
         "  1  hub         unavailable",

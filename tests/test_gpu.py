@@ -796,3 +796,150 @@ def test_eager_decode_compiles_once_per_model_layout_and_never_syncs() -> None:
     for batch, pages in ((3, 8), (5, 8), (3, 40), (17, 3), (1, 200)):
         call(batch, pages)
     assert compiled() == before
+
+
+# -- MLA (qv) and fp8 KV on CUDA (issue 14): the torch provider's non-Triton paths ------------
+
+
+def _mla_paged(
+    gen: torch.Generator, lens: list[int], page: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """sglang's MLA cache on CUDA: k_rope/c_kv views of one (pages, page, 1, 576) buffer; table."""
+    counts = [-(-n // page) for n in lens]
+    buf = torch.randn(sum(counts) + 1, page, 1, 576, generator=gen).to(device="cuda", dtype=dtype)
+    order = torch.randperm(sum(counts), generator=gen) + 1
+    table = torch.zeros(len(lens), max(counts), dtype=torch.int32)
+    start = 0
+    for b, c in enumerate(counts):
+        table[b, :c] = order[start : start + c]
+        start += c
+    return buf[..., 512:], buf[..., :512], table.cuda()
+
+
+@pytest.mark.parametrize(
+    ("page", "heads", "captured"),
+    [(1, 16, False), (64, 128, False), (16, 16, True)],
+    ids=["page1-h16", "page64-h128", "page16-captured"],
+)
+def test_mla_decode_with_qv_on_cuda_within_upstreams_bf16_rule(page: int, heads: int, captured: bool) -> None:
+    from kernel_fallback.integrations.flash_attn import _reference as ref
+    from kernel_fallback.integrations.flash_attn import flash_attn_with_kvcache
+
+    gen = torch.Generator().manual_seed(41)
+    lens = [300, 7, 1025]
+    k_rope, c_kv, table = _mla_paged(gen, lens, page, torch.bfloat16)
+    q_rope = torch.randn(3, heads, 64, generator=gen).to("cuda", torch.bfloat16)
+    q_nope = torch.randn(3, heads, 512, generator=gen).to("cuda", torch.bfloat16)
+    opts: dict[str, Any] = {
+        "cache_seqlens": torch.tensor(lens, dtype=torch.int32, device="cuda"),
+        "page_table": table,
+        "cu_seqlens_q": torch.arange(4, dtype=torch.int32, device="cuda"),
+        "cu_seqlens_k_new": torch.arange(4, dtype=torch.int32, device="cuda"),
+        "max_seqlen_q": 1,
+        "softmax_scale": 192**-0.5 * 1.2**2,
+        "causal": True,
+        "return_softmax_lse": True,
+    }
+
+    def step() -> Any:
+        return flash_attn_with_kvcache(q_rope, k_rope, c_kv, qv=q_nope, **opts)
+
+    if captured:
+        graph, (out, lse, *_rest) = capture(step)
+        graph.replay()
+        torch.cuda.synchronize()
+    else:
+        out, lse, *_rest = step()
+    # The reference lacks cu_seqlens_k_new, which FA3 reads only with new keys.
+    cpu: dict[str, Any] = {k: v.cpu() for k, v in opts.items() if isinstance(v, torch.Tensor)}
+    cpu = {**{k: v for k, v in opts.items() if not isinstance(v, torch.Tensor)}, **cpu}
+    del cpu["cu_seqlens_k_new"]
+    qr, kr, ckv, qn = (t.cpu() for t in (q_rope, k_rope, c_kv, q_nope))
+    oracle, oracle_lse = ref.flash_attn_with_kvcache(
+        qr.double(), kr.double(), ckv.double(), qv=qn.double(), **cpu
+    )
+    plain, _ = ref.flash_attn_with_kvcache(qr, kr, ckv, qv=qn, **cpu)  # fp32 math, bf16 out
+    assert out.dtype == torch.bfloat16
+    _bf16_rule(out, plain, oracle)
+    torch.testing.assert_close(lse.cpu(), oracle_lse, atol=2e-2, rtol=2e-3)
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["sdpa-decode", "packed-flex"])
+def test_fp8_decode_with_stride_0_descales_on_cuda(packed: bool) -> None:
+    from kernel_fallback.integrations.flash_attn import _reference as ref
+    from kernel_fallback.integrations.flash_attn import flash_attn_with_kvcache
+
+    gen = torch.Generator().manual_seed(42)
+    f8, lens, page, hkv = torch.float8_e4m3fn, [200, 5, 513], 16, 2
+    blocks = 3 * 33 + 1  # 33 pages of 16 hold the longest request
+    table = (torch.randperm(blocks - 1, generator=gen) + 1).view(3, 33).int()
+    k8, v8 = (torch.randn(blocks, page, hkv, 128, generator=gen).to(f8) for _ in range(2))
+    q8 = torch.randn(3, 1, 8, 128, generator=gen).to(f8)
+    scale = torch.tensor(0.75)
+    opts: dict[str, Any] = {
+        "cache_seqlens": torch.tensor(lens, dtype=torch.int32),
+        "page_table": table,
+        "causal": True,
+    }
+    if packed:
+        opts["cu_seqlens_q"] = torch.arange(4, dtype=torch.int32)
+    q_in = q8.view(3, 8, 128) if packed else q8
+    got = flash_attn_with_kvcache(
+        q_in.cuda(), k8.cuda(), v8.cuda(),
+        **{k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in opts.items()},
+        k_descale=scale.cuda().expand(3, hkv), v_descale=scale.cuda().expand(3, hkv),
+    )  # fmt: skip
+    assert got.dtype == torch.bfloat16
+    k_deq, v_deq = k8.double() * 0.75, v8.double() * 0.75
+    oracle = ref.flash_attn_with_kvcache(q_in.double(), k_deq, v_deq, **opts)
+    plain = ref.flash_attn_with_kvcache(q_in.bfloat16(), k_deq.bfloat16(), v_deq.bfloat16(), **opts)
+    assert isinstance(oracle, torch.Tensor)
+    assert isinstance(plain, torch.Tensor)
+    _bf16_rule(got, plain, oracle)
+
+
+def test_mla_prefill_192_128_in_fp8_on_cuda() -> None:
+    """MLA's MHA prefill in fp8 without descales: q/k 192, v 128, lse, compiled flex."""
+    from kernel_fallback.integrations.flash_attn import _reference as ref
+    from kernel_fallback.integrations.flash_attn import flash_attn_varlen_func
+
+    gen = torch.Generator().manual_seed(43)
+    f8, lens = torch.float8_e4m3fn, [700, 33, 1300]
+    cu = torch.tensor([0, 700, 733, 2033], dtype=torch.int32)
+    q, k = (torch.randn(2033, 16, 192, generator=gen).to(f8) for _ in range(2))
+    v = torch.randn(2033, 16, 128, generator=gen).to(f8)
+    out, lse, *_rest = flash_attn_varlen_func(
+        q.cuda(), k.cuda(), v.cuda(), cu.cuda(), cu.cuda(), max(lens), max(lens),
+        softmax_scale=192**-0.5, causal=True, return_softmax_lse=True,
+    )  # fmt: skip
+    assert out.dtype == torch.bfloat16
+    opts: dict[str, Any] = {"softmax_scale": 192**-0.5, "causal": True, "return_softmax_lse": True}
+    oracle, oracle_lse = ref.flash_attn_varlen_func(q.double(), k.double(), v.double(), cu, cu, **opts)
+    plain, _ = ref.flash_attn_varlen_func(q.bfloat16(), k.bfloat16(), v.bfloat16(), cu, cu, **opts)
+    _bf16_rule(out, plain, oracle)
+    torch.testing.assert_close(lse.cpu(), oracle_lse, atol=2e-2, rtol=2e-3)
+
+
+def test_qv_decode_that_the_triton_kernel_would_fit_stays_off_it_and_is_right() -> None:
+    """Head dims the Triton kernel takes (64 / 128, bf16, 8 rows): with qv it must not run it."""
+    pytest.importorskip("triton")
+    from kernel_fallback.integrations.flash_attn import _fast as fast
+    from kernel_fallback.integrations.flash_attn import _reference as ref
+
+    gen = torch.Generator().manual_seed(44)
+    q, qv = torch.randn(2, 1, 8, 64, generator=gen), torch.randn(2, 1, 8, 128, generator=gen)
+    k_cache, v_cache = torch.randn(9, 16, 1, 64, generator=gen), torch.randn(9, 16, 1, 128, generator=gen)
+    opts: dict[str, Any] = {
+        "cache_seqlens": torch.tensor([61, 3], dtype=torch.int32),
+        "page_table": (torch.randperm(8, generator=gen) + 1).view(2, 4).int(),
+    }
+    qb, kb, vb, qvb = (t.bfloat16() for t in (q, k_cache, v_cache, qv))
+    on_cuda = {k: v.cuda() for k, v in opts.items()}
+    got = fast.flash_attn_with_kvcache(qb.cuda(), kb.cuda(), vb.cuda(), qv=qvb.cuda(), **on_cuda)
+    assert fast.last_backend("flash_attn_with_kvcache") != fast.TRITON_DECODE
+    oracle = ref.flash_attn_with_kvcache(qb.double(), kb.double(), vb.double(), qv=qvb.double(), **opts)
+    plain = ref.flash_attn_with_kvcache(qb, kb, vb, qv=qvb, **opts)
+    assert isinstance(got, torch.Tensor)
+    assert isinstance(oracle, torch.Tensor)
+    assert isinstance(plain, torch.Tensor)
+    _bf16_rule(got, plain, oracle)

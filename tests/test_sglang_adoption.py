@@ -43,13 +43,9 @@ def test_the_example_runs_every_shape_on_torch() -> None:
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0] == "active providers: varlen torch, kvcache torch"
-    for shape in ("prefill", "decode", "extend", "cascade"):
+    # MLA with qv and fp8 KV with stride-0 descales are served by the torch provider (issue 14).
+    for shape in ("prefill", "decode", "extend", "cascade", "mla (qv)", "fp8 decode"):
         assert f"{shape}: matches the float64 reference: True" in lines
-    assert (
-        "mla with qv: UnsupportedKwargError: flash_attn_with_kvcache.torch does not accept the keyword 'qv'"
-        in (proc.stdout)
-    )
-    assert "mla without qv: matches the float64 reference: True" in lines
     # The provider choice is the only event: hints, only_qv=False, attention_chunk=0,
     # cu_seqlens_k_new without k and ver=3 are not fallbacks.
     assert (
@@ -122,3 +118,17 @@ def test_mla_with_qv_is_sent_to_the_build_that_takes_it(on_build: tuple[str, Mod
         example.mla(torch.Generator().manual_seed(2))
     (args,) = received("flash_attn_with_kvcache")
     assert args["qv"] is not None
+    # k_rope and c_kv reach the build as the strided views of one buffer sglang passes.
+    assert args["k_cache"].untyped_storage().data_ptr() == args["v_cache"].untyped_storage().data_ptr()
+    assert args["k_cache"].shape[-1] == 64
+    assert args["v_cache"].shape[-1] == 512
+
+
+def test_fp8_decode_is_sent_to_the_build_with_its_stride_0_descales(on_build: tuple[str, ModuleType]) -> None:
+    _, example = on_build
+    with pytest.raises(NotImplementedError, match="stand-in cannot compute k_descale, v_descale"):
+        example.fp8_decode(torch.Generator().manual_seed(3))
+    (args,) = received("flash_attn_with_kvcache")
+    assert args["q"].dtype == args["k_cache"].dtype == torch.float8_e4m3fn
+    assert args["k_descale"].stride() == args["v_descale"].stride() == (0, 0)
+    assert args["q_descale"] is None

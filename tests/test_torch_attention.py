@@ -638,6 +638,22 @@ VARLEN_ERRORS = [
         r"seqused_q must lie in \[0, sequence span",
         id="seqused-too-long",
     ),
+    pytest.param(
+        {"qv": torch.ones(6, 8, 8)},
+        r"qv must have shape \(6, 8, 16\) \(q's shape with the value head dim 16\), got \(6, 8, 8\)",
+        id="qv-shape",
+    ),
+    pytest.param({"qv": torch.ones(6, 8, 16, dtype=torch.float64)}, r"qv must have q's dtype", id="qv-dtype"),
+    pytest.param(
+        {"k_descale": torch.ones(2, 3)},
+        r"k_descale must be a float32 tensor of shape \(2, 2\) \(batch, kv heads\), got .*\(2, 3\)",
+        id="descale-shape",
+    ),
+    pytest.param(
+        {"v_descale": torch.ones(2, 2, dtype=torch.float64)},
+        r"v_descale must be a float32 tensor .*got torch\.float64",
+        id="descale-dtype",
+    ),
 ]
 
 
@@ -702,6 +718,12 @@ KVCACHE_ERRORS = [
         {"attention_chunk": -1},
         r"attention_chunk must be an int >= 0 .*got -1",
         id="attention-chunk-negative",
+    ),
+    pytest.param({"qv": torch.ones(2, 4, 8)}, r"qv must have shape \(2, 1, 4, 8\)", id="qv-shape"),
+    pytest.param(
+        {"q_descale": torch.tensor(1.0).expand(2, 1)},
+        r"q_descale must be a float32 tensor of shape \(2, 2\)",
+        id="descale-shape",
     ),
 ]
 
@@ -846,3 +868,48 @@ def test_kvcache_leftpad_and_batch_idx_are_a_slice_of_the_cache() -> None:
     for b, (row, lo, hi) in enumerate([(1, 2, 3), (0, 1, 5)]):
         want, _ = _ref_sequence(q[b], k_cache[row, lo:hi], v_cache[row, lo:hi], scale=8**-0.5, causal=True)
         _assert_close(got[b], want, "out")
+
+
+# -- MLA (qv) and fp8 descales (issue 14); tests/test_mla_fp8_oracle.py checks the formula ---
+
+
+def test_qv_equals_attention_over_concatenated_heads() -> None:
+    """qv @ v^T joins the scores: the same as [q, qv] against [k, v] with values v."""
+    gen = torch.Generator().manual_seed(21)
+    q, k = _randn(gen, 7, 4, 8, dtype=torch.float64), _randn(gen, 7, 1, 8, dtype=torch.float64)
+    v, qv = _randn(gen, 7, 1, 24, dtype=torch.float64), _randn(gen, 7, 4, 24, dtype=torch.float64)
+    cu = _cu([3, 4])
+    out, lse = flash_attn_varlen_func(q, k, v, cu, cu, causal=True, qv=qv, return_softmax_lse=True)
+    want, want_lse = flash_attn_varlen_func(
+        torch.cat([q, qv], -1), torch.cat([k, v], -1), v, cu, cu, causal=True, return_softmax_lse=True,
+        softmax_scale=32**-0.5,  # FA3's default with qv: (D + Dv) ** -0.5
+    )  # fmt: skip
+    _assert_close(out, want, "out")
+    _assert_close(lse, want_lse, "lse")
+
+
+@pytest.mark.parametrize("fp8", ["float8_e4m3fn", "float8_e5m2"])
+def test_fp8_gives_bfloat16_and_reads_the_descales(fp8: str) -> None:
+    dtype = getattr(torch, fp8)
+    gen = torch.Generator().manual_seed(22)
+    q, k_cache, v_cache = (
+        _randn(gen, *shape).to(dtype) for shape in ((2, 1, 4, 8), (2, 6, 2, 8), (2, 6, 2, 8))
+    )
+    lens = torch.tensor([3, 5], dtype=torch.int32)
+    plain = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens)
+    assert isinstance(plain, Tensor)
+    assert plain.dtype == torch.bfloat16
+    # v_descale scales the output; a k_descale of 1 changes nothing.
+    two, one = torch.tensor(2.0).expand(2, 2), torch.ones(2, 2)
+    scaled = flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=lens, v_descale=two, k_descale=one)
+    assert isinstance(scaled, Tensor)
+    assert torch.equal(scaled, (plain.double() * 2).bfloat16())
+
+
+def test_descales_are_ignored_for_16_and_32_bit_inputs_as_in_fa3() -> None:
+    inputs = _cache_inputs()
+    plain = flash_attn_with_kvcache(**inputs)  # type: ignore[arg-type]
+    scaled = flash_attn_with_kvcache(**inputs, k_descale=torch.full((2, 2), 3.0))  # type: ignore[arg-type]
+    assert isinstance(plain, Tensor)
+    assert isinstance(scaled, Tensor)
+    assert torch.equal(plain, scaled)

@@ -21,6 +21,7 @@ from torch.nn.attention.flex_attention import create_block_mask
 
 from kernel_fallback.integrations.flash_attn import _fast as fast
 from kernel_fallback.integrations.flash_attn import _masks as _attention_masks
+from kernel_fallback.integrations.flash_attn import _mla_fp8
 from kernel_fallback.integrations.flash_attn import _reference as ref
 from kernel_fallback.integrations.flash_attn import flash_attn_varlen_func as chain_varlen
 
@@ -264,6 +265,16 @@ def test_describe_table_names_the_backend_of_the_last_call() -> None:
             {"seqused_k": torch.tensor([1, 2])}, r"seqused_k must have dtype torch\.int32", id="seqused"
         ),
         pytest.param({"softcap": -1.0}, r"softcap must be >= 0", id="softcap"),
+        pytest.param(
+            {"qv": torch.ones(7, 4, 16)},
+            r"qv must have shape \(7, 4, 8\) \(q's shape with the value head dim 8\)",
+            id="qv-shape",
+        ),
+        pytest.param(
+            {"k_descale": torch.ones(2)},
+            r"k_descale must be a float32 tensor of shape \(2, 2\) \(batch, kv heads\)",
+            id="descale-shape",
+        ),
     ],
 )
 def test_varlen_bad_input_is_refused(override: dict[str, Any], match: str) -> None:
@@ -433,3 +444,244 @@ def test_backward_block_masks_carry_q_blocks_as_torchs_own_builder() -> None:
         for row, count in enumerate(getattr(own, num).flatten().tolist()):
             got, want = getattr(backward, idx)[0, 0, row, :count], getattr(own, idx)[0, 0, row, :count]
             assert sorted(got.tolist()) == sorted(want.tolist()), (idx, row)
+
+
+# -- MLA (qv) and fp8 descales (issue 14) -----------------------------------------------------
+
+ROPE, LATENT = 64, 512
+
+
+def _pages(gen: torch.Generator, lens: list[int], page: int) -> tuple[Tensor, Tensor]:
+    """A page table giving each request its own shuffled pages (page 0 unused); (table, owner)."""
+    counts = [max(1, -(-n // page)) for n in lens]
+    order = torch.randperm(sum(counts), generator=gen) + 1
+    table = torch.zeros(len(lens), max(counts), dtype=torch.int32)
+    owner = torch.full((sum(counts) + 1,), -1)
+    start = 0
+    for b, c in enumerate(counts):
+        table[b, :c] = order[start : start + c]
+        owner[order[start : start + c]] = b
+        start += c
+    return table, owner
+
+
+MLA_FAST = [
+    pytest.param({"page": 1, "packed": False}, id="decode-page1-sdpa"),
+    pytest.param({"page": 16, "packed": False, "heads": 128}, id="decode-page16-h128"),
+    pytest.param({"page": 16, "lse": True}, id="decode-page16-packed-lse"),
+    pytest.param({"page": 64, "sq": [3, 1, 5], "lse": True}, id="extend-page64-lse"),
+    pytest.param({"page": 1, "sq": [2, 1, 2], "softcap": 20.0}, id="extend-softcap"),
+    pytest.param({"page": 16, "sq": [2, 3, 1], "causal": False, "lse": True}, id="cascade-empty-prefix"),
+    pytest.param({"page": 16, "sq": [3, 1, 2], "window_size": (4, 0)}, id="window"),
+    pytest.param({"page": 64, "scale": None}, id="default-scale"),
+    pytest.param({"page": 16, "lse": True, "separate": True}, id="separate-buffers"),
+]
+
+
+@pytest.mark.parametrize("case", MLA_FAST)
+def test_mla_kvcache_matches_reference(case: dict[str, Any]) -> None:
+    """sglang's MLA call: k_rope and c_kv are strided views of one (pages, page, 1, 576) buffer."""
+    gen = torch.Generator().manual_seed(31)
+    page, heads, sq = case["page"], case.get("heads", 16), case.get("sq", [1, 1, 1])
+    causal = case.get("causal", True)
+    lens = [0 if not causal else sq[0] + 4, 37, 70]
+    table, owner = _pages(gen, lens, page)
+    buf = torch.randn(owner.shape[0], page, 1, LATENT + ROPE, generator=gen)
+    c_kv, k_rope = buf[..., :LATENT], buf[..., LATENT:]
+    if case.get("separate"):
+        c_kv, k_rope = c_kv.clone(), k_rope.clone()
+    assert (_mla_fp8.joint_view(k_rope, c_kv) is None) == bool(case.get("separate"))
+    opts: dict[str, Any] = {
+        "cache_seqlens": torch.tensor(lens, dtype=torch.int32),
+        "page_table": table,
+        "causal": causal,
+        "softmax_scale": case.get("scale", 192**-0.5 * 1.1),
+        "softcap": case.get("softcap", 0.0),
+        "window_size": case.get("window_size", (-1, -1)),
+        "return_softmax_lse": case.get("lse", False),
+    }
+    if case.get("packed", True):
+        q_rope = torch.randn(sum(sq), heads, ROPE, generator=gen)
+        q_nope = torch.randn(sum(sq), heads, LATENT, generator=gen)
+        opts |= {"cu_seqlens_q": _cu(sq), "max_seqlen_q": max(sq)}
+    else:
+        q_rope = torch.randn(3, sq[0], heads, ROPE, generator=gen)
+        q_nope = torch.randn(3, sq[0], heads, LATENT, generator=gen)
+    want = ref.flash_attn_with_kvcache(q_rope, k_rope, c_kv, qv=q_nope, **opts)
+    got = fast.flash_attn_with_kvcache(q_rope, k_rope, c_kv, qv=q_nope, **opts)
+    _close(got, want, atol=5e-5)
+    small = not case.get("packed", True) and heads * sq[0] <= 64 and not opts["return_softmax_lse"]
+    backend = "sdpa (decode, gqa folded into rows)" if small else "flex_attention (eager, cpu)"
+    assert fast.last_backend("flash_attn_with_kvcache") == backend
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_mla_varlen_with_qv_matches_reference(causal: bool) -> None:
+    gen = torch.Generator().manual_seed(32)
+    lens_q, lens_k = [5, 0, 130], [9, 3, 140]
+    q, qv = torch.randn(135, 16, ROPE, generator=gen), torch.randn(135, 16, LATENT, generator=gen)
+    k, v = torch.randn(152, 1, ROPE, generator=gen), torch.randn(152, 1, LATENT, generator=gen)
+    opts: dict[str, Any] = {"qv": qv, "causal": causal, "return_softmax_lse": True}
+    want = ref.flash_attn_varlen_func(q, k, v, _cu(lens_q), _cu(lens_k), **opts)
+    got = fast.flash_attn_varlen_func(q, k, v, _cu(lens_q), _cu(lens_k), **opts)
+    _close(got, want, atol=5e-5)
+
+
+def test_mla_bfloat16_decode_within_upstreams_rule_on_cpu() -> None:
+    gen = torch.Generator().manual_seed(33)
+    lens = [30, 200]
+    table, owner = _pages(gen, lens, 16)
+    buf = torch.randn(owner.shape[0], 16, 1, LATENT + ROPE, generator=gen).bfloat16()
+    c_kv, k_rope = buf[..., :LATENT], buf[..., LATENT:]
+    q = torch.randn(2, 1, 32, ROPE, generator=gen).bfloat16()
+    qv = torch.randn(2, 1, 32, LATENT, generator=gen).bfloat16()
+    opts: dict[str, Any] = {"cache_seqlens": torch.tensor(lens, dtype=torch.int32), "page_table": table}
+    oracle = ref.flash_attn_with_kvcache(q.double(), k_rope.double(), c_kv.double(), qv=qv.double(), **opts)
+    plain = ref.flash_attn_with_kvcache(q, k_rope, c_kv, qv=qv, **opts)  # fp32 math, bf16 out
+    got = fast.flash_attn_with_kvcache(q, k_rope, c_kv, qv=qv, **opts)
+    assert isinstance(got, Tensor)
+    assert isinstance(oracle, Tensor)
+    assert isinstance(plain, Tensor)
+    assert got.dtype == torch.bfloat16
+    atol = 2 * (oracle + 0.3 - 0.3 - oracle).abs().max()
+    assert (got.double() - oracle).abs().max() <= 2 * (plain.double() - oracle).abs().max() + atol
+
+
+def _close_lse(got: Tensor, want: Tensor) -> None:
+    """The float32 lse of scores computed in bfloat16: -inf where the reference's is, else bf16-close."""
+    assert torch.equal(torch.isneginf(got), torch.isneginf(want)), "-inf rows differ"
+    finite = torch.isfinite(want)
+    torch.testing.assert_close(got[finite], want[finite], atol=1e-2, rtol=2**-7)
+
+
+def _descales(gen: torch.Generator, batch: int, hkv: int, kind: str) -> tuple[Tensor | None, Tensor, Tensor]:
+    """(q, k, v) descales in [0.25, 8]: sglang's 0-d scale expanded, or per (b, h) different."""
+    if kind == "expanded":
+        scale = 2 ** torch.empty(()).uniform_(-2, 3, generator=gen)
+        return None, scale.expand(batch, hkv), scale.expand(batch, hkv)
+    q_d, k_d, v_d = (2 ** torch.empty(batch, hkv).uniform_(-2, 3, generator=gen) for _ in range(3))
+    return q_d, k_d.T.contiguous().T, v_d
+
+
+FP8_FAST = [
+    pytest.param({"page": 1, "packed": False, "kind": "expanded"}, id="decode-page1-sdpa-expanded"),
+    pytest.param({"page": 16, "kind": "expanded", "lse": True}, id="decode-page16-packed-lse"),
+    pytest.param({"page": 64, "kind": "per-head", "sq": [3, 1, 4], "lse": True}, id="extend-page64"),
+    pytest.param({"page": 16, "kind": "per-head", "softcap": 12.0, "packed": False}, id="softcap"),
+]
+
+
+@pytest.mark.parametrize("fp8", ["float8_e4m3fn", "float8_e5m2"])
+@pytest.mark.parametrize("case", FP8_FAST)
+def test_fp8_kvcache_within_upstreams_rule_and_the_fp8_rounding(case: dict[str, Any], fp8: str) -> None:
+    """fp8 KV: |fast - exact| <= 2 |plain bf16 - exact| + atol, and within what fp8 rounding costs.
+
+    ``exact`` is the float64 attention of the dequantized fp8 values; ``plain`` the same
+    attention of those values in bfloat16; ``ideal`` that of the unquantized inputs.
+    """
+    gen = torch.Generator().manual_seed(34)
+    dtype, page, hq, hkv, d = getattr(torch, fp8), case["page"], 8, 2, 64
+    sq, lens = case.get("sq", [1, 1, 1]), [0, 45, 150]
+    lens[0] = sq[0]  # a request whose cache holds only its new tokens
+    table, owner = _pages(gen, lens, page)
+    q_d, k_d, v_d = _descales(gen, 3, hkv, case["kind"])
+    q_scale = q_d if q_d is not None else torch.ones(3, hkv)
+
+    def per_page(scale: Tensor) -> Tensor:  # each page's scale is its owner's, (pages, 1, hkv, 1)
+        return scale[owner.clamp_min(0)].view(-1, 1, hkv, 1)
+
+    k32, v32 = (torch.randn(owner.shape[0], page, hkv, d, generator=gen) * 2 for _ in range(2))
+    k8, v8 = (k32 / per_page(k_d)).to(dtype), (v32 / per_page(v_d)).to(dtype)
+    packed = case.get("packed", True)
+    q32 = torch.randn(*((sum(sq),) if packed else (3, sq[0])), hq, d, generator=gen) * 2
+    seq = torch.repeat_interleave(torch.arange(3), torch.tensor(sq)) if packed else torch.arange(3)[:, None]
+    q_row_scale = q_scale[seq].repeat_interleave(hq // hkv, -1)[..., None]
+    q8 = (q32 / q_row_scale).to(dtype)
+    opts: dict[str, Any] = {
+        "cache_seqlens": torch.tensor(lens, dtype=torch.int32),
+        "page_table": table,
+        "causal": True,
+        "softcap": case.get("softcap", 0.0),
+        "softmax_scale": d**-0.5,
+    }
+    if packed:
+        opts |= {"cu_seqlens_q": _cu(sq), "max_seqlen_q": max(sq)}
+    got = fast.flash_attn_with_kvcache(
+        q8,
+        k8,
+        v8,
+        q_descale=q_d,
+        k_descale=k_d,
+        v_descale=v_d,
+        return_softmax_lse=case.get("lse", False),
+        **opts,
+    )
+    want = ref.flash_attn_with_kvcache(
+        q8,
+        k8,
+        v8,
+        q_descale=q_d,
+        k_descale=k_d,
+        v_descale=v_d,
+        return_softmax_lse=case.get("lse", False),
+        **opts,
+    )
+    if case.get("lse", False):
+        assert isinstance(got, tuple)
+        assert isinstance(want, tuple)
+        _close_lse(got[1], want[1])
+        got, want = got[0], want[0]
+    assert isinstance(got, Tensor)
+    assert isinstance(want, Tensor)
+    assert got.dtype == want.dtype == torch.bfloat16
+    dequant = (q8.double() * q_row_scale, k8.double() * per_page(k_d), v8.double() * per_page(v_d))
+    exact = ref.flash_attn_with_kvcache(*dequant, **opts)
+    plain = ref.flash_attn_with_kvcache(
+        dequant[0].bfloat16(), dequant[1].bfloat16(), dequant[2].bfloat16(), **opts
+    )
+    ideal = ref.flash_attn_with_kvcache(q32.double(), k32.double(), v32.double(), **opts)
+    assert isinstance(exact, Tensor)
+    assert isinstance(plain, Tensor)
+    assert isinstance(ideal, Tensor)
+    atol = 2 * (exact + 0.3 - 0.3 - exact).abs().max()
+    err = (got.double() - exact).abs().max()
+    assert err <= 2 * (plain.double() - exact).abs().max() + atol
+    assert err <= (ideal - exact).abs().max()  # well inside what the fp8 rounding of the inputs costs
+
+
+@pytest.mark.parametrize("descales", [False, True], ids=["no-descales", "per-head-descales"])
+def test_fp8_mla_prefill_192_128_matches_reference(descales: bool) -> None:
+    """MLA's MHA prefill: q/k head dim 192, v 128, fp8 (sometimes without descales), lse."""
+    gen = torch.Generator().manual_seed(35)
+    f8, lens = torch.float8_e4m3fn, [40, 0, 150]
+    q, k = (torch.randn(190, 4, 192, generator=gen).to(f8) for _ in range(2))
+    v = torch.randn(190, 4, 128, generator=gen).to(f8)
+    opts: dict[str, Any] = {"causal": True, "softmax_scale": 192**-0.5, "return_softmax_lse": True}
+    if descales:
+        q_d, k_d, v_d = _descales(gen, 3, 4, "per-head")
+        opts |= {"q_descale": q_d, "k_descale": k_d, "v_descale": v_d}
+    want = ref.flash_attn_varlen_func(q, k, v, _cu(lens), _cu(lens), **opts)
+    got = fast.flash_attn_varlen_func(q, k, v, _cu(lens), _cu(lens), **opts)
+    assert got[0].dtype == torch.bfloat16
+    scale = want[0].double().abs().max()
+    assert (got[0].double() - want[0].double()).abs().max() <= 2**-6 * scale
+    _close_lse(got[1], want[1])
+
+
+@pytest.mark.parametrize(
+    ("make", "joint"),
+    [
+        pytest.param(lambda b: (b[..., 512:], b[..., :512]), True, id="sglang-views"),
+        pytest.param(lambda b: (b[..., :64], b[..., 64:]), False, id="k-before-v"),
+        pytest.param(lambda b: (b[..., 512:].clone(), b[..., :512]), False, id="copied"),
+        pytest.param(lambda b: (b[..., 510:574], b[..., :512]), False, id="overlapping"),
+        pytest.param(lambda b: (b[1:, ..., 512:], b[:-1, ..., :512]), False, id="other-rows"),
+    ],
+)
+def test_joint_view_only_for_adjacent_views_of_one_buffer(make: Any, joint: bool) -> None:
+    buf = torch.randn(4, 8, 1, 576)
+    k, v = make(buf)
+    view = _mla_fp8.joint_view(k, v)
+    assert (view is not None) == joint
+    if view is not None:
+        assert torch.equal(view, torch.cat([v, k], -1))

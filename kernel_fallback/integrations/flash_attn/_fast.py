@@ -34,6 +34,9 @@ Lq x Lk score matrix on CUDA:
   stay on flex with a block mask that carries the q-block indices its backward needs
   (never on the SDPA or Triton decode paths).
 * No keys or no queries at all: zeros (lse ``-inf``, or the sink) without a kernel.
+* MLA's ``qv`` and fp8 descales become one plain attention (``[q, qv]`` against
+  ``[k, v]``, descales folded into query and output rows) on the paths above, Triton
+  excepted: :mod:`~kernel_fallback.integrations.flash_attn._mla_fp8`.
 
 Values are not validated (that would read them on the host): ``cu_seqlens`` must be
 well formed, ``cache_seqlens + Sk_new`` within capacity and ``page_table`` entries
@@ -58,7 +61,7 @@ from torch.nn.attention import flex_attention as _flex_mod
 
 from kernel_fallback import _config
 from kernel_fallback._options import stream_capturing
-from kernel_fallback.integrations.flash_attn import _reference
+from kernel_fallback.integrations.flash_attn import _mla_fp8, _reference
 from kernel_fallback.integrations.flash_attn._exact import (
     NO_KEYS,
     REFERENCE_AUTOGRAD,
@@ -242,6 +245,14 @@ def _packed_rows(cu_q: Tensor, total_q: int, lens_q: Tensor) -> tuple[Tensor, Te
     return doc, pos, (pos >= 0) & (pos < lens_q[doc])
 
 
+def _row_seqs(cu_q: Tensor | None, rows: int, device: torch.device) -> Tensor:
+    """Each query row's sequence: by ``cu_q`` for ``rows`` packed rows, else (rows, 1) for (B, Sq)."""
+    if cu_q is None:
+        return torch.arange(rows, device=device).view(rows, 1)
+    cu = cu_q.to(device=device, dtype=torch.long)
+    return _packed_rows(cu, rows, cu[1:] - cu[:-1])[0]
+
+
 def _rows_used(cu_seqlens_q: Tensor, seqused_q: Tensor | None, total_q: int, device: torch.device) -> Tensor:
     """Which packed query rows belong to a sequence (within ``seqused_q``), on the device."""
     cu_q = cu_seqlens_q.to(device=device, dtype=torch.long)
@@ -267,13 +278,19 @@ def flash_attn_varlen_func(
     softcap: float = 0.0,
     sinks: Tensor | None = None,
     return_softmax_lse: bool = False,
+    qv: Tensor | None = None,
+    q_descale: Tensor | None = None,
+    k_descale: Tensor | None = None,
+    v_descale: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Variable-length (packed) attention through flex_attention; FA3's arguments.
 
     q (total_q, Hq, D), k/v (total_k, Hkv, D[v]), ``cu_seqlens_q/k`` int32 (batch + 1,).
-    Returns ``out`` (total_q, Hq, Dv) in q's dtype, or ``(out, lse)`` with lse float32
-    (Hq, total_q). Rows outside every sequence (or past ``seqused_q``) get zeros and lse
-    ``-inf``. See the module docstring for what is not validated.
+    Returns ``out`` (total_q, Hq, Dv) in q's dtype (bfloat16 for fp8), or ``(out, lse)``
+    with lse float32 (Hq, total_q). Rows outside every sequence (or past ``seqused_q``) get
+    zeros and lse ``-inf``. ``qv`` and fp8 descales as in
+    :mod:`~kernel_fallback.integrations.flash_attn._mla_fp8`. See the module docstring for
+    what is not validated.
     """
     del max_seqlen_q, max_seqlen_k  # launch hints of the CUDA kernel
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -293,13 +310,18 @@ def flash_attn_varlen_func(
         if used is not None:
             _check_int32_shape(name, used, batch)
     total_q, total_k = q.shape[0], k.shape[0]
+    _mla_fp8.check_qv(q, qv, v.shape[-1])
+    descales = _mla_fp8.check_descales(q, (q_descale, k_descale, v_descale), batch, k.shape[1])
+    scale = softmax_scale if softmax_scale is not None else _mla_fp8.default_scale(q, qv)
+    dtype, dev = _mla_fp8.result_dtype(q.dtype), q.device
     if total_q == 0 or total_k == 0:  # flex needs rows and keys; nothing to attend
         zeros, no_lse = without_keys(
             q, v.shape[-1], sinks, _rows_used(cu_seqlens_q, seqused_q, total_q, q.device)
         )
         _last["flash_attn_varlen_func"] = NO_KEYS
-        zeros = attached(zeros, q, k, v, sinks)
+        zeros = attached(zeros.to(dtype), q, k, v, sinks)
         return (zeros, no_lse) if return_softmax_lse else zeros
+    q, k, v, v_factor = _mla_fp8.fold(q, k, v, qv, descales, lambda: _row_seqs(cu_seqlens_q, total_q, dev))
 
     def intervals() -> tuple[Tensor, Tensor]:
         cu_q = cu_seqlens_q.to(device=q.device, dtype=torch.long)
@@ -318,7 +340,6 @@ def flash_attn_varlen_func(
         reuse=not _capturing(q.device),
         q_blocks=wants_grad(q, k, v, sinks),
     )
-    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
     out, lse, backend = _flex(
         q.transpose(0, 1).unsqueeze(0),
         k.transpose(0, 1).unsqueeze(0),
@@ -330,11 +351,11 @@ def flash_attn_varlen_func(
         return_softmax_lse,
     )
     _last["flash_attn_varlen_func"] = backend
-    out = out[0].transpose(0, 1).contiguous()
+    out = _mla_fp8.scale_out(out[0].transpose(0, 1), v_factor, dtype).contiguous()
     if not return_softmax_lse or lse is None:
         return out
     if sinks is not None:  # the fold gave every row the sink; rows of no sequence keep -inf
-        return out, lse[0].masked_fill(~_rows_used(cu_seqlens_q, seqused_q, total_q, q.device), -math.inf)
+        return out, lse[0].masked_fill(~_rows_used(cu_seqlens_q, seqused_q, q.shape[0], q.device), -math.inf)
     return out, lse[0]
 
 
@@ -455,13 +476,16 @@ def _triton_decode(
     softcap: float,
     sinks: Tensor | None,
     want_lse: bool,
+    qv: Tensor | None = None,
+    descales: tuple[Tensor | None, Tensor | None, Tensor | None] = (None, None, None),
 ) -> Tensor | tuple[Tensor, Tensor]:
     """The Triton kernel over ``cache_seqlens + s_new`` keys: no cast, add or sync on the host side."""
     if isinstance(cache_seqlens, Tensor) and cache_seqlens.device != q.device:
         cache_seqlens = cache_seqlens.to(q.device)
     out, lse = _triton_decode_module().decode_attention(
         q, k_cache, v_cache, cache_seqlens, page_table, scale, (spec.left, spec.right), softcap, sinks,
-        want_lse, lens_add=s_new,
+        want_lse, lens_add=s_new, qv=qv, q_descale=descales[0], k_descale=descales[1],
+        v_descale=descales[2],
     )  # fmt: skip
     _last["flash_attn_with_kvcache"] = TRITON_DECODE
     return (out, lse) if want_lse and lse is not None else out
@@ -514,6 +538,10 @@ def flash_attn_with_kvcache(
     cache_batch_idx: Tensor | None = None,
     cache_leftpad: Tensor | None = None,
     cu_seqlens_k_new: Tensor | None = None,
+    qv: Tensor | None = None,
+    q_descale: Tensor | None = None,
+    k_descale: Tensor | None = None,
+    v_descale: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Attention over a (paged) KV cache through SDPA (decode) or flex_attention; FA3's arguments.
 
@@ -523,6 +551,9 @@ def flash_attn_with_kvcache(
     ``cache_batch_idx``, ``cache_leftpad`` and packed appends (``cu_seqlens_k_new``) first
     become a plain call (:mod:`~kernel_fallback.integrations.flash_attn._kv_prep`); a batch
     index is a page table then, so only ``cache_leftpad`` keeps a call off the Triton kernel.
+    ``cache_seqlens``; lse (B, Hq, Sq), or (Hq, total_q) for packed q. ``qv`` and fp8
+    descales as in :mod:`~kernel_fallback.integrations.flash_attn._mla_fp8` (output
+    bfloat16 for fp8).
     """
     spec = _spec(window_size, causal, attention_chunk)
     extras = KvExtras(
@@ -541,11 +572,13 @@ def flash_attn_with_kvcache(
     q, k, v, cache_seqlens, page_table = plain.q, plain.k, plain.v, plain.cache_seqlens, plain.page_table
     batch, s_new = _check_cache_args(q, k_cache, v_cache, k, v, page_table, cu_seqlens_q, cache_seqlens)
     _check_common(q, k_cache, v_cache, softcap, sinks, "k_cache and v_cache")
+    _mla_fp8.check_qv(q, qv, v_cache.shape[-1])
+    descales = _mla_fp8.check_descales(q, (q_descale, k_descale, v_descale), batch, k_cache.shape[2])
     dev = k_cache.device
     hkv = k_cache.shape[2]
     page = k_cache.shape[1]
     capacity = page_table.shape[1] * page if page_table is not None else page
-    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    scale = softmax_scale if softmax_scale is not None else _mla_fp8.default_scale(q, qv)
     # Autograd will differentiate this call: flex only (the Triton kernel has no backward,
     # SDPA's NaN rows of empty caches would poison dK/dV), with the q blocks flex's backward reads.
     grad = wants_grad(q, k_cache, v_cache, k, v, sinks)
@@ -560,8 +593,9 @@ def flash_attn_with_kvcache(
     lens_arg = cache_seqlens if cache_seqlens is not None else capacity
     if use_triton and s_new == 0:
         return _triton_decode(
-            q, k_cache, v_cache, lens_arg, 0, page_table, scale, spec, softcap, sinks, return_softmax_lse
-        )
+            q, k_cache, v_cache, lens_arg, 0, page_table, scale, spec, softcap, sinks, return_softmax_lse,
+            qv, descales,
+        )  # fmt: skip
     if isinstance(cache_seqlens, Tensor):
         cached = cache_seqlens.to(device=dev, dtype=torch.long)
     else:
@@ -577,8 +611,9 @@ def flash_attn_with_kvcache(
         v_cache.index_put_(index, v.to(device=dev, dtype=v_cache.dtype))
     if use_triton:  # after the append above
         return _triton_decode(
-            q, k_cache, v_cache, lens_arg, s_new, page_table, scale, spec, softcap, sinks, return_softmax_lse
-        )
+            q, k_cache, v_cache, lens_arg, s_new, page_table, scale, spec, softcap, sinks, return_softmax_lse,
+            qv, descales,
+        )  # fmt: skip
     lens_k = cached + s_new
     # Left padding: keys [first, end) of the cache row, masks over them alone (FA3's offset_k).
     first = plain.key_start.to(device=dev, dtype=torch.long) if plain.key_start is not None else None
@@ -593,16 +628,24 @@ def flash_attn_with_kvcache(
         )
         zeros, no_lse = without_keys(q_rows, v_cache.shape[-1], sinks, used)
         _last["flash_attn_with_kvcache"] = NO_KEYS
-        zeros = attached(zeros, q, k_cache, v_cache, k, v, sinks)
+        zeros = attached(zeros.to(_mla_fp8.result_dtype(q.dtype)), q, k_cache, v_cache, k, v, sinks)
         if cu_seqlens_q is None:  # explicit sizes: with Sq == 0 a -1 would be ambiguous
             zeros = zeros.reshape(*q.shape[:3], v_cache.shape[-1])
             no_lse = no_lse.reshape(no_lse.shape[0], batch, q.shape[1]).permute(1, 0, 2)
         return (zeros, no_lse) if return_softmax_lse else zeros
-    if blocks is not None:  # the logical cache, (B, capacity, Hkv, D)
+    joint = _mla_fp8.joint_view(k_cache, v_cache) if qv is not None else None
+    if blocks is not None and joint is not None:  # sglang's MLA buffer: one gather, two views
+        kv_log = joint[blocks].flatten(1, 2)
+        k_log, v_log = kv_log[..., v_cache.shape[-1] :], kv_log[..., : v_cache.shape[-1]]
+    elif blocks is not None:  # the logical cache, (B, capacity, Hkv, D)
         k_log = k_cache[blocks].flatten(1, 2)
         v_log = v_cache[blocks].flatten(1, 2)
     else:
         k_log, v_log = k_cache, v_cache
+    dtype, rows, q_dev = _mla_fp8.result_dtype(q.dtype), q.shape[0], q.device
+    q, k_log, v_log, v_factor = _mla_fp8.fold(
+        q, k_log, v_log, qv, descales, lambda: _row_seqs(cu_seqlens_q, rows, q_dev)
+    )
     layout = (cache_seqlens if isinstance(cache_seqlens, Tensor) else None, cu_seqlens_q, plain.key_start)
     params = (
         "kvcache",
@@ -629,7 +672,7 @@ def flash_attn_with_kvcache(
         if simple and not grad and sq * (hq // hkv) <= SDPA_DECODE_MAX_ROWS:
             lo, hi = intervals()
             _last["flash_attn_with_kvcache"] = "sdpa (decode, gqa folded into rows)"
-            return _sdpa_decode(q, k_log, v_log, lo, hi, scale).to(q.dtype)
+            return _mla_fp8.scale_out(_sdpa_decode(q, k_log, v_log, lo, hi, scale), v_factor, dtype)
         mask = block_mask_for(layout, params, intervals, capacity, reuse=not _capturing(dev), q_blocks=grad)
         out, lse, backend = _flex(
             q.transpose(1, 2),
@@ -642,7 +685,7 @@ def flash_attn_with_kvcache(
             return_softmax_lse,
         )
         _last["flash_attn_with_kvcache"] = backend
-        out = out.transpose(1, 2).contiguous()
+        out = _mla_fp8.scale_out(out.transpose(1, 2), v_factor, dtype).contiguous()
         return (out, lse) if return_softmax_lse and lse is not None else out
 
     cu_q = cu_seqlens_q
@@ -669,7 +712,7 @@ def flash_attn_with_kvcache(
         return_softmax_lse,
     )
     _last["flash_attn_with_kvcache"] = backend
-    out = out[0].transpose(0, 1).contiguous()
+    out = _mla_fp8.scale_out(out[0].transpose(0, 1), v_factor, dtype).contiguous()
     if not return_softmax_lse or lse is None:
         return out
     if sinks is not None:  # the fold gave every row the sink; rows of no sequence keep -inf

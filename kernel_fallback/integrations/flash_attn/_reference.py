@@ -25,8 +25,12 @@ Semantics shared by both entry points:
   As in FlashAttention, the returned log-sum-exp includes the sink term.
 * A query row with no allowed key outputs zeros; its lse is ``-inf``, or
   ``sinks[h]`` when sinks are given (the sink is then the only softmax column).
-* Arithmetic is float32 (float64 when ``q`` is float64); ``out`` has ``q``'s
-  dtype and the lse is always float32, as in FA3.
+* MLA's ``qv`` adds ``qv @ v^T`` to the scores before scaling (default scale
+  ``(D + Dv) ** -0.5``); fp8 inputs are scaled by ``q_descale * k_descale`` in the
+  scores and ``v_descale`` in the output, per (sequence, kv head), and give a bfloat16
+  ``out``: see :mod:`~kernel_fallback.integrations.flash_attn._mla_fp8`.
+* Arithmetic is float32 (float64 when ``q`` is float64 or fp8); ``out`` has ``q``'s
+  dtype (bfloat16 for fp8) and the lse is always float32, as in FA3.
 """
 
 from __future__ import annotations
@@ -37,7 +41,14 @@ import math
 import torch
 from torch import Tensor
 
+from kernel_fallback.integrations.flash_attn import _mla_fp8
 from kernel_fallback.integrations.flash_attn._kv_prep import KvExtras, plain_call
+from kernel_fallback.integrations.flash_attn._mla_fp8 import (
+    check_descales,
+    check_qv,
+    default_scale,
+    result_dtype,
+)
 
 __all__ = ["WindowSize", "flash_attn_varlen_func", "flash_attn_with_kvcache"]
 
@@ -153,11 +164,14 @@ def _attend(
     softcap: float,
     sinks: Tensor | None,
     dtype: torch.dtype,
+    qv: Tensor | None = None,
+    factors: tuple[Tensor, Tensor] | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Attend one sequence: q (Lq, Hq, D), k (Lk, Hkv, D), v (Lk, Hkv, Dv).
 
     ``window`` is ``(left, right)`` with causal applied; ``chunk`` the attention chunk
-    size, 0 for none.
+    size, 0 for none. ``qv`` (Lq, Hq, Dv) adds ``qv @ v^T`` to the scores; ``factors``
+    are the fp8 descale products per kv head, ``(q_descale * k_descale, v_descale)``.
 
     Returns ``out`` (Lq, Hq, Dv) and ``lse`` (Hq, Lq), both in ``dtype``.
     """
@@ -168,7 +182,13 @@ def _attend(
     qh = q.to(dtype).reshape(lq, hkv, g, d).permute(1, 2, 0, 3)
     kh = k.to(dtype).permute(1, 2, 0).unsqueeze(1)
     vh = v.to(dtype).permute(1, 0, 2).unsqueeze(1)
-    scores = torch.matmul(qh, kh) * scale
+    scores = torch.matmul(qh, kh)
+    if qv is not None:  # MLA: the latent query against the values (which double as keys)
+        qvh = qv.to(dtype).reshape(lq, hkv, g, -1).permute(1, 2, 0, 3)
+        scores = scores + torch.matmul(qvh, vh.transpose(-1, -2))
+    scores = scores * scale
+    if factors is not None:
+        scores = scores * factors[0].view(hkv, 1, 1, 1)
     if softcap > 0:
         scores = softcap * torch.tanh(scores / softcap)
     left, right = window
@@ -192,8 +212,32 @@ def _attend(
     # Fully masked rows have lse == -inf and all scores -inf; exp(-inf - 0) == 0.
     lse_safe = torch.where(torch.isneginf(lse), torch.zeros_like(lse), lse)
     probs = torch.exp(scores - lse_safe.unsqueeze(-1))
-    out = torch.matmul(probs, vh).reshape(hq, lq, -1).permute(1, 0, 2)
-    return out, lse.reshape(hq, lq)
+    out = torch.matmul(probs, vh)
+    if factors is not None:
+        out = out * factors[1].view(hkv, 1, 1, 1)
+    return out.reshape(hq, lq, -1).permute(1, 0, 2), lse.reshape(hq, lq)
+
+
+def _factors(
+    descales: tuple[Tensor | None, Tensor | None, Tensor | None],
+    b: int,
+    hkv: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> tuple[Tensor, Tensor] | None:
+    """Sequence ``b``'s ``(q_descale * k_descale, v_descale)`` per kv head; None without descales."""
+    if all(t is None for t in descales):
+        return None
+    q_d, k_d, v_d = (
+        torch.ones(hkv, dtype=dtype, device=device) if t is None else t[b].to(device=device, dtype=dtype)
+        for t in descales
+    )
+    return q_d * k_d, v_d
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 for float64 and fp8 inputs (fp8 values are exact in it), float32 otherwise."""
+    return torch.float64 if dtype == torch.float64 or _mla_fp8.is_fp8(dtype) else torch.float32
 
 
 def flash_attn_varlen_func(
@@ -213,6 +257,10 @@ def flash_attn_varlen_func(
     softcap: float = 0.0,
     sinks: Tensor | None = None,
     return_softmax_lse: bool = False,
+    qv: Tensor | None = None,
+    q_descale: Tensor | None = None,
+    k_descale: Tensor | None = None,
+    v_descale: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Variable-length (packed) attention, a reference for FA3's ``flash_attn_varlen_func``.
 
@@ -238,9 +286,15 @@ def flash_attn_varlen_func(
         softcap: Apply ``softcap * tanh(s / softcap)`` to scaled scores when > 0.
         sinks: Optional (Hq,) per-head sink logits.
         return_softmax_lse: Also return the float32 log-sum-exp, shaped (Hq, total_q).
+        qv: Optional (total_q, Hq, Dv) MLA query whose product with ``v`` joins the scores
+            (default scale then ``(D + Dv) ** -0.5``); see
+            :mod:`~kernel_fallback.integrations.flash_attn._mla_fp8`.
+        q_descale: Optional (batch, Hkv) float32 fp8 descale of q (read for fp8 inputs only).
+        k_descale: Likewise for k.
+        v_descale: Likewise for v.
 
     Returns:
-        ``out`` (total_q, Hq, Dv) in ``q``'s dtype, or ``(out, lse)``.
+        ``out`` (total_q, Hq, Dv) in ``q``'s dtype (bfloat16 for fp8), or ``(out, lse)``.
     """
     del max_seqlen_q, max_seqlen_k  # grid-size hints for the CUDA kernel only
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -268,19 +322,22 @@ def flash_attn_varlen_func(
         if any(u < 0 or u > s for u, s in zip(values, spans, strict=True)):
             raise ValueError(f"{name} must lie in [0, sequence span {spans}], got {values}")
         spans[:] = values
-    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    check_qv(q, qv, v.shape[-1])
+    descales = check_descales(q, (q_descale, k_descale, v_descale), batch, k.shape[1])
+    dtype = _compute_dtype(q.dtype)
+    scale = softmax_scale if softmax_scale is not None else default_scale(q, qv)
     hq = q.shape[1]
-    out = torch.zeros(q.shape[0], hq, v.shape[-1], dtype=q.dtype, device=q.device)
+    out = torch.zeros(q.shape[0], hq, v.shape[-1], dtype=result_dtype(q.dtype), device=q.device)
     lse = torch.full((hq, q.shape[0]), -math.inf, dtype=torch.float32, device=q.device)
     for b in range(batch):
         q0, lq, k0, lk = cu_q[b], lens_q[b], cu_k[b], lens_k[b]
         if lq == 0:
             continue
         o, s = _attend(
-            q[q0 : q0 + lq], k[k0 : k0 + lk], v[k0 : k0 + lk], scale, window, chunk, softcap, sinks, dtype
-        )
-        out[q0 : q0 + lq] = o.to(q.dtype)
+            q[q0 : q0 + lq], k[k0 : k0 + lk], v[k0 : k0 + lk], scale, window, chunk, softcap, sinks, dtype,
+            qv[q0 : q0 + lq] if qv is not None else None, _factors(descales, b, k.shape[1], dtype, q.device),
+        )  # fmt: skip
+        out[q0 : q0 + lq] = o.to(out.dtype)
         lse[:, q0 : q0 + lq] = s.float()
     return (out, lse) if return_softmax_lse else out
 
@@ -309,6 +366,10 @@ def flash_attn_with_kvcache(
     cache_batch_idx: Tensor | None = None,
     cache_leftpad: Tensor | None = None,
     cu_seqlens_k_new: Tensor | None = None,
+    qv: Tensor | None = None,
+    q_descale: Tensor | None = None,
+    k_descale: Tensor | None = None,
+    v_descale: Tensor | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
     """Attention over a (optionally paged) KV cache, a reference for FA3's ``flash_attn_with_kvcache``.
 
@@ -348,9 +409,16 @@ def flash_attn_with_kvcache(
 
     The last seven follow FA3 as
     :mod:`~kernel_fallback.integrations.flash_attn._kv_prep` documents (with its sources).
+        qv: Optional MLA query shaped like ``q`` with head dim Dv, whose product with the
+            values joins the scores (default scale then ``(D + Dv) ** -0.5``); see
+            :mod:`~kernel_fallback.integrations.flash_attn._mla_fp8`.
+        q_descale: Optional (B, Hkv) float32 fp8 descale of q (read for fp8 inputs only).
+        k_descale: Likewise for the keys.
+        v_descale: Likewise for the values.
 
     Returns:
-        ``out`` shaped like ``q`` with head dim Dv, in ``q``'s dtype, or ``(out, lse)``.
+        ``out`` shaped like ``q`` with head dim Dv, in ``q``'s dtype (bfloat16 for fp8),
+        or ``(out, lse)``.
     """
     varlen_q = cu_seqlens_q is not None
     if q.dim() != (3 if varlen_q else 4):
@@ -422,6 +490,8 @@ def flash_attn_with_kvcache(
         if v.shape != (*k.shape[:3], v_cache.shape[3]):
             raise ValueError(f"v must have shape {(*k.shape[:3], v_cache.shape[3])}, got {tuple(v.shape)}")
         s_new = k.shape[1]
+    check_qv(q, qv, v_cache.shape[-1])
+    descales = check_descales(q, (q_descale, k_descale, v_descale), batch, k_cache.shape[2])
     if any(c < 0 or c + s_new > capacity for c in cached):
         raise ValueError(
             f"cache_seqlens + Sk_new ({s_new}) must lie in [0, {capacity}] (cache capacity), "
@@ -442,19 +512,24 @@ def flash_attn_with_kvcache(
             v_cache[idx] = v[b].to(device=v_cache.device, dtype=v_cache.dtype)
 
     starts: list[int] = plain.key_start.tolist() if plain.key_start is not None else [0] * batch
-    dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
-    scale = softmax_scale if softmax_scale is not None else q.shape[-1] ** -0.5
+    dtype = _compute_dtype(q.dtype)
+    scale = softmax_scale if softmax_scale is not None else default_scale(q, qv)
     hq = q.shape[-2]
     q_rows = q if varlen_q else q.reshape(-1, hq, q.shape[-1])
-    out = torch.zeros(q_rows.shape[0], hq, v_cache.shape[-1], dtype=q.dtype, device=q.device)
+    qv_rows = qv.reshape(q_rows.shape[0], hq, -1) if qv is not None else None
+    out = torch.zeros(q_rows.shape[0], hq, v_cache.shape[-1], dtype=result_dtype(q.dtype), device=q.device)
     lse = torch.full((hq, q_rows.shape[0]), -math.inf, dtype=torch.float32, device=q.device)
     for b in range(batch):
         q0, q1 = cu_q[b], cu_q[b + 1]
         if q1 == q0:
             continue
         idx = positions(b, starts[b], cached[b] + s_new)
-        o, s = _attend(q_rows[q0:q1], k_cache[idx], v_cache[idx], scale, window, chunk, softcap, sinks, dtype)
-        out[q0:q1] = o.to(device=q.device, dtype=q.dtype)
+        o, s = _attend(
+            q_rows[q0:q1], k_cache[idx], v_cache[idx], scale, window, chunk, softcap, sinks, dtype,
+            qv_rows[q0:q1] if qv_rows is not None else None,
+            _factors(descales, b, k_cache.shape[2], dtype, q.device),
+        )  # fmt: skip
+        out[q0:q1] = o.to(device=q.device, dtype=out.dtype)
         lse[:, q0:q1] = s.to(device=q.device, dtype=torch.float32)
     if not varlen_q:  # explicit sizes: with Sq == 0 a -1 would be ambiguous
         out = out.reshape(*q.shape[:3], v_cache.shape[-1])
