@@ -64,14 +64,14 @@ def fa4_function() -> Callable[..., Any] | None:
 
 
 def _usable(name: str, fn: Variant | None) -> Variant | None:
-    """``fn`` if one call of it runs; None (and why, on stderr) if FA4 refuses it."""
+    """``fn`` if one call of it runs; None (and why, on stderr) if the yardstick refuses it."""
     if fn is None:
         return None
     try:
         fn()
         torch.cuda.synchronize()
     except _FA4_REFUSALS as exc:
-        print(f"{name}: FA4 n/a: {type(exc).__name__}: {str(exc)[:200]}", file=sys.stderr)
+        print(f"{name}: n/a: {type(exc).__name__}: {str(exc)[:200]}", file=sys.stderr)
         return None
     return fn
 
@@ -320,11 +320,15 @@ def _mla_extend(heads: int, cuda_ms: CudaMs, repeats: int) -> dict[str, Any]:
     k_cat = buf.view(batch, total, 1, 576).transpose(1, 2).expand(batch, heads, total, 576).contiguous()
     v_cat = c_kv.reshape(batch, total, 1, 512).transpose(1, 2).expand(batch, heads, total, 512).contiguous()
     mask = causal_lower_right(new, total)
-    sdpa = partial(F.scaled_dot_product_attention, q_cat, k_cat, v_cat, attn_mask=mask, scale=scale)
+    sdpa = _usable(
+        f"MLA extend H={heads} (SDPA)",
+        partial(F.scaled_dot_product_attention, q_cat, k_cat, v_cat, attn_mask=mask, scale=scale),
+    )
     row = _eager_row(f"MLA extend H={heads} 8 x 512 over 4k, page 1", {"sdpa": sdpa, "torch": chain},
                      cuda_ms, repeats, "flash_attn_with_kvcache")  # fmt: skip
-    got = chain().view(batch, new, heads, 512)
-    row["diff_vs_sdpa"] = _diff(got, sdpa().transpose(1, 2))
+    if sdpa is not None:
+        got = chain().view(batch, new, heads, 512)
+        row["diff_vs_sdpa"] = _diff(got, sdpa().transpose(1, 2))
     return row
 
 
