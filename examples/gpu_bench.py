@@ -273,18 +273,29 @@ def main() -> int:
         unknown = sorted(set(sections) - set(attention_bench.SECTIONS))
         if unknown:
             parser.error(f"--sections: unknown {unknown}; choose from {', '.join(attention_bench.SECTIONS)}")
-        attention_bench.run(sections, attention, cuda_ms, args.repeats)
+        for section in sections:  # tables written after each section: a cut run keeps what it measured
+            attention_bench.run((section,), attention, cuda_ms, args.repeats)
+            print(attention_bench.markdown(attention), flush=True)
+            _write(args, table + "\n" + attention_bench.markdown(attention), env, fast, copy, attention)
         table += "\n" + attention_bench.markdown(attention)
     print(table)
+    _write(args, table, env, fast, copy, attention)
+    return 0
+
+
+def _write(
+    args: argparse.Namespace,
+    table: str,
+    env: dict[str, str],
+    fast: list[dict[str, Any]],
+    copy: list[dict[str, Any]],
+    attention: list[dict[str, Any]],
+) -> None:
     if args.json:
-        args.json.write_text(
-            json.dumps(
-                {"environment": env, "fast_path": fast, "copy": copy, "attention": attention}, indent=2
-            )
-        )
+        record = {"environment": env, "fast_path": fast, "copy": copy, "attention": attention}
+        args.json.write_text(json.dumps(record, indent=2))
     if args.markdown:
         args.markdown.write_text(table)
-    return 0
 
 
 if __name__ == "__main__":
