@@ -510,7 +510,9 @@ def test_mla_kvcache_matches_reference(case: dict[str, Any]) -> None:
     want = ref.flash_attn_with_kvcache(q_rope, k_rope, c_kv, qv=q_nope, **opts)
     got = fast.flash_attn_with_kvcache(q_rope, k_rope, c_kv, qv=q_nope, **opts)
     _close(got, want, atol=5e-5)
-    small = not case.get("packed", True) and heads * sq[0] <= 64 and not opts["return_softmax_lse"]
+    # One packed query per sequence (max_seqlen_q 1) is served as the (B, 1) decode it is.
+    decode = not case.get("packed", True) or max(sq) == 1
+    small = decode and heads * sq[0] <= 64 and not opts["return_softmax_lse"] and opts["softcap"] == 0
     backend = "sdpa (decode, gqa folded into rows)" if small else "flex_attention (eager, cpu)"
     assert fast.last_backend("flash_attn_with_kvcache") == backend
 
@@ -685,3 +687,32 @@ def test_joint_view_only_for_adjacent_views_of_one_buffer(make: Any, joint: bool
     assert (view is not None) == joint
     if view is not None:
         assert torch.equal(view, torch.cat([v, k], -1))
+
+
+def test_one_packed_query_per_sequence_is_served_as_the_decode_it_is() -> None:
+    """sglang's MLA decode: packed q, cu_seqlens_q = arange, max_seqlen_q = 1 (the (B, 1) path)."""
+    gen = torch.Generator().manual_seed(9)
+    q_rope, q_nope = torch.randn(3, 16, 64, generator=gen), torch.randn(3, 16, 512, generator=gen)
+    pool = torch.randn(40, 4, 1, 576, generator=gen)
+    c_kv, k_rope = pool[..., :512], pool[..., 512:]
+    opts: dict[str, Any] = {
+        "cache_seqlens": torch.tensor([30, 1, 47], dtype=torch.int32),
+        "page_table": torch.randperm(40, generator=gen)[:36].view(3, 12).int(),
+        "cu_seqlens_q": torch.arange(4, dtype=torch.int32),
+        "cu_seqlens_k_new": torch.arange(4, dtype=torch.int32),
+        "softmax_scale": 192**-0.5,
+        "causal": True,
+        "return_softmax_lse": True,
+    }
+    assert fast._one_query_per_sequence(q_rope, None, opts["cu_seqlens_q"], 1, opts["cache_seqlens"])
+    assert not fast._one_query_per_sequence(q_rope, None, opts["cu_seqlens_q"], 2, opts["cache_seqlens"])
+    got, lse = fast.flash_attn_with_kvcache(q_rope, k_rope, c_kv, qv=q_nope, max_seqlen_q=1, **opts)
+    packed, packed_lse = fast.flash_attn_with_kvcache(q_rope, k_rope, c_kv, qv=q_nope, **opts)
+    want, want_lse = ref.flash_attn_with_kvcache(
+        q_rope.double(), k_rope.double(), c_kv.double(), qv=q_nope.double(), max_seqlen_q=1, **opts
+    )
+    assert got.shape == packed.shape == (3, 16, 512)
+    assert lse.shape == packed_lse.shape == (16, 3)
+    torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), want_lse.double(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got, packed, atol=1e-5, rtol=1e-5)

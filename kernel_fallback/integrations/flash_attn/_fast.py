@@ -149,8 +149,16 @@ def _is_hopper(device: torch.device) -> bool:
 _HOPPER_TILES: Final = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "USE_TMA": True}
 
 
+#: flex forward tiles for head dims over 256 (MLA's 576/512): flex's default tiles asked
+#: for 416 KiB of shared memory on an H100 ("out of resource ... Required: 425984"), more
+#: than any GPU has; 32 x 32 tiles in one stage need about 160 KiB.
+_WIDE_HEAD_TILES: Final = {"BLOCK_M": 32, "BLOCK_N": 32, "num_stages": 1, "num_warps": 4}
+
+
 def _kernel_options(q: Tensor, k: Tensor, v: Tensor) -> dict[str, Any] | None:
-    """Tiles for this call where they were measured to help (else flex's own choice)."""
+    """Tiles for this call where they were measured to help or are needed (else flex's own)."""
+    if q.device.type == "cuda" and (q.shape[-1] > 256 or v.shape[-1] > 256):
+        return dict(_WIDE_HEAD_TILES)
     if not _is_hopper(q.device) or q.dtype not in (torch.bfloat16, torch.float16):
         return None
     if q.shape[-1] not in (64, 128) or v.shape[-1] not in (64, 128):
@@ -491,6 +499,31 @@ def _triton_decode(
     return (out, lse) if want_lse and lse is not None else out
 
 
+def _one_query_per_sequence(
+    q: Tensor,
+    k: Tensor | None,
+    cu_seqlens_q: Tensor | None,
+    max_seqlen_q: int | None,
+    cache_seqlens: Tensor | int | None,
+) -> bool:
+    """Whether packed ``q`` holds exactly one query per sequence, known without a host read.
+
+    FA3 trusts ``max_seqlen_q`` (its grid is sized by it): at most one query in each of B
+    sequences and B query rows in all means one each. Without appended keys only, so the
+    (B, 1) call is the same call.
+    """
+    return (
+        cu_seqlens_q is not None
+        and max_seqlen_q == 1
+        and k is None
+        and q.dim() == 3
+        and isinstance(cache_seqlens, Tensor)
+        and cache_seqlens.dim() == 1
+        and cache_seqlens.shape[0] == q.shape[0]
+        and cu_seqlens_q.shape == (q.shape[0] + 1,)
+    )
+
+
 def _sdpa_decode(q: Tensor, k_log: Tensor, v_log: Tensor, lo: Tensor, hi: Tensor, scale: float) -> Tensor:
     """SDPA with the G query heads of each kv head folded into the query length.
 
@@ -551,10 +584,22 @@ def flash_attn_with_kvcache(
     ``cache_batch_idx``, ``cache_leftpad`` and packed appends (``cu_seqlens_k_new``) first
     become a plain call (:mod:`~kernel_fallback.integrations.flash_attn._kv_prep`); a batch
     index is a page table then, so only ``cache_leftpad`` keeps a call off the Triton kernel.
-    ``cache_seqlens``; lse (B, Hq, Sq), or (Hq, total_q) for packed q. ``qv`` and fp8
-    descales as in :mod:`~kernel_fallback.integrations.flash_attn._mla_fp8` (output
-    bfloat16 for fp8).
+    ``qv`` and fp8 descales as in :mod:`~kernel_fallback.integrations.flash_attn._mla_fp8`
+    (output bfloat16 for fp8). One packed query per sequence (``max_seqlen_q=1``, as
+    sglang's MLA decode calls it) is served as the (B, 1) decode it is.
     """
+    if _one_query_per_sequence(q, k, cu_seqlens_q, max_seqlen_q, cache_seqlens):
+        result = flash_attn_with_kvcache(
+            q.unsqueeze(1), k_cache, v_cache, cache_seqlens=cache_seqlens, page_table=page_table,
+            softmax_scale=softmax_scale, causal=causal, window_size=window_size,
+            attention_chunk=attention_chunk, softcap=softcap, sinks=sinks,
+            return_softmax_lse=return_softmax_lse, cache_batch_idx=cache_batch_idx,
+            cache_leftpad=cache_leftpad, qv=qv.unsqueeze(1) if qv is not None else None,
+            q_descale=q_descale, k_descale=k_descale, v_descale=v_descale,
+        )  # fmt: skip
+        if isinstance(result, tuple):  # lse (B, Hq, 1) -> packed (Hq, total_q)
+            return result[0].squeeze(1), result[1][:, :, 0].t().contiguous()
+        return result.squeeze(1)
     spec = _spec(window_size, causal, attention_chunk)
     extras = KvExtras(
         rotary_cos,

@@ -67,14 +67,23 @@ def row_intervals(
 
 def _interval_mask_mod(lo: Tensor, hi: Tensor) -> Callable[[Tensor, Tensor, Tensor, Tensor], Tensor]:
     """``mask_mod`` for intervals shaped (B, Lq_padded); B is 1 for a packed batch."""
-    batched = lo.shape[0] > 1
+    if lo.shape[0] > 1:
 
-    def interval_mask(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        del h
-        row = b if batched else 0
-        return (kv_idx >= lo[row, q_idx]) & (kv_idx < hi[row, q_idx])
+        def interval_mask(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+            del h
+            return (kv_idx >= lo[b, q_idx]) & (kv_idx < hi[b, q_idx])
 
-    return interval_mask
+        return interval_mask
+    # One row of intervals: index a 1-D view with q_idx alone. A Python 0 as the row index
+    # becomes a host-to-device copy when flex traces the mask, which CUDA graph capture
+    # refuses (seen on an H100 for packed queries over a cache).
+    lo_row, hi_row = lo[0], hi[0]
+
+    def packed_interval_mask(b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
+        del b, h
+        return (kv_idx >= lo_row[q_idx]) & (kv_idx < hi_row[q_idx])
+
+    return packed_interval_mask
 
 
 def _build(lo: Tensor, hi: Tensor, kv_len: int, q_block: int, q_blocks: bool = False) -> BlockMask:
