@@ -9,7 +9,9 @@
 
 Exit status: 0 fine; 1 a finding (a fallback not allowed, an invalid variable); 2 a
 usage error, input that cannot be read (a missing file, damaged gzip, a mistyped event
-field, no events at all for ``check``). Nothing else: whatever the logs hold, the
+field, no events at all for ``check``, a log that is not a regular file, a gzip
+bomb). Output that cannot be written whole (``| head``, a full disk, ``2>/dev/full``)
+is never a pass: 1 when the answer was a finding, else 2. Nothing else: whatever the logs hold, the
 answer is one of these, with one line on standard error, never a traceback. Text
 output escapes control and other non-printable characters, so a log line cannot move
 the cursor, rewrite a line or colour the terminal. ``report`` and ``check`` import

@@ -15,8 +15,10 @@ Files are streamed line by line (see :mod:`kernel_fallback._loglines`) and merge
 they are read: memory grows with the number of distinct processes and keys, never
 with the size of the logs.
 
-How counts are merged: a process is identified by ``host`` and ``pid`` (by its file
-when an event has no pid). Per process and key (kernel, keyword or provider, policy),
+How counts are merged: a process is identified by its ``instance`` (a random id the
+writer adds to every event), else, in logs written before it existed, by ``host`` and
+``pid`` (by its file when an event has no pid). Counts, epochs, pids and ranks above
+:data:`MAX_INTEGER` make the line malformed. Per process and key (kernel, keyword or provider, policy),
 the latest ``kernel_fallback.summary`` event of each ``epoch`` (resets before it) is
 authoritative: its count is exact and cumulative within the epoch, and epochs add up.
 A process that logged the first occurrence but no summary

@@ -918,3 +918,37 @@ def test_stdout_on_a_full_disk_is_exit_2(tmp_path: Path) -> None:
         "kernel-fallback: error: could not write to standard output (No space left on device): "
         "the output is incomplete, exit status 2.\n"
     )
+
+
+@pytest.mark.parametrize(
+    ("instances", "processes", "count"),
+    [
+        (["a1", "b2"], 2, 7),  # one host and pid, two processes (separate PID namespaces)
+        ([None, None], 1, 4),  # older logs: host and pid, the latest summary wins
+        (["a1", "a1"], 1, 4),
+    ],
+    ids=["two-instances", "no-instance", "one-instance"],
+)
+def test_processes_are_told_apart_by_instance_else_by_host_and_pid(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    instances: list[str | None],
+    processes: int,
+    count: int,
+) -> None:
+    lines = []
+    for instance, n, second in zip(instances, (3, 4), ("01", "02"), strict=True):
+        fields: dict[str, Any] = {
+            "host": "node",
+            "pid": 1,
+            "count": n,
+            "timestamp": f"2026-01-01T00:00:{second}Z",
+        }
+        if instance is not None:
+            fields["instance"] = instance
+        lines.append(our_event(**fields))
+    path = tmp_path / "shared.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    data = report_json([path], capsys)
+    assert data["processes"] == processes
+    assert [(r["count"], r["processes"]) for r in data["fallbacks"]] == [(count, processes)]
