@@ -9,7 +9,8 @@ are given as bytes: the caller decodes only those that may be its own.
 
 Only a regular file is read (a symbolic link to one is followed): a FIFO, a device
 (``/dev/zero``, ``/dev/urandom``), a socket or a directory among the log files is
-refused at once, naming it, never waited on or read forever. The file is opened
+refused at once, naming it, never waited on or read forever. ``/dev/null`` is the one
+device read (as empty): it is the documented guard against an unmatched glob. The file is opened
 without blocking, so a FIFO with no writer cannot hang the command. Standard input
 (``-``) may be a pipe: that is how it is meant to be used.
 
@@ -98,12 +99,24 @@ class _Counted:
         raise io.UnsupportedOperation("a log is read forward only")
 
 
+def _is_devnull(info: os.stat_result) -> bool:
+    """Whether ``info`` is the null device: empty at once, and documented as a placeholder."""
+    if not stat.S_ISCHR(info.st_mode):
+        return False
+    try:
+        null = os.stat(os.devnull)
+    except OSError:
+        return False
+    return stat.S_ISCHR(null.st_mode) and info.st_rdev == null.st_rdev
+
+
 def _open_regular(path: str) -> int:
     """A descriptor of ``path`` for reading; LineReadError unless it is a regular file."""
     fd = os.open(path, _READ_FLAGS)
     try:
-        mode = os.fstat(fd).st_mode
-        if not stat.S_ISREG(mode):
+        info = os.fstat(fd)
+        mode = info.st_mode
+        if not stat.S_ISREG(mode) and not _is_devnull(info):
             what = describe(mode)
             if os.path.islink(path):
                 what = f"a symbolic link to {what}"
