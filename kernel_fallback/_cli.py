@@ -9,7 +9,9 @@
 
 Exit status: 0 fine; 1 a finding (a fallback not allowed, an invalid variable); 2 a
 usage error, input that cannot be read (a missing file, damaged gzip, a mistyped event
-field, no events at all for ``check``). Nothing else: whatever the logs hold, the
+field, no events at all for ``check``, a log that is not a regular file, a gzip
+bomb). Output that cannot be written whole (``| head``, a full disk, ``2>/dev/full``)
+is never a pass: 1 when the answer was a finding, else 2. Nothing else: whatever the logs hold, the
 answer is one of these, with one line on standard error, never a traceback. Text
 output escapes control and other non-printable characters, so a log line cannot move
 the cursor, rewrite a line or colour the terminal. ``report`` and ``check`` import
@@ -19,15 +21,18 @@ neither torch nor structlog: they start in a fraction of a second.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import io
 import json
 import os
+import shlex
 import sys
 from collections.abc import Sequence
 from typing import TextIO
 
 from kernel_fallback import _config
-from kernel_fallback._allow import AllowList
+from kernel_fallback._allow import AllowList, allow_pattern
 from kernel_fallback._loglines import MAX_LINE_BYTES
 from kernel_fallback._logread import FallbackRow, LogInputError, LogReport, read_logs
 from kernel_fallback._textsafe import safe, safe_lines
@@ -90,26 +95,89 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line ``argv`` (default: ``sys.argv[1:]``); return the exit status."""
-    for stream in (sys.stdout, sys.stderr):
-        # A character the terminal's encoding lacks is escaped, not a UnicodeEncodeError.
-        if isinstance(stream, io.TextIOWrapper):
-            stream.reconfigure(errors="backslashreplace")
+    """Run the command line ``argv`` (default: ``sys.argv[1:]``); return the exit status.
+
+    What the command prints is gathered first and written at the end, so that a failed
+    write (``| head`` closing the pipe, a full disk, ``2>/dev/full``) is known before the
+    exit status is chosen: a cut output is never a pass. It is exit 1 when the answer was
+    a finding (the finding stands), else 2; an internal error discards the output
+    gathered so far, so standard output never holds half a JSON document.
+    """
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = _guarded(argv, out)
+    return _deliver(code, out.getvalue(), err.getvalue())
+
+
+def _guarded(argv: Sequence[str] | None, out: io.StringIO) -> int:
     try:
         return _run(argv)
     except (UsageError, LogInputError) as exc:
         _error(str(exc))
         return EXIT_USAGE
-    except BrokenPipeError:
-        # The reader (`| head`) went away: not an error of ours. Point stdout at
-        # devnull so the interpreter's final flush does not complain again.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_OK
     except Exception as exc:  # noqa: BLE001 - the exit status is a contract: 1 means a finding
         # Every known cause is handled where it arises; this is the last line of defence
         # so that a bug of ours is never read by CI as "a fallback not allowed".
+        out.seek(0)
+        out.truncate()  # whatever was printed before is not to be trusted, nor half a document
         _error(f"internal error: {type(exc).__name__}: {exc} (please report it)")
         return EXIT_USAGE
+
+
+def _deliver(code: int, out: str, err: str) -> int:
+    """Write what the command printed; a failed write makes ``code`` a failure (1 or 2)."""
+    failed: list[str] = []
+    for text, stream, name in ((out, sys.stdout, "standard output"), (err, sys.stderr, "standard error")):
+        if stream is None:  # pythonw, or closed by the caller
+            if text:
+                failed.append(f"{name} (there is none)")
+            continue
+        try:
+            _write_all(stream, text)
+        except (OSError, ValueError) as exc:  # ValueError: a closed stream
+            failed.append(f"{name} ({getattr(exc, 'strerror', None) or exc})")
+            _silence(stream)
+    if not failed:
+        return code
+    code = EXIT_FINDING if code == EXIT_FINDING else EXIT_USAGE
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        # Standard error may be the stream that failed: then nothing can be told.
+        print(
+            f"{PROG}: error: could not write to {' and '.join(failed)}: the output is incomplete, "
+            f"exit status {code}.",
+            file=sys.stderr,
+            flush=True,
+        )
+    return code
+
+
+def _write_all(stream: TextIO, text: str) -> None:
+    """Write ``text`` whole or raise: a short write is not taken for a complete one.
+
+    Through the byte buffer when there is one: with ``PYTHONUNBUFFERED`` that is the raw
+    file, whose ``write`` may take only part of the data (a pipe whose reader left),
+    which ``TextIOWrapper.write`` would drop without a word.
+    """
+    buffer = getattr(stream, "buffer", None)
+    if buffer is None or not text:
+        stream.write(text)
+        stream.flush()
+        return
+    stream.flush()
+    # A character the terminal's encoding lacks is escaped, not a UnicodeEncodeError.
+    data = memoryview(text.encode(stream.encoding or "utf-8", "backslashreplace"))
+    while data:
+        written = buffer.write(data)
+        if not written:  # None: a non-blocking stream that would block; 0: nothing moves
+            raise OSError(errno.EAGAIN, "the stream takes no more data")
+        data = data[written:]
+    buffer.flush()
+
+
+def _silence(stream: TextIO) -> None:
+    """Point a stream that failed at devnull, so the interpreter's final flush cannot fail again."""
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        os.dup2(os.open(os.devnull, os.O_WRONLY), stream.fileno())
 
 
 def _run(argv: Sequence[str] | None) -> int:
@@ -263,7 +331,8 @@ def _check(args: argparse.Namespace, out: TextIO) -> int:
     elif denied:
         print(f"{PROG} check: FAILED: {len(denied)} fallback(s) not allowed:", file=out)
         _table(denied, out)
-        patterns = safe(",".join(sorted({f"{r.kernel}:{r.subject}" for r in denied})))
+        # Quoted for a POSIX shell, and escaped for the allow-list: taken back as printed.
+        patterns = shlex.quote(",".join(sorted({allow_pattern(r.kernel, r.subject) for r in denied})))
         safe_lines(
             f"Fix them, or accept them with --allow {patterns} or {_config.ENV_ALLOW}={patterns}.", out
         )

@@ -22,6 +22,7 @@ neither imports it back.
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 from typing import IO, Final
@@ -37,18 +38,60 @@ LOG_LEVELS: Final = ("debug", "info", "warning", "error", "critical")
 _configured: _sinks._LineWriter | None = None
 
 
+#: The level numbers structlog's filtering loggers know, lowest first.
+_STANDARD_LEVELS: Final = (
+    logging.NOTSET,
+    logging.DEBUG,
+    logging.INFO,
+    logging.WARNING,
+    logging.ERROR,
+    logging.CRITICAL,
+)
+
+
 def _check_level(level: object) -> int:
+    """The threshold for ``level``: a name, or a number from 0 to 50 rounded up to a named level.
+
+    Events are only ever logged at the named levels, so a threshold of 25 lets through
+    exactly what 30 (warning) does.
+    """
     if isinstance(level, str) and level.strip().lower() in LOG_LEVELS:
         return int(logging.getLevelName(level.strip().upper()))
-    if isinstance(level, int) and not isinstance(level, bool) and level >= 0:
-        return level
+    if isinstance(level, int) and not isinstance(level, bool) and 0 <= level <= logging.CRITICAL:
+        return next(standard for standard in _STANDARD_LEVELS if standard >= level)
     raise PolicyConfigError(
-        f"configure_logging(level={level!r}): use one of {', '.join(LOG_LEVELS)} or a logging level number."
+        f"configure_logging(level={level!r}): use one of {', '.join(LOG_LEVELS)} or a logging level "
+        f"number from 0 to {logging.CRITICAL}."
         + (_config.did_you_mean(level.lower(), LOG_LEVELS) if isinstance(level, str) else ""),
         name="level",
         value=level,
         allowed=LOG_LEVELS,
     )
+
+
+def _check_stream(file: object) -> IO[str]:
+    """``file`` if it is an open text stream that can be written; else a clear TypeError/ValueError.
+
+    A binary stream would fail at the first event (``str`` written to bytes), a
+    read-only or closed one too: refused here, before anything is set up.
+    """
+    if isinstance(file, (io.RawIOBase, io.BufferedIOBase)) or "b" in str(getattr(file, "mode", "")):
+        raise TypeError(
+            f"configure_logging(file={file!r}): a binary stream; events are text: use a path, "
+            "a stream opened in text mode ('a' or 'w', not 'ab'), or None."
+        )
+    writable = getattr(file, "writable", None)
+    if callable(writable):
+        try:
+            ok = writable()
+        except ValueError as exc:  # I/O operation on closed file
+            raise ValueError(f"configure_logging(file={file!r}): the stream is closed.") from exc
+        if not ok:
+            raise ValueError(
+                f"configure_logging(file={file!r}): the stream is not writable (opened for reading?); "
+                "use a stream opened with 'a' or 'w', a path, or None."
+            )
+    return file  # type: ignore[return-value]
 
 
 def configure_logging(
@@ -61,15 +104,19 @@ def configure_logging(
     ``format`` is ``"json"`` (one JSON object per line, what ``kernel-fallback
     report`` reads) or ``"console"`` (for people); unset, ``KERNEL_FALLBACK_LOG_FORMAT``,
     else ``"json"``. ``file`` is a path (``{pid}``, ``{rank}`` and ``{host}`` are
-    expanded; directories are created; lines are appended) or an open text stream;
-    unset, ``KERNEL_FALLBACK_LOG_FILE``, else standard error. ``level`` filters events
-    (they are logged at ``warning``). Each event carries ``timestamp`` (ISO 8601, UTC),
-    ``level``, ``pid``, ``host`` and ``rank``/``local_rank`` when set.
+    expanded; directories are created; lines are appended) or an open, writable text
+    stream (a binary, read-only or closed one is refused); unset,
+    ``KERNEL_FALLBACK_LOG_FILE``, else standard error. ``level`` filters events (they
+    are logged at ``warning``): a name, or a ``logging`` level number from 0 to 50
+    (one between two named levels acts as the next named level up). Each event carries
+    ``timestamp`` (ISO 8601, UTC), ``level``, ``pid``, ``host``, ``instance`` (a random
+    id of the process) and ``rank``/``local_rank`` when set.
 
     Affects only kernel_fallback's events; calling again replaces the previous set-up,
     and ``kernel_fallback._events.set_logger(None)`` goes back to the default routing.
     Raises :class:`~kernel_fallback.PolicyConfigError` for an invalid argument or
-    variable, :class:`~kernel_fallback.exceptions.LogFileError` (an ``OSError``) when
+    variable, ``TypeError``/``ValueError`` for a stream that cannot take text,
+    :class:`~kernel_fallback.exceptions.LogFileError` (an ``OSError``) when
     the file is not a regular file (a FIFO, a device, a directory, a symbolic link)
     or cannot be opened, and ``OSError`` when its directory cannot be created.
     """
@@ -98,7 +145,7 @@ def configure_logging(
         template = _config.check_log_file("file", os.fspath(file))
         origin = f"configure_logging(file={template!r})"
     elif callable(getattr(file, "write", None)):
-        stream = file
+        stream = _check_stream(file)
     else:
         raise TypeError(f"configure_logging(file={file!r}): use a path, an open text stream or None.")
     writer = _sinks._LineWriter(template, stream, origin)

@@ -15,8 +15,10 @@ Files are streamed line by line (see :mod:`kernel_fallback._loglines`) and merge
 they are read: memory grows with the number of distinct processes and keys, never
 with the size of the logs.
 
-How counts are merged: a process is identified by ``host`` and ``pid`` (by its file
-when an event has no pid). Per process and key (kernel, keyword or provider, policy),
+How counts are merged: a process is identified by its ``instance`` (a random id the
+writer adds to every event), else, in logs written before it existed, by ``host`` and
+``pid`` (by its file when an event has no pid). Counts, epochs, pids and ranks above
+:data:`MAX_INTEGER` make the line malformed. Per process and key (kernel, keyword or provider, policy),
 the latest ``kernel_fallback.summary`` event of each ``epoch`` (resets before it) is
 authoritative: its count is exact and cumulative within the epoch, and epochs add up.
 A process that logged the first occurrence but no summary
@@ -55,8 +57,18 @@ _REPR.maxstring = _REPR.maxother = 80
 _REPR.maxlevel = 3
 
 
+#: The largest count, epoch, pid or rank read (a signed 64-bit integer): a line with a
+#: larger one is malformed. Sums of many such stay far below the 4300 digits above
+#: which Python refuses to print an integer.
+MAX_INTEGER: Final = (1 << 63) - 1
+
+
 class LogInputError(KernelFallbackError, ValueError):
     """A log file cannot be read, or holds an event of ours that is malformed."""
+
+
+class _OutOfRange(Exception):
+    """An integer field beyond :data:`MAX_INTEGER`: the line is counted as malformed."""
 
 
 @final
@@ -235,12 +247,16 @@ def _count_field(event: dict[str, Any], name: str, where: str, *, required: bool
             f"{where}: {event['event'][:80]} event: {name!r} must be a non-negative integer, "
             f"got {_REPR.repr(value)}."
         )
+    if value > MAX_INTEGER:
+        raise _OutOfRange
     return value
 
 
 def _scalar_field(event: dict[str, Any], name: str, where: str) -> int | str | None:
     """An identifying field (``pid``, ``host``, a rank): a string, an integer or absent."""
     value = event.get(name)
+    if type(value) is int and not -MAX_INTEGER <= value <= MAX_INTEGER:
+        raise _OutOfRange
     if value is None or type(value) in (int, str):  # not bool, nor a subclass
         return value
     raise LogInputError(
@@ -291,8 +307,12 @@ class _Merger:
             if event is None:
                 self.ignored += 1
                 continue
+            try:
+                self._add_event(event, f"{shown}:{lineno}", shown)
+            except _OutOfRange:  # checked before anything is merged: the line is skipped whole
+                self._malformed(f"{shown}:{lineno}")
+                continue
             self.events += 1
-            self._add_event(event, f"{shown}:{lineno}", shown)
 
     def _malformed(self, where: str) -> None:
         self.malformed += 1
@@ -303,16 +323,33 @@ class _Merger:
         if found is None:
             return
         key, kind, stated = found
-        # A kind an event states (summaries do) wins over one inferred from the fields.
-        if key not in self.kinds or (stated and not self.kinds[key][1]):
-            self.kinds[key] = (kind, stated)
+        # Every field is read and checked before anything is merged, so that a line
+        # refused half-way leaves no trace.
         pid = _scalar_field(event, "pid", where)
         host = _scalar_field(event, "host", where)
-        process = (str(host or ""), str(pid)) if pid is not None else ("", f"file:{path}")
-        self.processes.add(process)
+        instance = event.get("instance")
+        if isinstance(instance, str) and instance:
+            # A random id per process: ranks in separate PID namespaces share host and pid.
+            process = ("instance", instance[:80])
+        elif pid is not None:
+            process = (str(host or ""), str(pid))
+        else:
+            process = ("", f"file:{path}")
         # Counts restart at each reset_stats(): a process's summaries of different
         # epochs add up, and only the latest of one epoch is authoritative.
         epoch = _count_field(event, "epoch", where, required=False)
+        rank = _scalar_field(event, "rank", where)
+        if rank is None:
+            rank = _scalar_field(event, "local_rank", where)
+        summary = event["event"] == SUMMARY_EVENT
+        if summary:
+            count = _count_field(event, "count", where, required=True)
+            compiled = _count_field(event, "compiled_traces", where, required=False)
+            captures = _count_field(event, "graph_captures", where, required=False)
+        # A kind an event states (summaries do) wins over one inferred from the fields.
+        if key not in self.kinds or (stated and not self.kinds[key][1]):
+            self.kinds[key] = (kind, stated)
+        self.processes.add(process)
         states = self.per.setdefault(key, {})
         state = states.get(state_key := (*process, str(epoch)))
         if state is None:  # not built on every line: most lines update a known state
@@ -322,22 +359,18 @@ class _Merger:
             for name in ("reason", "source"):
                 if isinstance(event.get(name), str):
                     info.setdefault(name, event[name])
-        rank = _scalar_field(event, "rank", where)
-        if rank is None:
-            rank = _scalar_field(event, "local_rank", where)
         if rank is not None:
             self.ranks.setdefault(key, set()).add(rank)
         if host is not None:
             self.hosts.setdefault(key, set()).add(str(host))
         stamp = _parse_time(event.get("timestamp"))
         caller = event.get("where") if isinstance(event.get("where"), str) else ""
-        if event["event"] == SUMMARY_EVENT:
-            count = _count_field(event, "count", where, required=True)
+        if summary:
             if state.summary_time is None or stamp is None or stamp >= state.summary_time:
                 state.summary_count = count
                 state.summary_time = stamp or state.summary_time
-                state.compiled_traces = _count_field(event, "compiled_traces", where, required=False)
-                state.graph_captures = _count_field(event, "graph_captures", where, required=False)
+                state.compiled_traces = compiled
+                state.graph_captures = captures
             seen = _parse_time(event.get("first_seen")) or stamp
         else:
             state.first_events += 1

@@ -14,6 +14,9 @@ Each event is one line, written with a single ``write()`` to a file opened in ap
 mode, so several processes may share one file without tearing lines. The file name
 may hold ``{pid}``, ``{rank}`` (``RANK``, else ``LOCAL_RANK``, else ``0``) and
 ``{host}``; they are expanded again in a forked child, which then writes its own file.
+When the file is renamed or deleted (log rotation), the writer opens the path anew
+within a second; after a failed write (a full disk) the next event starts on a
+fresh line rather than being glued to the cut one.
 
 The file is opened without blocking and without following a symbolic link, and must
 be a regular file (see :func:`open_log_file`): a FIFO, a device or a symlink planted
@@ -27,16 +30,19 @@ import errno
 import logging
 import os
 import re
+import secrets
 import socket
 import stat
 import sys
 import threading
+import time
 import weakref
 from typing import IO, Any, Final, final
 
 import structlog
 
 from kernel_fallback import _config
+from kernel_fallback._filekind import describe
 from kernel_fallback.exceptions import LogFileError
 
 __all__ = [
@@ -46,6 +52,7 @@ __all__ = [
     "env_logger",
     "expand_log_path",
     "open_log_file",
+    "process_instance",
     "stdlib_logger",
 ]
 
@@ -53,6 +60,10 @@ __all__ = [
 LOGGER_NAME: Final = "kernel_fallback"
 
 _writers: weakref.WeakSet[_LineWriter] = weakref.WeakSet()
+#: Seconds between checks that a log file's path still names the open file (rotation).
+REOPEN_CHECK_S: Final = 1.0
+#: (pid, id) of this process's random instance id (see add_process_info).
+_instance: tuple[int, str] | None = None
 #: (config snapshot version, writer, logger) of the logger built from the environment.
 _from_env: tuple[int, _LineWriter, Any] | None = None
 #: (config snapshot version, error) when the environment's log file could not be opened.
@@ -101,14 +112,6 @@ def expand_log_path(template: str) -> str:
     return path
 
 
-_KINDS: Final = (
-    (stat.S_ISDIR, "a directory"),
-    (stat.S_ISFIFO, "a FIFO (named pipe)"),
-    (stat.S_ISCHR, "a character device"),
-    (stat.S_ISBLK, "a block device"),
-    (stat.S_ISSOCK, "a socket"),
-    (stat.S_ISLNK, "a symbolic link"),
-)
 _ALLOWED = "a log file must be a regular file, or a name that does not exist yet (it is created)"
 _OPEN_FLAGS: Final = (
     os.O_WRONLY
@@ -121,10 +124,6 @@ _OPEN_FLAGS: Final = (
     | getattr(os, "O_CLOEXEC", 0)
     | getattr(os, "O_NOCTTY", 0)
 )
-
-
-def _kind(mode: int) -> str:
-    return next((name for test, name in _KINDS if test(mode)), "not a regular file")
 
 
 def open_log_file(path: str, origin: str) -> int:
@@ -142,7 +141,7 @@ def open_log_file(path: str, origin: str) -> int:
     except OSError as exc:
         try:
             mode = os.lstat(path).st_mode
-            reason = "" if stat.S_ISREG(mode) else _kind(mode)
+            reason = "" if stat.S_ISREG(mode) else describe(mode)
         except OSError:
             reason = ""
         if exc.errno in (errno.ELOOP, errno.EMLINK, errno.ENXIO, errno.EISDIR) and reason:
@@ -154,7 +153,7 @@ def open_log_file(path: str, origin: str) -> int:
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            reason = _kind(mode)
+            reason = describe(mode)
             raise LogFileError(f"{origin}: {path!r} is {reason}; {_ALLOWED}.", path=path, reason=reason)
         os.set_blocking(fd, True)
     except BaseException:
@@ -169,8 +168,12 @@ class _LineWriter:
 
     To a path: one ``os.write`` per line on an ``O_APPEND`` descriptor, so lines of
     processes sharing the file never interleave; the file is reopened (and the name
-    expanded again) in a forked child. To a stream: ``write`` then ``flush``; with no
-    stream, whatever ``sys.stderr`` is at the time of the write.
+    expanded again) in a forked child, and when the path no longer names the open
+    file (rotated: renamed or deleted; looked up at most once per
+    :data:`REOPEN_CHECK_S`). To a stream: ``write`` then ``flush``; with no stream,
+    whatever ``sys.stderr`` is at the time of the write. After a write that failed
+    (a full disk may have cut the line short), the next one starts with a newline,
+    so the cut line costs only itself.
     """
 
     def __init__(self, template: str | None, stream: IO[str] | None, origin: str = "") -> None:
@@ -181,6 +184,11 @@ class _LineWriter:
         self.path: str | None = None
         self._fd = -1
         self._pid = 0
+        #: (st_dev, st_ino) of the open file, and when the path was last checked to name it.
+        self._identity = (0, 0)
+        self._checked = 0.0
+        #: A write failed part-way: the next one starts on a fresh line.
+        self._cut = False
         self._lock = threading.Lock()
         if template is not None:
             self._open(template)  # fail now, naming the file, rather than at the first event
@@ -195,21 +203,53 @@ class _LineWriter:
         if self._fd >= 0:
             os.close(self._fd)  # in a forked child this closes only the child's copy
         self._fd, self._pid, self.path = fd, os.getpid(), path
+        info = os.fstat(fd)
+        self._identity, self._checked = (info.st_dev, info.st_ino), time.monotonic()
         return fd
 
+    def _current_fd(self, template: str) -> int:
+        """The descriptor to write to: reopened in a forked child, and after rotation.
+
+        At most once per :data:`REOPEN_CHECK_S` the path is looked up again: when it no
+        longer names the open file (renamed or deleted by a log rotation), the path is
+        opened anew, so the events that follow go where the name says.
+        """
+        if self._pid != os.getpid():
+            return self._open(template)
+        now = time.monotonic()
+        if now - self._checked >= REOPEN_CHECK_S and self.path is not None:
+            self._checked = now
+            try:
+                info = os.lstat(self.path)
+                moved = (info.st_dev, info.st_ino) != self._identity
+            except FileNotFoundError:
+                moved = True
+            if moved:
+                return self._open(template)
+        return self._fd
+
     def msg(self, message: str) -> None:
-        """Write ``message`` and a newline."""
+        """Write ``message`` and a newline (after a newline when the last write failed)."""
         template = self.template
         if template is None:
             stream = self.stream if self.stream is not None else sys.stderr
-            stream.write(message + "\n")
+            text = "\n" + message + "\n" if self._cut else message + "\n"
+            self._cut = True  # until the write is known to be whole
+            stream.write(text)
             stream.flush()
+            self._cut = False
             return
         data = (message + "\n").encode("utf-8", "backslashreplace")
         with self._lock:
-            fd = self._fd if self._pid == os.getpid() else self._open(template)
+            fd = self._current_fd(template)
+            if self._cut:
+                # The last write stopped part-way (a full disk): without a newline this
+                # event would be glued to the cut line, and both lost to the reader.
+                data = b"\n" + data
+            self._cut = True
             while data:
                 data = data[os.write(fd, data) :]
+            self._cut = False
 
     debug = info = warning = warn = error = err = critical = fatal = exception = failure = log = msg
 
@@ -226,8 +266,9 @@ class _LineWriter:
 
 
 def _reinit_writers_after_fork() -> None:
-    global _env_lock
+    global _env_lock, _instance
     _env_lock = threading.Lock()
+    _instance = None
     for writer in list(_writers):
         writer._after_fork()
 
@@ -236,19 +277,36 @@ if hasattr(os, "register_at_fork"):  # POSIX only
     os.register_at_fork(after_in_child=_reinit_writers_after_fork)
 
 
+def process_instance() -> str:
+    """A random id of this process (16 hex digits), new in each process and forked child.
+
+    Unlike host and pid, it tells apart ranks in separate PID namespaces (containers)
+    that share one host name, where each may well be pid 1.
+    """
+    global _instance
+    pid = os.getpid()
+    current = _instance
+    if current is None or current[0] != pid:
+        current = _instance = (pid, secrets.token_hex(8))
+    return current[1]
+
+
 def add_process_info(
     _logger: Any, _method: str, event_dict: structlog.typing.EventDict
 ) -> structlog.typing.EventDict:
-    """structlog processor: add ``pid``, ``host`` and, when set, ``rank`` and ``local_rank``.
+    """structlog processor: add ``pid``, ``host``, ``instance`` and, when set, ``rank`` and ``local_rank``.
 
     Enough to tell the processes of a multi-process job apart once their logs are
-    merged. ``rank`` is ``RANK`` and ``local_rank`` is ``LOCAL_RANK``, as torchrun sets them.
+    merged: ``instance`` is a random id per process (:func:`process_instance`), which
+    the reader keys on. ``rank`` is ``RANK`` and ``local_rank`` is ``LOCAL_RANK``, as
+    torchrun sets them.
     """
     global _hostname
     if _hostname is None:
         _hostname = socket.gethostname()
     event_dict.setdefault("pid", os.getpid())
     event_dict.setdefault("host", _hostname)
+    event_dict.setdefault("instance", process_instance())
     for variable, key in (("RANK", "rank"), ("LOCAL_RANK", "local_rank")):
         value = _config.env_value(os.environ.get(variable))
         if value:

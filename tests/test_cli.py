@@ -7,6 +7,7 @@ import gzip
 import json
 import os
 import re
+import shlex
 import subprocess
 import sys
 import textwrap
@@ -277,7 +278,7 @@ def test_damaged_gzip_is_an_input_error(
     ("argv", "message"),
     [
         (["report", "{tmp}/missing.jsonl"], "{tmp}/missing.jsonl: cannot read: No such file or directory"),
-        (["check", "{tmp}"], "{tmp}: cannot read: Is a directory"),
+        (["check", "{tmp}"], "{tmp}: cannot read: it is a directory; a log must be a regular file"),
         (["check", "{tmp}/missing.jsonl"], "missing.jsonl: cannot read"),
         (["check", "--allow", "toy_add", "{tmp}/missing.jsonl"], "'toy_add' is not a 'kernel:kwarg' pattern"),
         (["report"], "the following arguments are required: FILE"),
@@ -588,8 +589,8 @@ def test_control_characters_in_log_fields_are_escaped(
         "k\\x1b[2J\\x1b]0;owned\\x07\\rfake_kernel  kwarg  out  warn  0\\nforged\\u202eevil\\x85  kwarg  o\\nut"
     )
     assert table[1].endswith("w.py:1\\x1b[31m")
-    if command == "check":
-        assert "--allow k\\x1b[2J" in out.splitlines()[-1]
+    if command == "check":  # the suggestion matches what cannot be shown with `?`
+        assert "--allow 'k?[[]2J?[]]0;owned??fake_kernel[ ][ ]kwarg" in out.splitlines()[-1]
 
 
 # --- start-up: reading logs imports neither torch nor structlog ---------------------------
@@ -667,3 +668,293 @@ def test_the_console_script_runs_fast_without_torch(logs: list[Path]) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("KERNEL ")
+
+
+# --- the suggested allow-list is taken back as printed ----------------------------
+
+
+@pytest.mark.parametrize(
+    "events",
+    [
+        pytest.param([our_event(kernel="ns::op", kwarg="out")], id="colons"),
+        pytest.param([our_event(kernel="attn[fp8]", kwarg="out")], id="fnmatch-class"),
+        pytest.param([our_event(kernel="attn*", kwarg="num?splits")], id="wildcards"),
+        pytest.param([our_event(kernel="my kernel, v2", kwarg="out")], id="space-comma"),
+        pytest.param(
+            [our_event(kernel="k", kind="provider", provider="vendor:fa3 [v2]")], id="colon-in-provider"
+        ),
+        pytest.param([our_event(kernel="[!]]", kwarg="[")], id="brackets"),
+        pytest.param([our_event(kernel="k\x1b[31m\tx", kwarg="o\nut")], id="control-characters"),
+        pytest.param([our_event(kernel="noyau-é", kwarg="sortie")], id="non-ascii"),
+        pytest.param([json.dumps({"event": "kernel_fallback.stats_overflow", "dropped": 3})], id="overflow"),
+        pytest.param([our_event(kernel=f"k{i}[{i}]", kwarg=f"a b{i}") for i in range(3)], id="several"),
+    ],
+)
+def test_the_suggested_allow_list_is_accepted_as_printed(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, events: list[str]
+) -> None:
+    """The patterns `check` prints, read by a POSIX shell, make the same check pass both ways."""
+    path = tmp_path / "events.jsonl"
+    path.write_text("\n".join(events) + "\n")
+    code, out, err = run(["check", str(path)], capsys)
+    assert code == 1, err
+    suggestion = out.splitlines()[-1]
+    words = shlex.split(suggestion)  # as the shell splits it when pasted
+    option = words[words.index("--allow") + 1]
+    (assignment,) = [w for w in words if w.startswith("KERNEL_FALLBACK_ALLOW=")]
+    code, _, err = run(["check", str(path), "--allow", option], capsys)
+    assert code == 0, err
+    monkeypatch.setenv("KERNEL_FALLBACK_ALLOW", assignment.split("=", 1)[1].rstrip("."))
+    code, _, err = run(["check", str(path)], capsys)
+    assert code == 0, err
+    assert "allowed but not seen" not in err
+
+
+# --- not a regular file, a gzip bomb, huge counts -----------------------------------
+
+
+def cli_process(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "kernel_fallback", *args],
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+@pytest.mark.parametrize("command", ["report", "check"])
+@pytest.mark.parametrize(
+    ("make", "kind"),
+    [
+        pytest.param(lambda p: os.mkfifo(p), "a FIFO (named pipe)", id="fifo"),
+        pytest.param(
+            lambda p: os.symlink("/dev/zero", p), "a symbolic link to a character device", id="dev-zero"
+        ),
+        pytest.param(
+            lambda p: os.symlink("/dev/urandom", p), "a symbolic link to a character device", id="dev-urandom"
+        ),
+    ],
+)
+def test_a_file_that_is_not_regular_is_refused_at_once(
+    tmp_path: Path, command: str, make: Any, kind: str
+) -> None:
+    """A FIFO or device planted among the logs is named and refused, never waited on or read forever."""
+    good = tmp_path / "good.jsonl"
+    good.write_text(our_event() + "\n")
+    planted = tmp_path / "planted.jsonl"
+    make(planted)
+    done = cli_process(command, str(good), str(planted), timeout=30)
+    assert done.returncode == 2, done.stderr
+    assert done.stderr == (
+        f"kernel-fallback: error: {planted}: cannot read: it is {kind}; "
+        "a log must be a regular file (or - for standard input).\n"
+    )
+    assert done.stdout == ""
+
+
+@pytest.mark.skipif(not os.path.exists(os.devnull), reason="needs /dev/null")
+def test_dev_null_stays_the_guard_against_an_unmatched_glob(tmp_path: Path) -> None:
+    """The documented `logs/* /dev/null`: the null device (also through a link) is read as empty."""
+    (tmp_path / "null.jsonl").symlink_to(os.devnull)
+    for path in (os.devnull, str(tmp_path / "null.jsonl")):
+        done = cli_process("check", "--allow-empty", path)
+        assert done.returncode == 0, done.stderr
+
+
+def test_a_symlink_to_a_regular_log_is_read(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    target = tmp_path / "real.jsonl"
+    target.write_text(our_event(count=4) + "\n")
+    (tmp_path / "link.jsonl").symlink_to(target)
+    data = report_json([tmp_path / "link.jsonl"], capsys)
+    assert [r["count"] for r in data["fallbacks"]] == [4]
+
+
+@pytest.mark.parametrize("source", ["file", "stdin"])
+@pytest.mark.parametrize(
+    "content", [b"\n" * (200 << 20), b"x" * (200 << 20)], ids=["newlines", "one-long-line"]
+)
+def test_a_gzip_bomb_is_refused_with_exit_2(tmp_path: Path, source: str, content: bytes) -> None:
+    """A .gz of 200 KB that expands to 200 MB is refused early, naming it, not read for minutes."""
+    bomb = tmp_path / "bomb.jsonl.gz"
+    bomb.write_bytes(gzip.compress(our_event().encode() + b"\n" + content, 9))
+    assert bomb.stat().st_size < 300_000
+    if source == "file":
+        done = cli_process("check", str(bomb), timeout=120)
+    else:
+        with bomb.open("rb") as stdin:
+            done = subprocess.run(
+                [sys.executable, "-m", "kernel_fallback", "check", "-"],
+                stdin=stdin,
+                env=clean_env(),
+                capture_output=True,
+                text=True,
+                timeout=120,
+                check=False,
+            )
+    assert done.returncode == 2, done.stderr
+    shown = str(bomb) if source == "file" else "<stdin>"
+    assert done.stderr.startswith(f"kernel-fallback: error: {shown}: cannot read: gzip expands too far (")
+    assert "decompression bomb" in done.stderr
+    assert done.stdout == ""
+
+
+def test_a_genuine_gzip_log_is_read_whole(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Many near-identical events, the most a real log compresses, stay under the bound."""
+    lines = [our_event(pid=i % 64, timestamp=f"2026-01-01T00:00:{i % 60:02d}Z") for i in range(100_000)]
+    path = tmp_path / "big.jsonl.gz"
+    path.write_bytes(gzip.compress(("\n".join(lines) + "\n").encode(), 9))
+    data = report_json([path], capsys)
+    assert data["lines"] == 100_000
+    assert [r["count"] for r in data["fallbacks"]] == [64]
+
+
+@pytest.mark.parametrize("field", ["count", "epoch", "pid", "rank", "compiled_traces"])
+def test_a_count_beyond_64_bits_is_a_malformed_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], field: str
+) -> None:
+    """Two summaries with 4300-digit counts: skipped as malformed, never an internal error."""
+    huge = int("9" * 4300)
+    path = tmp_path / "huge.jsonl"
+    path.write_text(
+        "\n".join(
+            [our_event(**{"host": h, "pid": 1, field: huge}) for h in "ab"] + [our_event(host="c", pid=1)]
+        )
+        + "\n"
+    )
+    for fmt in ("json", "table"):
+        code, _, err = run(["report", "--format", fmt, str(path)], capsys)
+        assert code == 0, err
+        assert "internal error" not in err
+        assert "2 malformed line(s) skipped, first at" in err
+    data = json.loads(run(["report", "--format", "json", str(path)], capsys)[1])
+    assert data["malformed_lines"] == 2
+    assert [r["count"] for r in data["fallbacks"]] == [1]
+
+
+# --- a cut output is never a pass -------------------------------------------------
+
+
+def many_fallbacks(tmp_path: Path, n: int = 3000) -> Path:
+    path = tmp_path / "many.jsonl"
+    path.write_text("".join(our_event(kernel=f"kernel_{i}", pid=1) + "\n" for i in range(n)))
+    return path
+
+
+@pytest.mark.parametrize("unbuffered", ["1", ""], ids=["unbuffered", "buffered"])
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["check"], 1),  # findings: the finding stands
+        (["check", "--allow", "*:*", "--format", "json"], 2),  # a pass that was cut is no pass
+        (["report"], 2),
+    ],
+    ids=["check-denied", "check-allowed-json", "report"],
+)
+def test_a_reader_that_leaves_early_never_turns_into_a_pass(
+    tmp_path: Path, argv: list[str], expected: int, unbuffered: str
+) -> None:
+    """`kernel-fallback check ... | head -1` under `set -o pipefail`: 1 with findings, else 2."""
+    path = many_fallbacks(tmp_path)
+    env = clean_env(PYTHONUNBUFFERED=unbuffered)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "kernel_fallback", *argv[:1], str(path), *argv[1:]],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    assert proc.stderr is not None
+    first = proc.stdout.readline()  # what `head -1` does: one line, then leave
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) == expected, err
+    assert first
+    assert "Traceback" not in err
+    assert err.endswith(
+        f"kernel-fallback: error: could not write to standard output (Broken pipe): the output is "
+        f"incomplete, exit status {expected}.\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["check", "--allow", "*:*"], 2),  # ok, but its note was lost
+        (["check"], 1),
+        (["report"], 2),
+    ],
+    ids=["check-allowed", "check-denied", "report"],
+)
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full")
+def test_an_unwritable_stderr_is_never_a_pass(tmp_path: Path, argv: list[str], expected: int) -> None:
+    """`2>/dev/full`: the note on skipped lines cannot be written, so the answer is not a clean pass."""
+    path = tmp_path / "cut.jsonl"
+    path.write_text(our_event() + "\n" + '{"event": "kernel_fallback.summary", "kern\n')
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [sys.executable, "-m", "kernel_fallback", *argv[:1], str(path), *argv[1:]],
+            env=clean_env(),
+            stdout=subprocess.PIPE,
+            stderr=full,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert done.returncode == expected
+    assert done.stdout  # the answer itself was written
+
+
+def test_stdout_on_a_full_disk_is_exit_2(tmp_path: Path) -> None:
+    path = tmp_path / "ok.jsonl"
+    path.write_text(our_event() + "\n")
+    with open("/dev/full", "w") as full:
+        done = subprocess.run(
+            [sys.executable, "-m", "kernel_fallback", "check", str(path), "--allow", "k:*"],
+            env=clean_env(),
+            stdout=full,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert done.returncode == 2
+    assert done.stderr == (
+        "kernel-fallback: error: could not write to standard output (No space left on device): "
+        "the output is incomplete, exit status 2.\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("instances", "processes", "count"),
+    [
+        (["a1", "b2"], 2, 7),  # one host and pid, two processes (separate PID namespaces)
+        ([None, None], 1, 4),  # older logs: host and pid, the latest summary wins
+        (["a1", "a1"], 1, 4),
+    ],
+    ids=["two-instances", "no-instance", "one-instance"],
+)
+def test_processes_are_told_apart_by_instance_else_by_host_and_pid(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    instances: list[str | None],
+    processes: int,
+    count: int,
+) -> None:
+    lines = []
+    for instance, n, second in zip(instances, (3, 4), ("01", "02"), strict=True):
+        fields: dict[str, Any] = {
+            "host": "node",
+            "pid": 1,
+            "count": n,
+            "timestamp": f"2026-01-01T00:00:{second}Z",
+        }
+        if instance is not None:
+            fields["instance"] = instance
+        lines.append(our_event(**fields))
+    path = tmp_path / "shared.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    data = report_json([path], capsys)
+    assert data["processes"] == processes
+    assert [(r["count"], r["processes"]) for r in data["fallbacks"]] == [(count, processes)]

@@ -230,3 +230,62 @@ def test_blank_variables_are_unset_for_configure_logging(monkeypatch: pytest.Mon
     configure_logging(file=out)
     fall_back()
     assert json_lines(out.getvalue())[0]["kernel"] == "log_add"  # json, the default
+
+
+@pytest.mark.parametrize("level", [0, 1, 5, 10, 15, 20, 25, 29, 30, 31, 35, 40, 45, 50])
+def test_a_level_number_filters_as_the_standard_library_does(tmp_path: Path, level: int) -> None:
+    """Any number from 0 to 50 is accepted; warning events pass exactly when `logging` would pass them."""
+    oracle = logging.Logger("oracle")
+    oracle.setLevel(level)
+    path = tmp_path / "kf.jsonl"
+    configure_logging(file=path, level=level)
+    fall_back()
+    logged = [e["event"] for e in json_lines(path.read_text())]
+    expected = ["kernel_fallback.kwarg_dropped"] if oracle.isEnabledFor(logging.WARNING) else []
+    assert logged == expected
+
+
+@pytest.mark.parametrize("level", [-1, 51, 10**6])
+def test_a_level_number_out_of_range_is_refused_before_the_file_is_made(tmp_path: Path, level: int) -> None:
+    path = tmp_path / "logs" / "kf.jsonl"
+    with pytest.raises(PolicyConfigError, match=rf"level={level}\).*from 0 to 50") as info:
+        configure_logging(file=path, level=level)
+    assert info.value.name == "level"
+    assert not (tmp_path / "logs").exists()
+
+
+@pytest.mark.parametrize(
+    ("mode", "error", "message"),
+    [
+        ("rb", TypeError, "a binary stream"),
+        ("wb", TypeError, "a binary stream"),
+        ("ab", TypeError, "a binary stream"),
+        ("r", ValueError, "not writable"),
+    ],
+)
+def test_a_stream_that_cannot_take_text_is_refused(
+    tmp_path: Path, mode: str, error: type[Exception], message: str
+) -> None:
+    """A binary or read-only stream would fail at the first event: refused at configuration."""
+    path = tmp_path / "log.txt"
+    path.write_text("")
+    with path.open(mode) as stream, pytest.raises(error, match=message):
+        configure_logging(file=stream)
+    assert _events._logger_override is None  # nothing was installed
+
+
+def test_a_closed_stream_is_refused(tmp_path: Path) -> None:
+    stream = (tmp_path / "log.txt").open("w")
+    stream.close()
+    with pytest.raises(ValueError, match="the stream is closed"):
+        configure_logging(file=stream)
+
+
+@pytest.mark.parametrize("mode", ["w", "a", "r+"])
+def test_a_writable_text_stream_is_accepted(tmp_path: Path, mode: str) -> None:
+    path = tmp_path / "log.txt"
+    path.write_text("")
+    with path.open(mode) as stream:
+        configure_logging(file=stream)
+        fall_back()
+    assert [e["event"] for e in json_lines(path.read_text())] == ["kernel_fallback.kwarg_dropped"]

@@ -78,7 +78,7 @@ VALID = event().encode()
         ),
         ([event(kernel="k" * 10_000 + "\udc80").encode("utf-8", "surrogatepass")], 1, "k" * 200),
         ([event(kernel="k\ud800").encode()], 1, "k\\ud800  kwarg"),
-        ([event(kernel="kX").encode().replace(b"kX", b"k\xff")], 1, "--allow k\ufffd:out"),
+        ([event(kernel="kX").encode().replace(b"kX", b"k\xff")], 1, "--allow 'k\ufffd:out'"),
         (
             [event(timestamp="0001-01-01T00:00:00+01:00", first_seen="9999-12-31T23:59:59-01:00").encode()],
             1,

@@ -4,6 +4,7 @@ fields and the logger the KERNEL_FALLBACK_LOG_* variables describe."""
 from __future__ import annotations
 
 import ast
+import contextlib
 import io
 import json
 import logging
@@ -16,12 +17,14 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
 import pytest
 import torch
+from child_env import clean_env
 
 import kernel_fallback
 from kernel_fallback import _events, _logging, _sinks, tolerant_kwargs
@@ -260,6 +263,11 @@ def test_forked_child_summarises_only_its_own_counts(tmp_path: Path) -> None:
     _events.flush()
     parent = json_lines((tmp_path / f"kf-{os.getpid()}.jsonl").read_text())
     assert [e.get("count") for e in parent if e["event"] == "kernel_fallback.summary"] == [5]
+    # Each process has its own random instance id, the same on all its events.
+    assert {e["instance"] for e in parent} == {parent[0]["instance"]}
+    assert {e["instance"] for e in child} == {child[0]["instance"]}
+    assert child[0]["instance"] != parent[0]["instance"]
+    assert all(re.fullmatch("[0-9a-f]{16}", e["instance"]) for e in parent + child)
 
 
 def test_real_processes_summarise_at_exit_without_double_counting(tmp_path: Path) -> None:
@@ -546,3 +554,192 @@ def test_importing_a_lower_layer_loads_no_higher_one() -> None:
     assert not {"kernel_fallback._events", "kernel_fallback._logging"} & set(after_sinks)
     assert "kernel_fallback._events" in after_events
     assert "kernel_fallback._logging" not in after_events
+
+
+# --- separate PID namespaces, rotation, a write cut short -----------------------------
+
+
+def _unshare_pid() -> list[str] | None:
+    """The command prefix that runs a process as pid 1 of a new PID namespace, or None."""
+    unshare = shutil.which("unshare")
+    if unshare is None:
+        return None
+    for prefix in ([unshare, "--pid", "--fork"], [unshare, "--user", "--map-root-user", "--pid", "--fork"]):
+        probe = [*prefix, sys.executable, "-c", "import os, sys; sys.exit(os.getpid() != 1)"]
+        if subprocess.run(probe, capture_output=True, check=False, timeout=60).returncode == 0:
+            return prefix
+    return None
+
+
+UNSHARE_PID = _unshare_pid()
+
+
+@pytest.mark.skipif(UNSHARE_PID is None, reason="needs PID namespaces (unshare --pid)")
+def test_ranks_in_separate_pid_namespaces_are_counted_apart(tmp_path: Path) -> None:
+    """Two containers on one host name, each workload pid 1, one shared log: two processes."""
+    assert UNSHARE_PID is not None
+    log = tmp_path / "shared.jsonl"
+    env = clean_env(KERNEL_FALLBACK_LOG_FORMAT="json", KERNEL_FALLBACK_LOG_FILE=str(log))
+    for calls in (5, 7):
+        proc = subprocess.run(
+            [*UNSHARE_PID, sys.executable, str(WORKLOAD), "--add", str(calls)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stderr
+    events = json_lines(log.read_text())
+    assert {(e["pid"], e["host"]) for e in events} == {(1, socket.gethostname())}
+    report = subprocess.run(
+        [sys.executable, "-m", "kernel_fallback", "report", "--format", "json", str(log)],
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    (row,) = json.loads(report.stdout)["fallbacks"]
+    assert (row["kernel"], row["count"], row["processes"], row["exact"]) == ("toy_add", 12, 2, True)
+
+
+@pytest.mark.parametrize("how", ["rename", "delete"])
+def test_a_rotated_log_file_is_reopened_and_nothing_is_lost(tmp_path: Path, how: str) -> None:
+    """logrotate moves or deletes the file: events after the next check go to a new file."""
+    path = tmp_path / "kf.jsonl"
+    configure_logging(file=path)
+    fall_back(1)  # the first occurrence: one line
+    rotated = tmp_path / "kf.jsonl.1"
+    if how == "rename":
+        path.rename(rotated)
+    else:
+        path.unlink()
+    time.sleep(_sinks.REOPEN_CHECK_S + 0.1)  # the path is looked up again at most this often
+    _events.flush()  # a summary
+    assert path.exists(), "the writer never noticed the rotation"
+    after = json_lines(path.read_text())
+    assert [e["event"] for e in after] == ["kernel_fallback.summary"]
+    if how == "rename":
+        assert [e["event"] for e in json_lines(rotated.read_text())] == ["kernel_fallback.kwarg_dropped"]
+
+
+def test_a_path_replaced_by_a_symlink_after_rotation_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "kf.jsonl"
+    writer = _sinks._LineWriter(str(path), None)
+    writer.msg("{}")
+    path.unlink()
+    target = tmp_path / "target"
+    target.write_text("")
+    path.symlink_to(target)
+    time.sleep(_sinks.REOPEN_CHECK_S + 0.1)
+    with pytest.raises(LogFileError, match="is a symbolic link"):
+        writer.msg("{}")
+    writer.close()
+    assert target.read_text() == ""
+
+
+#: Writes an event too big for the room left, then, with room again, a complete one.
+_CUT_SHORT = """
+import json, os, resource, signal, sys
+from kernel_fallback._sinks import _LineWriter
+path, how = sys.argv[1], sys.argv[2]
+writer = _LineWriter(path, None)
+big = json.dumps({"event": "kernel_fallback.summary", "kernel": "cut", "kwarg": "out",
+                  "policy": "warn", "count": 1, "pad": "x" * 6000})
+whole = json.dumps({"event": "kernel_fallback.summary", "kernel": "whole", "kwarg": "out",
+                    "policy": "warn", "count": 2})
+if how == "rlimit":
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG rather than death past the limit
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (2000, hard))
+else:  # a full tmpfs: fill all but one page of it
+    filler = os.path.join(os.path.dirname(path), "filler")
+    with open(filler, "wb") as f:
+        try:
+            while True:
+                f.write(bytes(512))
+                f.flush()
+                if os.statvfs(filler).f_bavail * os.statvfs(filler).f_frsize <= 4096:
+                    break
+        except OSError:
+            pass
+try:
+    writer.msg(big)
+except OSError as exc:
+    print("failed:", exc.errno)
+if how == "rlimit":
+    resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+else:
+    os.unlink(filler)
+writer.msg(whole)
+writer.close()
+"""
+
+
+def _tmpfs(directory: Path) -> bool:
+    directory.mkdir()
+    mount = shutil.which("mount")
+    if mount is None or os.geteuid() != 0:
+        return False
+    done = subprocess.run(
+        [mount, "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(directory)], capture_output=True, check=False
+    )
+    return done.returncode == 0
+
+
+@pytest.mark.parametrize("how", ["rlimit", "tmpfs"])
+def test_after_a_write_cut_short_the_next_event_starts_a_fresh_line(tmp_path: Path, how: str) -> None:
+    """A full disk cuts an event part-way; the next complete one is not glued to it, and is read."""
+    directory = tmp_path / "logs"
+    if how == "tmpfs":
+        if not _tmpfs(directory):
+            pytest.skip("needs root to mount a small tmpfs")
+    else:
+        directory.mkdir()
+    try:
+        path = directory / "kf.jsonl"
+        proc = subprocess.run(
+            [sys.executable, "-c", _CUT_SHORT, str(path), how],
+            env=clean_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.startswith("failed:"), "the write was not cut short"
+        data = path.read_bytes()
+        assert 0 < data.index(b"\n") < 6000  # the cut line, then a fresh one
+        report = subprocess.run(
+            [sys.executable, "-m", "kernel_fallback", "report", "--format", "json", str(path)],
+            env=clean_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        )
+        result = json.loads(report.stdout)
+        assert [(r["kernel"], r["count"]) for r in result["fallbacks"]] == [("whole", 2)]
+        assert result["malformed_lines"] == 1
+    finally:
+        if how == "tmpfs":
+            subprocess.run(["umount", str(directory)], check=False)
+
+
+def test_a_stream_write_that_failed_is_followed_by_a_fresh_line(tmp_path: Path) -> None:
+    """A real pipe whose reader is gone fails a write; once it works again, lines start fresh."""
+    good = tmp_path / "out.txt"
+    with good.open("w") as sink:
+        writer = _sinks._LineWriter(None, sink)
+        read_end, write_end = os.pipe()
+        os.close(read_end)
+        broken = os.fdopen(write_end, "w")
+        writer.stream = broken
+        with pytest.raises(BrokenPipeError):
+            writer.msg('{"event": "first"}')
+        with contextlib.suppress(BrokenPipeError):
+            broken.close()
+        writer.stream = sink
+        writer.msg('{"event": "second"}')
+    assert good.read_text() == '\n{"event": "second"}\n'
