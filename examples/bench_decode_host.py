@@ -31,6 +31,7 @@ from collections.abc import Callable
 from functools import partial
 from typing import Any
 
+import attention_bench  # examples/, beside this script
 import torch
 import torch.nn.functional as F
 
@@ -63,27 +64,7 @@ def host_us(fn: Fn, calls: int, rounds: int = 5) -> tuple[float, float]:
 
 def graph_us(fn: Fn, per_graph: int = 20, replays: int = 10) -> float:
     """GPU microseconds per call: ``per_graph`` calls captured in one CUDA graph, replayed."""
-    stream = torch.cuda.Stream()  # type: ignore[no-untyped-call]
-    stream.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(stream):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(stream)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(per_graph):
-            fn()
-    graph.replay()
-    samples = []
-    for _ in range(replays):
-        start = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
-        end = torch.cuda.Event(enable_timing=True)  # type: ignore[no-untyped-call]
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        samples.append(float(start.elapsed_time(end)) * 1e3 / per_graph)
-    return statistics.median(samples)
+    return 1e3 * attention_bench.graph_ms(fn, calls=per_graph, repeats=replays)
 
 
 def paged(batch: int, tokens: int, page: int, hkv: int, d: int, dtype: torch.dtype) -> dict[str, Any]:

@@ -19,9 +19,9 @@ from test_kvcache_features_oracle import oracle as kv_oracle
 from torch import Tensor
 from torch.nn.attention.flex_attention import create_block_mask
 
+from kernel_fallback.integrations.flash_attn import _decode, _flex, _mla_fp8
 from kernel_fallback.integrations.flash_attn import _fast as fast
 from kernel_fallback.integrations.flash_attn import _masks as _attention_masks
-from kernel_fallback.integrations.flash_attn import _mla_fp8
 from kernel_fallback.integrations.flash_attn import _reference as ref
 from kernel_fallback.integrations.flash_attn import flash_attn_varlen_func as chain_varlen
 
@@ -346,8 +346,8 @@ def test_triton_decode_variable_refuses_a_non_boolean(monkeypatch: pytest.Monkey
 def test_softcap_through_sigmoid_is_tanh_to_float32_rounding(cap: float) -> None:
     scores = torch.cat([torch.randn(4096) * 3 * cap, torch.linspace(-1e-3, 1e-3, 101)])
     args = (torch.zeros(()), torch.zeros(()), torch.zeros(()), torch.zeros(()))
-    exact = fast._softcap_mod(cap, scores.device, via_sigmoid=False)(scores.double(), *args)
-    fused = fast._softcap_mod(cap, scores.device, via_sigmoid=True)(scores, *args)
+    exact = _flex.softcap_mod(cap, scores.device, via_sigmoid=False)(scores.double(), *args)
+    fused = _flex.softcap_mod(cap, scores.device, via_sigmoid=True)(scores, *args)
     assert torch.equal(exact, cap * torch.tanh(scores.double() / cap))
     assert (fused.double() - exact).abs().max().item() <= 4e-7 * cap
 
@@ -704,8 +704,8 @@ def test_one_packed_query_per_sequence_is_served_as_the_decode_it_is() -> None:
         "causal": True,
         "return_softmax_lse": True,
     }
-    assert fast._one_query_per_sequence(q_rope, None, opts["cu_seqlens_q"], 1, opts["cache_seqlens"])
-    assert not fast._one_query_per_sequence(q_rope, None, opts["cu_seqlens_q"], 2, opts["cache_seqlens"])
+    assert _decode.one_query_per_sequence(q_rope, None, opts["cu_seqlens_q"], 1, opts["cache_seqlens"])
+    assert not _decode.one_query_per_sequence(q_rope, None, opts["cu_seqlens_q"], 2, opts["cache_seqlens"])
     got, lse = fast.flash_attn_with_kvcache(q_rope, k_rope, c_kv, qv=q_nope, max_seqlen_q=1, **opts)
     packed, packed_lse = fast.flash_attn_with_kvcache(q_rope, k_rope, c_kv, qv=q_nope, **opts)
     want, want_lse = ref.flash_attn_with_kvcache(

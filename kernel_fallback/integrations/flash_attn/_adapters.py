@@ -182,6 +182,35 @@ def _fa4_splits(num_splits: int, device: torch.device) -> int:
     return num_splits if limit is None else limit
 
 
+def _fa4_options(
+    device: torch.device,
+    lse_keyword: str,
+    softmax_scale: float | None,
+    causal: bool,
+    window_size: Sequence[int],
+    sinks: Tensor | None,
+    softcap: float,
+    num_splits: int,
+    pack_gqa: bool | None,
+    return_softmax_lse: bool,
+    score_mod: Callable[..., Any] | None,
+    aux_tensors: list[Tensor] | None,
+) -> dict[str, Any]:
+    """FA3's options under FA4's names and conventions, shared by both FA4 adapters."""
+    return {
+        "softmax_scale": softmax_scale,
+        "causal": causal,
+        "window_size": _fa4_window(window_size),
+        "learnable_sink": sinks,
+        "softcap": softcap,
+        "num_splits": _fa4_splits(num_splits, device),
+        "pack_gqa": pack_gqa,
+        lse_keyword: return_softmax_lse,
+        "score_mod": score_mod,
+        "aux_tensors": aux_tensors,
+    }
+
+
 def load_fa4_varlen() -> Callable[..., Any]:
     """FlashAttention-4 (the CuTe build shipped in sgl-kernel 0.3.x) under FA3's names."""
     fa4 = _import_fa4()
@@ -220,17 +249,11 @@ def load_fa4_varlen() -> Callable[..., Any]:
             seqused_q=seqused_q,
             seqused_k=seqused_k,
             page_table=page_table,
-            softmax_scale=softmax_scale,
-            causal=causal,
-            window_size=_fa4_window(window_size),
-            learnable_sink=sinks,
-            softcap=softcap,
-            num_splits=_fa4_splits(num_splits, q.device),
-            pack_gqa=pack_gqa,
-            **{return_lse: return_softmax_lse},
-            score_mod=score_mod,
-            aux_tensors=aux_tensors,
-        )
+            **_fa4_options(
+                q.device, return_lse, softmax_scale, causal, window_size, sinks, softcap, num_splits,
+                pack_gqa, return_softmax_lse, score_mod, aux_tensors,
+            ),
+        )  # fmt: skip
         return (out, lse) if return_softmax_lse else out
 
     return flash_attn_varlen_func
@@ -278,17 +301,11 @@ def load_fa4_kvcache() -> Callable[..., Any]:
             cu_seqlens_q=cu_seqlens_q,
             seqused_k=cache_seqlens,
             page_table=page_table,
-            softmax_scale=softmax_scale,
-            causal=causal,
-            window_size=_fa4_window(window_size),
-            learnable_sink=sinks,
-            softcap=softcap,
-            num_splits=_fa4_splits(num_splits, q.device),
-            pack_gqa=pack_gqa,
-            **{return_lse: return_softmax_lse},
-            score_mod=score_mod,
-            aux_tensors=aux_tensors,
-        )
+            **_fa4_options(
+                q.device, return_lse, softmax_scale, causal, window_size, sinks, softcap, num_splits,
+                pack_gqa, return_softmax_lse, score_mod, aux_tensors,
+            ),
+        )  # fmt: skip
         return (out, lse) if return_softmax_lse else out
 
     return flash_attn_with_kvcache

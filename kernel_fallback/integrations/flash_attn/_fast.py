@@ -46,22 +46,24 @@ within ``num_blocks``, as for FA3; the reference checks them all.
 from __future__ import annotations
 
 import functools
-import importlib.util
 import inspect
 import math
-import os
-import warnings
-from collections.abc import Callable
-from types import ModuleType
-from typing import Any, Final
 
 import torch
 from torch import Tensor
-from torch.nn.attention import flex_attention as _flex_mod
 
-from kernel_fallback import _config
 from kernel_fallback._options import stream_capturing
 from kernel_fallback.integrations.flash_attn import _mla_fp8, _reference
+from kernel_fallback.integrations.flash_attn._decode import (
+    SDPA_DECODE_MAX_ROWS,
+    TRITON_DECODE,
+    TRITON_DECODE_ENV,
+    one_query_per_sequence,
+    sdpa_decode,
+    triton_decode,
+    triton_decode_enabled,
+    triton_decode_fits,
+)
 from kernel_fallback.integrations.flash_attn._exact import (
     NO_KEYS,
     REFERENCE_AUTOGRAD,
@@ -71,6 +73,7 @@ from kernel_fallback.integrations.flash_attn._exact import (
     wants_grad,
     without_keys,
 )
+from kernel_fallback.integrations.flash_attn._flex import flex_attend
 from kernel_fallback.integrations.flash_attn._kv_prep import KvExtras, plain_call
 from kernel_fallback.integrations.flash_attn._masks import MaskSpec, block_mask_for, row_intervals
 from kernel_fallback.integrations.flash_attn._reference import (
@@ -85,18 +88,13 @@ __all__ = [
     "NO_KEYS",
     "REFERENCE_AUTOGRAD",
     "REFERENCE_FLOAT64",
+    "TRITON_DECODE",
+    "TRITON_DECODE_ENV",
     "flash_attn_varlen_func",
     "flash_attn_with_kvcache",
     "last_backend",
+    "triton_decode_enabled",
 ]
-
-#: Environment variable: false (``0``) keeps CUDA decode off the Triton kernel (SDPA/flex instead).
-TRITON_DECODE_ENV = _config.ENV_TRITON
-#: The backend name of the Triton split-K decode path in ``describe_table()``.
-TRITON_DECODE = "triton split-k decode (paged)"
-
-#: Most query rows per kv head the SDPA decode path takes (its mask is rows x capacity).
-SDPA_DECODE_MAX_ROWS = 64
 
 _last: dict[str, str] = {}
 
@@ -104,114 +102,6 @@ _last: dict[str, str] = {}
 def last_backend(entry: str) -> str | None:
     """Which backend the last call of ``entry`` (an entry point's name) took, or None."""
     return _last.get(entry)
-
-
-@functools.cache
-def _compiled_flex() -> Callable[..., Any]:
-    return torch.compile(_flex_mod.flex_attention)
-
-
-def _softcap_mod(softcap: float, device: torch.device, *, via_sigmoid: bool) -> Callable[..., Tensor]:
-    """FA3's softcap, ``cap * tanh(score / cap)``, as a flex ``score_mod``.
-
-    ``via_sigmoid`` computes tanh through the identity ``tanh(x) = 2 * sigmoid(2x) - 1``:
-    Inductor lowers sigmoid to exp2 but tanh to libdevice's slower tanh, and that
-    difference made softcap prefill 1.6x slower on an H100 (5.8 vs 3.5-3.9 ms, 2 x 8192).
-    The identity is exact; in float32 it adds an absolute error of about 1e-7 * cap
-    near zero, below bf16/fp16 resolution, so it is used for 16-bit inputs only.
-    """
-    # Device scalars: a Python float would be lifted to a CPU tensor the CUDA kernel cannot read.
-    cap = torch.full((), softcap, dtype=torch.float32, device=device)
-    if via_sigmoid:
-        two_over_cap = torch.full((), 2.0 / softcap, dtype=torch.float32, device=device)
-
-        def softcap_sigmoid(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-            del b, h, q_idx, kv_idx
-            return cap * (2 * torch.sigmoid(score * two_over_cap) - 1)
-
-        return softcap_sigmoid
-
-    def softcap_score(score: Tensor, b: Tensor, h: Tensor, q_idx: Tensor, kv_idx: Tensor) -> Tensor:
-        del b, h, q_idx, kv_idx
-        return cap * torch.tanh(score / cap)
-
-    return softcap_score
-
-
-@functools.cache
-def _is_hopper(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
-
-
-#: flex forward tiles for Hopper, 16-bit, head dims 64/128: 128 x 128 tiles, 8 warps, 3
-#: stages, TMA loads. Measured on an H100 against flex's defaults (same inputs):
-#: 2 x 8192 causal 2.77 -> 2.38 ms, 8 x 2048 0.92 -> 0.88 ms, softcap 3.89 -> 3.52 ms.
-_HOPPER_TILES: Final = {"BLOCK_M": 128, "BLOCK_N": 128, "num_warps": 8, "num_stages": 3, "USE_TMA": True}
-
-
-#: flex forward tiles for head dims over 256 (MLA's 576/512): flex's default tiles asked
-#: for 416 KiB of shared memory on an H100 ("out of resource ... Required: 425984"), more
-#: than any GPU has; 32 x 32 tiles in one stage need about 160 KiB.
-_WIDE_HEAD_TILES: Final = {"BLOCK_M": 32, "BLOCK_N": 32, "num_stages": 1, "num_warps": 4}
-
-
-def _kernel_options(q: Tensor, k: Tensor, v: Tensor) -> dict[str, Any] | None:
-    """Tiles for this call where they were measured to help or are needed (else flex's own)."""
-    if q.device.type == "cuda" and (q.shape[-1] > 256 or v.shape[-1] > 256):
-        return dict(_WIDE_HEAD_TILES)
-    if not _is_hopper(q.device) or q.dtype not in (torch.bfloat16, torch.float16):
-        return None
-    if q.shape[-1] not in (64, 128) or v.shape[-1] not in (64, 128):
-        return None
-    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
-        return None  # the backward has tiles of its own: leave flex's defaults
-    return dict(_HOPPER_TILES)
-
-
-def _flex(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    block_mask: _flex_mod.BlockMask,
-    scale: float,
-    softcap: float,
-    sinks: Tensor | None,
-    want_lse: bool,
-) -> tuple[Tensor, Tensor | None, str]:
-    """flex over (B, H, L, D) tensors; returns out, lse (B, Hq, Lq) float32 or None, backend."""
-    kwargs: dict[str, Any] = {
-        "score_mod": (
-            _softcap_mod(softcap, q.device, via_sigmoid=q.dtype in (torch.bfloat16, torch.float16))
-            if softcap > 0
-            else None
-        ),
-        "block_mask": block_mask,
-        "scale": scale,
-        "enable_gqa": q.shape[1] != k.shape[1],
-    }
-    need_lse = want_lse or sinks is not None
-    if need_lse:
-        kwargs["return_aux"] = _flex_mod.AuxRequest(lse=True)
-    if q.device.type == "cuda":
-        options = _kernel_options(q, k, v)
-        if options is not None:
-            kwargs["kernel_options"] = options
-        result, backend = _compiled_flex()(q, k, v, **kwargs), "flex_attention (compiled)"
-    else:
-        with warnings.catch_warnings():  # eager flex warns that it is unfused: known, chosen
-            warnings.simplefilter("ignore", UserWarning)
-            result = _flex_mod.flex_attention(q, k, v, **kwargs)
-        backend = f"flex_attention (eager, {q.device.type})"
-    if not need_lse:
-        return result, None, backend
-    out, aux = result
-    lse = aux.lse.float()
-    if sinks is not None:
-        sink = sinks.to(device=lse.device, dtype=torch.float32).view(1, -1, 1)
-        with_sink = torch.logaddexp(lse, sink)
-        out = (out.float() * torch.exp(lse - with_sink).unsqueeze(-1)).to(out.dtype)
-        lse = with_sink
-    return out, lse, backend
 
 
 def _capturing(device: torch.device) -> bool:
@@ -348,7 +238,7 @@ def flash_attn_varlen_func(
         reuse=not _capturing(q.device),
         q_blocks=wants_grad(q, k, v, sinks),
     )
-    out, lse, backend = _flex(
+    out, lse, backend = flex_attend(
         q.transpose(0, 1).unsqueeze(0),
         k.transpose(0, 1).unsqueeze(0),
         v.transpose(0, 1).unsqueeze(0),
@@ -415,137 +305,6 @@ def _check_cache_args(
     return batch, k.shape[1]
 
 
-def triton_decode_enabled() -> bool:
-    """``KERNEL_FALLBACK_TRITON`` as a boolean: unset or blank means on."""
-    return _triton_decode_flag(os.environ.get(TRITON_DECODE_ENV))
-
-
-@functools.lru_cache(maxsize=8)
-def _triton_decode_flag(raw_value: str | None) -> bool:
-    # Parsed once per value, as `kernel-fallback config` parses it (one registry,
-    # _config.VARIABLES); an invalid value raises every time: errors are not cached.
-    return _config.parse_flag(TRITON_DECODE_ENV, raw_value, default=True)
-
-
-@functools.cache
-def _has_triton() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-@functools.cache
-def _capability(device: torch.device) -> tuple[int, int]:
-    """Compute capability; the kernel's 16-bit dots are checked on sm_80 and newer only."""
-    return torch.cuda.get_device_capability(device)
-
-
-def _triton_decode_fits(q: Tensor, k_cache: Tensor, v_cache: Tensor, spec: MaskSpec) -> bool:
-    """Whether the Triton split-K decode kernel serves this (non-packed) cache call.
-
-    CUDA tensors (compute capability 8.0+) of one dtype: fp16/bf16, or fp8 (e4m3/e5m2,
-    8.9+); at most ``MAX_ROWS`` query rows per kv head (tiled), head dims up to 256 and
-    value dims up to 512 (MLA's latent), unit stride in the head dim of the cache (any
-    other strides), no ``attention_chunk``; ``KERNEL_FALLBACK_TRITON=0`` opts out.
-    """
-    if not triton_decode_enabled() or not _has_triton():
-        return False
-    if q.device.type != "cuda" or k_cache.device != q.device or _capability(q.device) < (8, 0):
-        return False
-    kernel = _triton_decode_module()
-    if not (q.dtype == k_cache.dtype == v_cache.dtype):
-        return False
-    if q.dtype in kernel.FP8_DTYPES:
-        if _capability(q.device) < (8, 9):  # Triton widens fp8 in registers from sm_89 on
-            return False
-    elif q.dtype not in (torch.float16, torch.bfloat16):
-        return False
-    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:  # the kernel reads head dims contiguously
-        return False
-    rows = q.shape[1] * (q.shape[2] // k_cache.shape[2])
-    return spec.chunk == 0 and rows <= kernel.MAX_ROWS and q.shape[-1] <= 256 and v_cache.shape[-1] <= 512
-
-
-@functools.cache
-def _triton_decode_module() -> ModuleType:
-    # Imported on first use: importing triton is slow, and CPU-only users never need it.
-    from kernel_fallback.integrations.flash_attn import _triton_decode
-
-    return _triton_decode
-
-
-def _triton_decode(
-    q: Tensor,
-    k_cache: Tensor,
-    v_cache: Tensor,
-    cache_seqlens: Tensor | int,
-    s_new: int,
-    page_table: Tensor | None,
-    scale: float,
-    spec: MaskSpec,
-    softcap: float,
-    sinks: Tensor | None,
-    want_lse: bool,
-    qv: Tensor | None = None,
-    descales: tuple[Tensor | None, Tensor | None, Tensor | None] = (None, None, None),
-) -> Tensor | tuple[Tensor, Tensor]:
-    """The Triton kernel over ``cache_seqlens + s_new`` keys: no cast, add or sync on the host side."""
-    if isinstance(cache_seqlens, Tensor) and cache_seqlens.device != q.device:
-        cache_seqlens = cache_seqlens.to(q.device)
-    out, lse = _triton_decode_module().decode_attention(
-        q, k_cache, v_cache, cache_seqlens, page_table, scale, (spec.left, spec.right), softcap, sinks,
-        want_lse, lens_add=s_new, qv=qv, q_descale=descales[0], k_descale=descales[1],
-        v_descale=descales[2],
-    )  # fmt: skip
-    _last["flash_attn_with_kvcache"] = TRITON_DECODE
-    return (out, lse) if want_lse and lse is not None else out
-
-
-def _one_query_per_sequence(
-    q: Tensor,
-    k: Tensor | None,
-    cu_seqlens_q: Tensor | None,
-    max_seqlen_q: int | None,
-    cache_seqlens: Tensor | int | None,
-) -> bool:
-    """Whether packed ``q`` holds exactly one query per sequence, known without a host read.
-
-    FA3 trusts ``max_seqlen_q`` (its grid is sized by it): at most one query in each of B
-    sequences and B query rows in all means one each. Without appended keys only, so the
-    (B, 1) call is the same call.
-    """
-    return (
-        cu_seqlens_q is not None
-        and max_seqlen_q == 1
-        and k is None
-        and q.dim() == 3
-        and isinstance(cache_seqlens, Tensor)
-        and cache_seqlens.dim() == 1
-        and cache_seqlens.shape[0] == q.shape[0]
-        and cu_seqlens_q.shape == (q.shape[0] + 1,)
-    )
-
-
-def _sdpa_decode(q: Tensor, k_log: Tensor, v_log: Tensor, lo: Tensor, hi: Tensor, scale: float) -> Tensor:
-    """SDPA with the G query heads of each kv head folded into the query length.
-
-    q (B, Sq, Hq, D), k_log/v_log (B, cap, Hkv, D[v]), lo/hi (B, Sq) -> (B, Sq, Hq, Dv).
-    """
-    batch, sq, hq, d = q.shape
-    hkv, cap = k_log.shape[2], k_log.shape[1]
-    g = hq // hkv
-    qg = q.reshape(batch, sq, hkv, g, d).permute(0, 2, 3, 1, 4).reshape(batch, hkv, g * sq, d)
-    cols = torch.arange(cap, device=q.device)
-    allowed = (cols >= lo.unsqueeze(-1)) & (cols < hi.unsqueeze(-1))  # (B, Sq, cap)
-    mask = allowed.unsqueeze(1).expand(batch, g, sq, cap).reshape(batch, 1, g * sq, cap)
-    out = torch.nn.functional.scaled_dot_product_attention(
-        qg, k_log.transpose(1, 2), v_log.transpose(1, 2), attn_mask=mask, scale=scale
-    )
-    out = out.reshape(batch, hkv, g, sq, -1).permute(0, 3, 1, 2, 4).reshape(batch, sq, hq, -1)
-    # A row with no key is NaN in SDPA; FA3 gives zeros.
-    return torch.where(
-        (hi > lo).view(batch, sq, 1, 1), out, torch.zeros((), dtype=out.dtype, device=out.device)
-    )
-
-
 @exact_when_needed(_reference.flash_attn_with_kvcache, _last)
 def flash_attn_with_kvcache(
     q: Tensor,
@@ -588,7 +347,7 @@ def flash_attn_with_kvcache(
     (output bfloat16 for fp8). One packed query per sequence (``max_seqlen_q=1``, as
     sglang's MLA decode calls it) is served as the (B, 1) decode it is.
     """
-    if _one_query_per_sequence(q, k, cu_seqlens_q, max_seqlen_q, cache_seqlens):
+    if one_query_per_sequence(q, k, cu_seqlens_q, max_seqlen_q, cache_seqlens):
         result = flash_attn_with_kvcache(
             q.unsqueeze(1), k_cache, v_cache, cache_seqlens=cache_seqlens, page_table=page_table,
             softmax_scale=softmax_scale, causal=causal, window_size=window_size,
@@ -633,11 +392,12 @@ def flash_attn_with_kvcache(
         and not grad
         and capacity > 0
         and q.shape[0] * q.shape[1] > 0
-        and _triton_decode_fits(q, k_cache, v_cache, spec)
+        and triton_decode_fits(q, k_cache, v_cache, spec)
     )
     lens_arg = cache_seqlens if cache_seqlens is not None else capacity
     if use_triton and s_new == 0:
-        return _triton_decode(
+        _last["flash_attn_with_kvcache"] = TRITON_DECODE
+        return triton_decode(
             q, k_cache, v_cache, lens_arg, 0, page_table, scale, spec, softcap, sinks, return_softmax_lse,
             qv, descales,
         )  # fmt: skip
@@ -655,7 +415,8 @@ def flash_attn_with_kvcache(
         k_cache.index_put_(index, k.to(device=dev, dtype=k_cache.dtype))
         v_cache.index_put_(index, v.to(device=dev, dtype=v_cache.dtype))
     if use_triton:  # after the append above
-        return _triton_decode(
+        _last["flash_attn_with_kvcache"] = TRITON_DECODE
+        return triton_decode(
             q, k_cache, v_cache, lens_arg, s_new, page_table, scale, spec, softcap, sinks, return_softmax_lse,
             qv, descales,
         )  # fmt: skip
@@ -717,9 +478,9 @@ def flash_attn_with_kvcache(
         if simple and not grad and sq * (hq // hkv) <= SDPA_DECODE_MAX_ROWS:
             lo, hi = intervals()
             _last["flash_attn_with_kvcache"] = "sdpa (decode, gqa folded into rows)"
-            return _mla_fp8.scale_out(_sdpa_decode(q, k_log, v_log, lo, hi, scale), v_factor, dtype)
+            return _mla_fp8.scale_out(sdpa_decode(q, k_log, v_log, lo, hi, scale), v_factor, dtype)
         mask = block_mask_for(layout, params, intervals, capacity, reuse=not _capturing(dev), q_blocks=grad)
-        out, lse, backend = _flex(
+        out, lse, backend = flex_attend(
             q.transpose(1, 2),
             k_log.transpose(1, 2),
             v_log.transpose(1, 2),
@@ -746,7 +507,7 @@ def flash_attn_with_kvcache(
     mask = block_mask_for(
         layout, params, packed_intervals, batch * capacity, reuse=not _capturing(dev), q_blocks=grad
     )
-    out, lse, backend = _flex(
+    out, lse, backend = flex_attend(
         q.transpose(0, 1).unsqueeze(0),
         k_log.reshape(1, batch * capacity, hkv, -1).transpose(1, 2),
         v_log.reshape(1, batch * capacity, hkv, -1).transpose(1, 2),
