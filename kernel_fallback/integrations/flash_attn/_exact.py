@@ -89,6 +89,11 @@ def exact_when_needed(
     def decorate(fast: Callable[_P, _R]) -> Callable[_P, _R]:
         @functools.wraps(fast)
         def entry(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+            q = args[0] if args else kwargs.get("q")
+            if isinstance(q, Tensor) and q.is_cuda and q.dtype is not torch.float64:
+                # The serving case, decided from q alone: CUDA keeps autograd on flex and has
+                # no eager-flex refusal to detach for, so nothing else is looked at per call.
+                return fast(*args, **kwargs)
             route = exact_route(args, kwargs)
             if route is None and not torch.is_grad_enabled():
                 # Nothing is recorded, but eager flex on CPU refuses any input that requires
