@@ -9,6 +9,7 @@ providers.
 
 from __future__ import annotations
 
+import functools
 import re
 import sys
 from collections.abc import Callable, Sequence
@@ -26,6 +27,7 @@ __all__ = [
     "cuda_available",
     "cuda_capability",
     "cuda_version",
+    "device_capability",
     "is_load_error",
     "platform_is",
     "torch_version",
@@ -126,6 +128,18 @@ def cuda_capability(*majors: int) -> Gate:
         )
 
     return Gate(f"compute capability {text}", check)
+
+
+@functools.cache
+def device_capability(device: torch.device) -> tuple[int, int]:
+    """A device's CUDA compute capability ``(major, minor)``; ``(0, 0)`` off CUDA.
+
+    Read once per device: kernel paths ask on every call, and the driver query is not free.
+    """
+    if device.type != "cuda":
+        return (0, 0)
+    major, minor = torch.cuda.get_device_capability(device)
+    return (major, minor)
 
 
 def version_key(text: object) -> tuple[int, ...] | None:

@@ -33,6 +33,7 @@ from kernel_fallback._gates import (
     cuda_available,
     cuda_capability,
     cuda_version,
+    device_capability,
     platform_is,
     torch_version,
 )
@@ -470,6 +471,17 @@ def test_real_gates_on_this_machine(gate: Gate, closed: bool, reason: str) -> No
     assert (got is not None) == closed
     if closed:
         assert reason in (got or "")
+
+
+@pytest.mark.parametrize("device", ["cpu", "meta"], ids=["cpu", "meta"])
+def test_device_capability_is_zero_off_cuda(device: str) -> None:
+    assert device_capability(torch.device(device)) == (0, 0)
+
+
+@pytest.mark.skipif(NO_CUDA, reason="needs a CUDA device")
+def test_device_capability_matches_the_driver_on_cuda() -> None:
+    device = torch.device("cuda", torch.cuda.current_device())
+    assert device_capability(device) == torch.cuda.get_device_capability(device)
 
 
 def test_provider_whose_positional_parameters_differ_is_unavailable() -> None:

@@ -8,7 +8,6 @@ installed package can honour, so the chain routes the rest away instead of losin
 
 from __future__ import annotations
 
-import functools
 import inspect
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Final
@@ -16,6 +15,7 @@ from typing import Any, Final
 import torch
 from torch import Tensor
 
+from kernel_fallback._gates import device_capability
 from kernel_fallback._providers import import_target
 from kernel_fallback._signature import kwarg_support
 
@@ -167,19 +167,11 @@ def _lse_keyword(fa4: Callable[..., Any]) -> str:
     return "return_lse" if "return_lse" in params else "return_softmax_lse"
 
 
-@functools.cache
-def _fa4_max_splits(device: torch.device) -> int | None:
-    """1 where FA4's forward has no split-KV (SM 9.x: it asserts on more), else no limit."""
-    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9:
-        return 1
-    return None
-
-
 def _fa4_splits(num_splits: int, device: torch.device) -> int:
-    # num_splits is a tuning hint (0 = FA4's heuristic): it never changes the result, so
-    # capping it where the device has no split-KV keeps sglang's num_splits=0 calls working.
-    limit = _fa4_max_splits(device)
-    return num_splits if limit is None else limit
+    # num_splits is a tuning hint (0 = FA4's heuristic): it never changes the result. FA4's
+    # forward has no split-KV on SM 9.x and asserts on anything but 1, so capping it there
+    # keeps sglang's num_splits=0 calls working.
+    return 1 if device_capability(device)[0] == 9 else num_splits
 
 
 def _fa4_options(

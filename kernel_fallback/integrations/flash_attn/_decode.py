@@ -19,6 +19,7 @@ import torch
 from torch import Tensor
 
 from kernel_fallback import _config
+from kernel_fallback._gates import device_capability
 from kernel_fallback.integrations.flash_attn._masks import MaskSpec
 
 __all__ = [
@@ -57,12 +58,6 @@ def _has_triton() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-@functools.cache
-def _capability(device: torch.device) -> tuple[int, int]:
-    """Compute capability; the kernel's 16-bit dots are checked on sm_80 and newer only."""
-    return torch.cuda.get_device_capability(device)
-
-
 def triton_decode_fits(q: Tensor, k_cache: Tensor, v_cache: Tensor, spec: MaskSpec) -> bool:
     """Whether the Triton split-K decode kernel serves this (non-packed) cache call.
 
@@ -73,13 +68,13 @@ def triton_decode_fits(q: Tensor, k_cache: Tensor, v_cache: Tensor, spec: MaskSp
     """
     if not triton_decode_enabled() or not _has_triton():
         return False
-    if q.device.type != "cuda" or k_cache.device != q.device or _capability(q.device) < (8, 0):
+    if q.device.type != "cuda" or k_cache.device != q.device or device_capability(q.device) < (8, 0):
         return False
     kernel = _triton_decode_module()
     if not (q.dtype == k_cache.dtype == v_cache.dtype):
         return False
     if q.dtype in kernel.FP8_DTYPES:
-        if _capability(q.device) < (8, 9):  # Triton widens fp8 in registers from sm_89 on
+        if device_capability(q.device) < (8, 9):  # Triton widens fp8 in registers from sm_89 on
             return False
     elif q.dtype not in (torch.float16, torch.bfloat16):
         return False

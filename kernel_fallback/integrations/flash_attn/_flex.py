@@ -16,6 +16,8 @@ import torch
 from torch import Tensor
 from torch.nn.attention import flex_attention as _flex_mod
 
+from kernel_fallback._gates import device_capability
+
 __all__ = ["flex_attend", "softcap_mod"]
 
 
@@ -51,11 +53,6 @@ def softcap_mod(softcap: float, device: torch.device, *, via_sigmoid: bool) -> C
     return softcap_score
 
 
-@functools.cache
-def _is_hopper(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
-
-
 #: flex forward tiles for Hopper, 16-bit, head dims 64/128: 128 x 128 tiles, 8 warps, 3
 #: stages, TMA loads. Measured on an H100 against flex's defaults (same inputs):
 #: 2 x 8192 causal 2.77 -> 2.38 ms, 8 x 2048 0.92 -> 0.88 ms, softcap 3.89 -> 3.52 ms.
@@ -72,7 +69,7 @@ def _kernel_options(q: Tensor, k: Tensor, v: Tensor) -> dict[str, Any] | None:
     """Tiles for this call where they were measured to help or are needed (else flex's own)."""
     if q.device.type == "cuda" and (q.shape[-1] > 256 or v.shape[-1] > 256):
         return dict(_WIDE_HEAD_TILES)
-    if not _is_hopper(q.device) or q.dtype not in (torch.bfloat16, torch.float16):
+    if device_capability(q.device)[0] != 9 or q.dtype not in (torch.bfloat16, torch.float16):
         return None
     if q.shape[-1] not in (64, 128) or v.shape[-1] not in (64, 128):
         return None

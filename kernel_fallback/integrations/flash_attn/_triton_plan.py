@@ -10,7 +10,6 @@ calls of the layout launch directly (``CompiledKernel.run``) instead of through
 
 from __future__ import annotations
 
-import functools
 import math
 import os
 from typing import Any, NamedTuple
@@ -20,6 +19,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 from triton import knobs
+
+from kernel_fallback._gates import device_capability
 
 __all__ = ["FP8_DTYPES", "MAX_ROWS", "DecodeConfig", "num_splits", "pick_config", "prepare"]
 
@@ -55,11 +56,6 @@ def pick_config(rows: int, dv: int, fp8: bool = False, hopper: bool = False) -> 
     if dv > 256:
         return DecodeConfig(64, 16, 8, 2) if rows >= 64 and hopper else DecodeConfig(16, 32, 4, 2)
     return DecodeConfig(min(64, max(16, triton.next_power_of_2(rows))), 64, 8 if fp8 else 4, 3)
-
-
-@functools.cache
-def _hopper(device: torch.device) -> bool:
-    return device.type == "cuda" and torch.cuda.get_device_capability(device)[0] == 9
 
 
 def _sm_count(device: torch.device) -> int:
@@ -119,7 +115,7 @@ class _Plan:
         cfg = (
             cfg
             if cfg is not None
-            else pick_config(g * sq, dv, k_cache.dtype in FP8_DTYPES, _hopper(q.device))
+            else pick_config(g * sq, dv, k_cache.dtype in FP8_DTYPES, device_capability(q.device)[0] == 9)
         )
         m_tiles = math.ceil(g * sq / cfg.block_m)
         block_d, block_dv = max(16, triton.next_power_of_2(d)), max(16, triton.next_power_of_2(dv))
