@@ -74,7 +74,7 @@ from kernel_fallback.integrations.flash_attn._exact import (
     without_keys,
 )
 from kernel_fallback.integrations.flash_attn._flex import flex_attend
-from kernel_fallback.integrations.flash_attn._kv_prep import KvExtras, plain_call
+from kernel_fallback.integrations.flash_attn._kv_prep import KvExtras, append_in_place, cache_rows, plain_call
 from kernel_fallback.integrations.flash_attn._masks import MaskSpec, block_mask_for, row_intervals
 from kernel_fallback.integrations.flash_attn._reference import (
     WindowSize,
@@ -394,32 +394,22 @@ def flash_attn_with_kvcache(
         and q.shape[0] * q.shape[1] > 0
         and triton_decode_fits(q, k_cache, v_cache, spec)
     )
-    lens_arg = cache_seqlens if cache_seqlens is not None else capacity
-    if use_triton and s_new == 0:
+    if use_triton:
+        # The kernel takes lengths and the page table as they are; only an append needs
+        # them as long tensors, so a plain decode launches no cast kernels.
+        if k is not None and v is not None and s_new > 0:
+            append_in_place(
+                k_cache, v_cache, k, v, *cache_rows(cache_seqlens, page_table, batch, capacity, dev)
+            )
         _last["flash_attn_with_kvcache"] = TRITON_DECODE
-        return triton_decode(
-            q, k_cache, v_cache, lens_arg, 0, page_table, scale, spec, softcap, sinks, return_softmax_lse,
-            qv, descales,
-        )  # fmt: skip
-    if isinstance(cache_seqlens, Tensor):
-        cached = cache_seqlens.to(device=dev, dtype=torch.long)
-    else:
-        cached = torch.full((batch,), capacity if cache_seqlens is None else cache_seqlens, device=dev)
-    blocks = page_table.to(device=dev, dtype=torch.long) if page_table is not None else None
-    if k is not None and v is not None and s_new > 0:
-        pos = cached.unsqueeze(1) + torch.arange(s_new, device=dev)  # (B, Sk_new)
-        if blocks is not None:
-            index = (blocks.gather(1, pos // page), pos % page)
-        else:
-            index = (torch.arange(batch, device=dev).unsqueeze(1).expand_as(pos), pos)
-        k_cache.index_put_(index, k.to(device=dev, dtype=k_cache.dtype))
-        v_cache.index_put_(index, v.to(device=dev, dtype=v_cache.dtype))
-    if use_triton:  # after the append above
-        _last["flash_attn_with_kvcache"] = TRITON_DECODE
+        lens_arg = cache_seqlens if cache_seqlens is not None else capacity
         return triton_decode(
             q, k_cache, v_cache, lens_arg, s_new, page_table, scale, spec, softcap, sinks, return_softmax_lse,
             qv, descales,
         )  # fmt: skip
+    cached, blocks = cache_rows(cache_seqlens, page_table, batch, capacity, dev)
+    if k is not None and v is not None and s_new > 0:
+        append_in_place(k_cache, v_cache, k, v, cached, blocks)
     lens_k = cached + s_new
     # Left padding: keys [first, end) of the cache row, masks over them alone (FA3's offset_k).
     first = plain.key_start.to(device=dev, dtype=torch.long) if plain.key_start is not None else None

@@ -38,7 +38,8 @@ first key of each sequence (``cache_leftpad``). Upstream facts it follows
   is the cache capacity, seqlen_q ``q``'s length or ``max_seqlen_q`` for packed ``q``).
 
 Appends are written in place into the caller's ``k_cache``/``v_cache`` (through
-``page_table``), as FA3 does. With ``check_values`` (the reference) every value is
+``page_table``), as FA3 does; :func:`append_in_place` writes a plain call's ``(B, Sk_new)``
+append for the fast provider. With ``check_values`` (the reference) every value is
 validated on the host first; without it (the fast provider) nothing is read on the host.
 """
 
@@ -50,7 +51,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["KvExtras", "PlainCall", "plain_call"]
+__all__ = ["KvExtras", "PlainCall", "append_in_place", "cache_rows", "plain_call"]
 
 
 @dataclass(frozen=True)
@@ -388,3 +389,33 @@ def _append_packed(
         values = new.to(device=dev, dtype=cache.dtype)[src]
         values = torch.where(any_valid, values, cache[0, 0])
         cache.index_put_(index, values)
+
+
+def cache_rows(
+    cache_seqlens: Tensor | int | None,
+    page_table: Tensor | None,
+    batch: int,
+    capacity: int,
+    dev: torch.device,
+) -> tuple[Tensor, Tensor | None]:
+    """Cached lengths (B,) and the page table as long tensors on the cache's device."""
+    if isinstance(cache_seqlens, Tensor):
+        cached = cache_seqlens.to(device=dev, dtype=torch.long)
+    else:
+        cached = torch.full((batch,), capacity if cache_seqlens is None else cache_seqlens, device=dev)
+    blocks = page_table.to(device=dev, dtype=torch.long) if page_table is not None else None
+    return cached, blocks
+
+
+def append_in_place(
+    k_cache: Tensor, v_cache: Tensor, k: Tensor, v: Tensor, cached: Tensor, blocks: Tensor | None
+) -> None:
+    """Write the new keys and values into the cache in place, at each sequence's ``cached`` length."""
+    dev, page = k_cache.device, k_cache.shape[1]
+    pos = cached.unsqueeze(1) + torch.arange(k.shape[1], device=dev)  # (B, Sk_new)
+    if blocks is not None:
+        index = (blocks.gather(1, pos // page), pos % page)
+    else:
+        index = (torch.arange(k.shape[0], device=dev).unsqueeze(1).expand_as(pos), pos)
+    k_cache.index_put_(index, k.to(device=dev, dtype=k_cache.dtype))
+    v_cache.index_put_(index, v.to(device=dev, dtype=v_cache.dtype))
