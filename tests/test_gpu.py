@@ -950,3 +950,29 @@ def test_qv_decode_that_the_triton_kernel_fits_runs_it_and_is_right() -> None:
     assert isinstance(oracle, torch.Tensor)
     assert isinstance(plain, torch.Tensor)
     _bf16_rule(got, plain, oracle)
+
+
+def test_qv_alone_requiring_grad_takes_a_differentiable_path_on_cuda() -> None:
+    from kernel_fallback.integrations.flash_attn import _fast as fast
+
+    gen = torch.Generator().manual_seed(12)
+    k_rope, c_kv, table = _mla_paged(gen, [40, 9], 16, torch.bfloat16)
+    q = torch.randn(2, 1, 16, 64, generator=gen).bfloat16()
+    qv = torch.randn(2, 1, 16, 512, generator=gen).bfloat16()
+    grad_out = torch.randn(2, 1, 16, 512, generator=gen).bfloat16()
+    lens = torch.tensor([40, 9], dtype=torch.int32)
+
+    def qv_grad(dtype: torch.dtype, device: str) -> torch.Tensor:
+        leaf = qv.to(device=device, dtype=dtype).requires_grad_()
+        out = fast.flash_attn_with_kvcache(
+            q.to(device=device, dtype=dtype), k_rope.to(device=device, dtype=dtype),
+            c_kv.to(device=device, dtype=dtype), cache_seqlens=lens.to(device), page_table=table.to(device),
+            causal=True, qv=leaf,
+        )  # fmt: skip
+        (grad,) = torch.autograd.grad(out, leaf, grad_out.to(device=device, dtype=dtype))
+        return grad
+
+    want = qv_grad(torch.float64, "cpu")
+    got = qv_grad(torch.bfloat16, "cuda")
+    assert fast.last_backend("flash_attn_with_kvcache") == "flex_attention (compiled)"
+    torch.testing.assert_close(got.double().cpu(), want, atol=3e-2, rtol=3e-2)

@@ -217,7 +217,7 @@ def flash_attn_varlen_func(
             q, v.shape[-1], sinks, _rows_used(cu_seqlens_q, seqused_q, total_q, q.device)
         )
         _last["flash_attn_varlen_func"] = NO_KEYS
-        zeros = attached(zeros.to(dtype), q, k, v, sinks)
+        zeros = attached(zeros.to(dtype), q, k, v, sinks, qv)
         return (zeros, no_lse) if return_softmax_lse else zeros
     q, k, v, v_factor = _mla_fp8.fold(q, k, v, qv, descales, lambda: _row_seqs(cu_seqlens_q, total_q, dev))
 
@@ -385,7 +385,7 @@ def flash_attn_with_kvcache(
     scale = softmax_scale if softmax_scale is not None else _mla_fp8.default_scale(q, qv)
     # Autograd will differentiate this call: flex only (the Triton kernel has no backward,
     # SDPA's NaN rows of empty caches would poison dK/dV), with the q blocks flex's backward reads.
-    grad = wants_grad(q, k_cache, v_cache, k, v, sinks)
+    grad = wants_grad(q, k_cache, v_cache, k, v, sinks, qv)
     use_triton = (
         cu_seqlens_q is None
         and plain.key_start is None  # left padding shifts the key interval: the flex/SDPA paths
@@ -424,7 +424,7 @@ def flash_attn_with_kvcache(
         )
         zeros, no_lse = without_keys(q_rows, v_cache.shape[-1], sinks, used)
         _last["flash_attn_with_kvcache"] = NO_KEYS
-        zeros = attached(zeros.to(_mla_fp8.result_dtype(q.dtype)), q, k_cache, v_cache, k, v, sinks)
+        zeros = attached(zeros.to(_mla_fp8.result_dtype(q.dtype)), q, k_cache, v_cache, k, v, sinks, qv)
         if cu_seqlens_q is None:  # explicit sizes: with Sq == 0 a -1 would be ambiguous
             zeros = zeros.reshape(*q.shape[:3], v_cache.shape[-1])
             no_lse = no_lse.reshape(no_lse.shape[0], batch, q.shape[1]).permute(1, 0, 2)
