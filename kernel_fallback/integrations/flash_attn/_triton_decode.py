@@ -43,6 +43,8 @@ tensors; the tests use that.
 
 from __future__ import annotations
 
+from typing import Any
+
 import triton
 import triton.language as tl
 from torch import Tensor
@@ -53,12 +55,22 @@ from kernel_fallback.integrations.flash_attn._triton_plan import (
     MAX_ROWS,
     DecodeConfig,
     _launch,
+    arguments,
     num_splits,
     pick_config,
-    prepare,
+    plan_for,
 )
 
-__all__ = ["FP8_DTYPES", "MAX_ROWS", "DecodeConfig", "decode_attention", "num_splits", "pick_config"]
+__all__ = [
+    "FP8_DTYPES",
+    "MAX_ROWS",
+    "DecodeConfig",
+    "decode_attention",
+    "num_splits",
+    "pick_config",
+    "plan_for",
+    "run_plan",
+]
 
 _LN2: tl.constexpr = tl.constexpr(0.6931471805599453)  # kernels read constexpr globals only
 
@@ -302,10 +314,45 @@ def decode_attention(
     The first call of a layout checks it and builds a plan; later calls of that layout
     allocate the workspace and outputs and launch the two compiled kernels directly.
     """
-    plan, split_args, merge_args, out, lse = prepare(
-        q, k_cache, v_cache, lens_k, page_table, scale, window, softcap, sinks, want_lse,
-        lens_add=lens_add, qv=qv, q_descale=q_descale, k_descale=k_descale, v_descale=v_descale,
-        config=config,
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if qv is not None and qv.stride(-1) != 1:
+        qv = qv.contiguous()
+    plan = plan_for(
+        q, k_cache, v_cache, lens_k, page_table, softcap, sinks, want_lse,
+        qv=qv, q_descale=q_descale, k_descale=k_descale, v_descale=v_descale, config=config,
+    )  # fmt: skip
+    return run_plan(
+        plan, q, k_cache, v_cache, lens_k, page_table, scale, window, softcap, sinks, want_lse, lens_add, qv,
+        (q_descale, k_descale, v_descale),
+    )  # fmt: skip
+
+
+def run_plan(
+    plan: Any,
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    lens_k: Tensor | int,
+    page_table: Tensor | None,
+    scale: float,
+    window: tuple[int, int],
+    softcap: float,
+    sinks: Tensor | None,
+    want_lse: bool,
+    lens_add: int,
+    qv: Tensor | None,
+    descales: tuple[Tensor | None, Tensor | None, Tensor | None],
+) -> tuple[Tensor, Tensor | None]:
+    """One call of ``plan``'s layout (from :func:`plan_for` on these tensors): out and lse or None.
+
+    Arguments as :func:`decode_attention`'s (``q``/``qv`` with a unit head-dim stride).
+    The first call of a plan compiles through ``JITFunction.run`` and keeps the compiled
+    kernels on the plan; later calls launch them directly.
+    """
+    split_args, merge_args, out, lse = arguments(
+        plan, q, k_cache, v_cache, lens_k, page_table, scale, window, softcap, sinks, want_lse, lens_add, qv,
+        descales,
     )  # fmt: skip
     if plan.split is None:  # first call of this layout (or the interpreter): through the JIT
         names = _decode_split_kernel.arg_names

@@ -22,7 +22,16 @@ from triton import knobs
 
 from kernel_fallback._gates import device_capability
 
-__all__ = ["FP8_DTYPES", "MAX_ROWS", "DecodeConfig", "num_splits", "pick_config", "prepare"]
+__all__ = [
+    "FP8_DTYPES",
+    "MAX_ROWS",
+    "DecodeConfig",
+    "arguments",
+    "num_splits",
+    "pick_config",
+    "plan_for",
+    "prepare",
+]
 
 #: Most query rows per kv head (q heads per kv head x query length); larger groups are tiled.
 MAX_ROWS = 1024
@@ -174,30 +183,26 @@ def _launch(kernel: Any, grid: tuple[int, int, int], args: tuple[Any, ...]) -> N
     )  # fmt: skip
 
 
-def prepare(
+def plan_for(
     q: Tensor,
     k_cache: Tensor,
     v_cache: Tensor,
     lens_k: Tensor | int,
     page_table: Tensor | None,
-    scale: float,
-    window: tuple[int, int],
     softcap: float,
     sinks: Tensor | None,
     want_lse: bool,
     *,
-    lens_add: int = 0,
     qv: Tensor | None = None,
     q_descale: Tensor | None = None,
     k_descale: Tensor | None = None,
     v_descale: Tensor | None = None,
     config: DecodeConfig | None = None,
-) -> tuple[_Plan, tuple[Any, ...], tuple[Any, ...], Tensor, Tensor | None]:
-    """The plan of this call's layout (built and checked on its first call), its arguments and outputs."""
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    if qv is not None and qv.stride(-1) != 1:
-        qv = qv.contiguous()
+) -> _Plan:
+    """The plan of this call's layout, checked and built on its first call.
+
+    ``q`` and ``qv`` must have a unit stride in the head dim (:func:`prepare` makes them so).
+    """
     lens_t = lens_k if isinstance(lens_k, Tensor) else None
     key = (
         q.device, _layout(q), _layout(k_cache), _layout(v_cache), _layout(qv), _layout(page_table),
@@ -226,10 +231,32 @@ def prepare(
         if len(_PLANS) >= _MAX_PLANS:
             _PLANS.clear()
         plan = _PLANS[key] = _Plan(q, k_cache, v_cache, page_table, key)
+    return plan
+
+
+def arguments(
+    plan: _Plan,
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    lens_k: Tensor | int,
+    page_table: Tensor | None,
+    scale: float,
+    window: tuple[int, int],
+    softcap: float,
+    sinks: Tensor | None,
+    want_lse: bool,
+    lens_add: int,
+    qv: Tensor | None,
+    descales: tuple[Tensor | None, Tensor | None, Tensor | None],
+) -> tuple[tuple[Any, ...], tuple[Any, ...], Tensor, Tensor | None]:
+    """The two kernels' arguments for a call of ``plan``'s layout, and its fresh outputs (out, lse)."""
     dev = q.device
     ws = torch.empty(plan.ws_numel, dtype=torch.float32, device=dev)
     out = torch.empty(plan.out_shape, dtype=plan.out_dtype, device=dev)
     lse = torch.empty(plan.merge_grid, dtype=torch.float32, device=dev) if want_lse else ws
+    lens_t = lens_k if isinstance(lens_k, Tensor) else None
+    q_descale, k_descale, v_descale = descales
     split_args = (
         q, qv if qv is not None else q, k_cache, v_cache,
         page_table if page_table is not None else ws, lens_t if lens_t is not None else ws,
@@ -248,4 +275,40 @@ def prepare(
         vd.stride(0) if v_descale is not None else 0, vd.stride(1) if v_descale is not None else 0,
         *plan.merge_tail, *plan.merge_consts,
     )  # fmt: skip
-    return plan, split_args, merge_args, out, (lse if want_lse else None)
+    return split_args, merge_args, out, (lse if want_lse else None)
+
+
+def prepare(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    lens_k: Tensor | int,
+    page_table: Tensor | None,
+    scale: float,
+    window: tuple[int, int],
+    softcap: float,
+    sinks: Tensor | None,
+    want_lse: bool,
+    *,
+    lens_add: int = 0,
+    qv: Tensor | None = None,
+    q_descale: Tensor | None = None,
+    k_descale: Tensor | None = None,
+    v_descale: Tensor | None = None,
+    config: DecodeConfig | None = None,
+) -> tuple[_Plan, tuple[Any, ...], tuple[Any, ...], Tensor, Tensor | None]:
+    """:func:`plan_for` and :func:`arguments` of one call: (plan, split args, merge args, out, lse)."""
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    if qv is not None and qv.stride(-1) != 1:
+        qv = qv.contiguous()
+    plan = plan_for(
+        q, k_cache, v_cache, lens_k, page_table, softcap, sinks, want_lse,
+        qv=qv, q_descale=q_descale, k_descale=k_descale, v_descale=v_descale, config=config,
+    )  # fmt: skip
+    descales = (q_descale, k_descale, v_descale)
+    split_args, merge_args, out, lse = arguments(
+        plan, q, k_cache, v_cache, lens_k, page_table, scale, window, softcap, sinks, want_lse, lens_add, qv,
+        descales,
+    )  # fmt: skip
+    return plan, split_args, merge_args, out, lse
