@@ -952,6 +952,102 @@ def test_qv_decode_that_the_triton_kernel_fits_runs_it_and_is_right() -> None:
     _bf16_rule(got, plain, oracle)
 
 
+# -- eager decode host cost (issue 15): the provider remembers a checked decode layout --------
+
+
+@pytest.mark.parametrize("extras", [False, True], ids=["plain", "lse-softcap-sinks-window"])
+def test_a_remembered_decode_layout_gives_the_checked_calls_result(
+    extras: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pytest.importorskip("triton")
+    from kernel_fallback.integrations.flash_attn import _decode
+    from kernel_fallback.integrations.flash_attn import _fast as fast
+    from kernel_fallback.integrations.flash_attn import _reference as ref
+
+    gen = torch.Generator(device="cuda").manual_seed(9)
+    q = torch.randn(4, 1, 8, 64, device="cuda", dtype=torch.bfloat16, generator=gen)
+    k_cache, v_cache = (
+        torch.randn(40, 16, 2, 64, device="cuda", dtype=torch.bfloat16, generator=gen) for _ in "kv"
+    )
+    table = torch.randperm(40, device="cuda", generator=gen)[:32].view(4, 8).int()
+    seqlens = torch.tensor([1, 64, 127, 100], dtype=torch.int32, device="cuda")
+    opts: dict[str, Any] = {"cache_seqlens": seqlens, "page_table": table, "causal": True}
+    if extras:
+        opts |= {
+            "softcap": 5.0,
+            "window_size": (20, -1),
+            "sinks": torch.randn(8, device="cuda", generator=gen),
+            "return_softmax_lse": True,
+        }
+    monkeypatch.setattr(_decode, "_SERVED", {})
+
+    def call() -> Any:
+        return fast.flash_attn_with_kvcache(q, k_cache, v_cache, **opts)
+
+    def oracle() -> Any:
+        cpu: dict[str, Any] = {k: v.cpu() if isinstance(v, torch.Tensor) else v for k, v in opts.items()}
+        return ref.flash_attn_with_kvcache(
+            q.cpu().float(), k_cache.cpu().float(), v_cache.cpu().float(), **cpu
+        )
+
+    checked = call()  # checked, served by the kernel, remembered
+    assert fast.last_backend("flash_attn_with_kvcache") == fast.TRITON_DECODE
+    assert len(_decode._SERVED) == 1
+    for _ in range(2):  # new values, same layout: remembered
+        q.normal_(generator=gen)
+        seqlens.copy_(torch.randint(0, 129, (4,), device="cuda", generator=gen, dtype=torch.int32))
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            got = call()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert len(_decode._SERVED) == 1
+        want = oracle()
+        for g, w in zip(got if extras else (got,), want if extras else (want,), strict=True):
+            torch.testing.assert_close(g.float().cpu(), w.float(), atol=2e-2, rtol=2e-2)
+    monkeypatch.setattr(_decode, "_SERVED", {})
+    torch.testing.assert_close(call(), got, atol=0, rtol=0)  # checked again: the same bits
+    assert isinstance(checked, type(got))
+    # A layout change is a new key: checked (and refused) as before.
+    with pytest.raises(ValueError, match="sinks must have shape"):
+        fast.flash_attn_with_kvcache(q, k_cache, v_cache, **(opts | {"sinks": torch.zeros(3, device="cuda")}))
+    # The opt-out variable is read per call, remembered layout or not.
+    monkeypatch.setenv(fast.TRITON_DECODE_ENV, "0")
+    call()
+    assert fast.last_backend("flash_attn_with_kvcache") != fast.TRITON_DECODE
+
+
+def test_a_remembered_decode_layout_replays_right_in_a_cuda_graph() -> None:
+    pytest.importorskip("triton")
+    from kernel_fallback.integrations.flash_attn import _decode
+    from kernel_fallback.integrations.flash_attn import _fast as fast
+    from kernel_fallback.integrations.flash_attn import _reference as ref
+
+    q = torch.randn(2, 1, 16, 128, device="cuda", dtype=torch.bfloat16)
+    k_cache, v_cache = (torch.randn(2, 256, 4, 128, device="cuda", dtype=torch.bfloat16) for _ in "kv")
+    seqlens = torch.tensor([256, 30], dtype=torch.int32, device="cuda")
+
+    def step() -> Any:
+        return fast.flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=seqlens, causal=True)
+
+    step()
+    assert any(entry.plan.split is not None for entry in _decode._SERVED.values())
+    graph, out = capture(step)  # every call of warm-up and capture is a remembered one
+    for lens in ([3, 256], [129, 1]):
+        q.normal_()
+        seqlens.copy_(torch.tensor(lens, dtype=torch.int32))
+        graph.replay()
+        want = ref.flash_attn_with_kvcache(
+            q.cpu().float(),
+            k_cache.cpu().float(),
+            v_cache.cpu().float(),
+            cache_seqlens=seqlens.cpu(),
+            causal=True,
+        )
+        torch.testing.assert_close(out.float().cpu(), want, atol=2e-2, rtol=2e-2)
+
+
 def test_qv_alone_requiring_grad_takes_a_differentiable_path_on_cuda() -> None:
     from kernel_fallback.integrations.flash_attn import _fast as fast
 

@@ -5,6 +5,15 @@
 call, :func:`triton_decode` runs it without a host sync, :func:`sdpa_decode` is the SDPA
 path with the query heads of a kv head folded into rows. ``KERNEL_FALLBACK_TRITON=0``
 turns the Triton path off.
+
+Eager decode pays the provider's checks on the host every call. A plain decode call
+(no appended keys, packed q, rotary, batch index or left padding) that the Triton kernel
+served is remembered by everything those checks and the routing read: each tensor's
+shape, strides, dtype, device and 16-byte alignment, the scalar options and
+``KERNEL_FALLBACK_TRITON``. A later call with the same key (:func:`decode_key`,
+:func:`remembered`) launches the remembered kernel plan directly. Values are never read,
+so a key can only repeat a check that passed; calls autograd would record are never
+remembered.
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ import importlib
 import importlib.util
 import os
 from types import ModuleType
+from typing import Any, Final, final
 
 import torch
 from torch import Tensor
@@ -26,7 +36,9 @@ __all__ = [
     "SDPA_DECODE_MAX_ROWS",
     "TRITON_DECODE",
     "TRITON_DECODE_ENV",
+    "decode_key",
     "one_query_per_sequence",
+    "remembered",
     "sdpa_decode",
     "triton_decode",
     "triton_decode_enabled",
@@ -92,6 +104,111 @@ def _triton_decode_module() -> ModuleType:
     return _triton_decode
 
 
+class _Unkeyed(Exception):
+    """An argument of a type the decode key does not cover: the call is not remembered."""
+
+
+def _layout(t: object) -> tuple[Any, ...] | None:
+    # Everything about a tensor the provider's checks and the kernel's plan depend on.
+    if t is None:
+        return None
+    if not isinstance(t, Tensor):
+        raise _Unkeyed
+    return (t.shape, t.stride(), t.dtype, t.device, t.data_ptr() % 16 == 0)
+
+
+def decode_key(
+    q: Tensor,
+    k_cache: Tensor,
+    v_cache: Tensor,
+    cache_seqlens: Tensor | int | None,
+    page_table: Tensor | None,
+    softmax_scale: float | None,
+    causal: bool,
+    window_size: Any,
+    attention_chunk: int | None,
+    softcap: float,
+    sinks: Tensor | None,
+    want_lse: bool,
+    qv: Tensor | None,
+    descales: tuple[Tensor | None, Tensor | None, Tensor | None],
+) -> tuple[Any, ...] | None:
+    """The key a plain decode call is remembered by (module docstring), or None if never.
+
+    The caller has checked that the call is on CUDA, appends nothing and has no packed q,
+    rotary, batch index or left padding.
+    """
+    if not (
+        q.stride(-1) == 1
+        and type(window_size) is tuple
+        and len(window_size) == 2
+        and type(window_size[0]) is int
+        and type(window_size[1]) is int
+        and type(causal) is bool
+        and type(softcap) in (float, int)
+        and type(softmax_scale) in (float, int, type(None))
+        and type(attention_chunk) in (int, type(None))
+        and (type(cache_seqlens) in (int, type(None)) or isinstance(cache_seqlens, Tensor))
+    ):
+        return None
+    if torch.is_grad_enabled() and any(
+        isinstance(t, Tensor) and t.requires_grad for t in (q, k_cache, v_cache, sinks, qv)
+    ):
+        return None  # autograd records it: flex serves it, never the kernel
+    try:
+        return (
+            _layout(q), _layout(k_cache), _layout(v_cache), _layout(page_table), _layout(sinks),
+            _layout(qv), *map(_layout, descales),
+            _layout(cache_seqlens) if isinstance(cache_seqlens, Tensor) else cache_seqlens is None,
+            softmax_scale, causal, window_size, attention_chunk, softcap, bool(want_lse),
+            os.environ.get(TRITON_DECODE_ENV),
+        )  # fmt: skip
+    except _Unkeyed:
+        return None
+
+
+@final
+class _Served:
+    """A remembered decode layout: the kernel plan and what the checks worked out for it."""
+
+    __slots__ = ("descaled", "lens", "plan", "scale", "softcap", "want_lse", "window")
+
+    def __init__(
+        self, plan: Any, lens: int, scale: float, spec: MaskSpec, softcap: float, lse: bool, descaled: bool
+    ) -> None:
+        self.plan, self.lens, self.scale = plan, lens, scale  # lens: the capacity, for calls without lengths
+        self.window = (spec.left, spec.right)
+        self.softcap, self.want_lse = softcap, lse
+        self.descaled = descaled  # fp8: the descales are read (FA3 ignores them otherwise)
+
+    def __call__(
+        self,
+        q: Tensor,
+        k_cache: Tensor,
+        v_cache: Tensor,
+        cache_seqlens: Tensor | int | None,
+        page_table: Tensor | None,
+        sinks: Tensor | None,
+        qv: Tensor | None,
+        descales: tuple[Tensor | None, Tensor | None, Tensor | None],
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        out, lse = _triton_decode_module().run_plan(
+            self.plan, q, k_cache, v_cache, self.lens if cache_seqlens is None else cache_seqlens,
+            page_table, self.scale, self.window, self.softcap, sinks, self.want_lse, 0, qv,
+            descales if self.descaled else (None, None, None),
+        )  # fmt: skip
+        return (out, lse) if self.want_lse and lse is not None else out
+
+
+_SERVED: dict[tuple[Any, ...], _Served] = {}
+_MAX_SERVED: Final = 256  # layouts; a server has a handful per model
+
+
+def remembered(key: tuple[Any, ...] | None) -> _Served | None:
+    """The remembered plan of a :func:`decode_key`, callable like the call it serves; or None."""
+    return _SERVED.get(key) if key is not None else None
+
+
 def triton_decode(
     q: Tensor,
     k_cache: Tensor,
@@ -106,15 +223,33 @@ def triton_decode(
     want_lse: bool,
     qv: Tensor | None = None,
     descales: tuple[Tensor | None, Tensor | None, Tensor | None] = (None, None, None),
+    *,
+    remember: tuple[Any, ...] | None = None,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """The Triton kernel over ``cache_seqlens + s_new`` keys: no cast, add or sync on the host side."""
+    """The Triton kernel over ``cache_seqlens + s_new`` keys: no cast, add or sync on the host side.
+
+    ``remember``: the call's :func:`decode_key` (a plain decode), under which its plan is
+    kept for the next call of the layout.
+    """
     if isinstance(cache_seqlens, Tensor) and cache_seqlens.device != q.device:
         cache_seqlens = cache_seqlens.to(q.device)
-    out, lse = _triton_decode_module().decode_attention(
+    kernel = _triton_decode_module()
+    q_d, k_d, v_d = descales
+    out, lse = kernel.decode_attention(
         q, k_cache, v_cache, cache_seqlens, page_table, scale, (spec.left, spec.right), softcap, sinks,
-        want_lse, lens_add=s_new, qv=qv, q_descale=descales[0], k_descale=descales[1],
-        v_descale=descales[2],
+        want_lse, lens_add=s_new, qv=qv, q_descale=q_d, k_descale=k_d, v_descale=v_d,
     )  # fmt: skip
+    if remember is not None and s_new == 0:
+        plan = kernel.plan_for(
+            q, k_cache, v_cache, cache_seqlens, page_table, softcap, sinks, want_lse,
+            qv=qv, q_descale=q_d, k_descale=k_d, v_descale=v_d,
+        )  # fmt: skip
+        if plan.split is not None:  # compiled and launched (never under the interpreter)
+            if len(_SERVED) >= _MAX_SERVED:
+                _SERVED.clear()
+            lens = cache_seqlens if isinstance(cache_seqlens, int) else 0
+            descaled = any(t is not None for t in descales)
+            _SERVED[remember] = _Served(plan, lens, scale, spec, softcap, want_lse, descaled)
     return (out, lse) if want_lse and lse is not None else out
 
 

@@ -58,7 +58,9 @@ from kernel_fallback.integrations.flash_attn._decode import (
     SDPA_DECODE_MAX_ROWS,
     TRITON_DECODE,
     TRITON_DECODE_ENV,
+    decode_key,
     one_query_per_sequence,
+    remembered,
     sdpa_decode,
     triton_decode,
     triton_decode_enabled,
@@ -347,6 +349,27 @@ def flash_attn_with_kvcache(
     (output bfloat16 for fp8). One packed query per sequence (``max_seqlen_q=1``, as
     sglang's MLA decode calls it) is served as the (B, 1) decode it is.
     """
+    remember = None
+    descales = (q_descale, k_descale, v_descale)
+    if (
+        isinstance(q, Tensor)
+        and q.is_cuda
+        and k is None
+        and v is None
+        and cu_seqlens_q is None
+        and rotary_cos is None
+        and rotary_sin is None
+        and cache_batch_idx is None
+        and cache_leftpad is None
+    ):
+        remember = decode_key(
+            q, k_cache, v_cache, cache_seqlens, page_table, softmax_scale, causal, window_size,
+            attention_chunk, softcap, sinks, return_softmax_lse, qv, descales,
+        )  # fmt: skip
+        served = remembered(remember)
+        if served is not None:  # this layout was checked and served before (_decode)
+            _last["flash_attn_with_kvcache"] = TRITON_DECODE
+            return served(q, k_cache, v_cache, cache_seqlens, page_table, sinks, qv, descales)
     if one_query_per_sequence(q, k, cu_seqlens_q, max_seqlen_q, cache_seqlens):
         result = flash_attn_with_kvcache(
             q.unsqueeze(1), k_cache, v_cache, cache_seqlens=cache_seqlens, page_table=page_table,
@@ -377,7 +400,7 @@ def flash_attn_with_kvcache(
     batch, s_new = _check_cache_args(q, k_cache, v_cache, k, v, page_table, cu_seqlens_q, cache_seqlens)
     _check_common(q, k_cache, v_cache, softcap, sinks, "k_cache and v_cache")
     _mla_fp8.check_qv(q, qv, v_cache.shape[-1])
-    descales = _mla_fp8.check_descales(q, (q_descale, k_descale, v_descale), batch, k_cache.shape[2])
+    descales = _mla_fp8.check_descales(q, descales, batch, k_cache.shape[2])
     dev = k_cache.device
     hkv = k_cache.shape[2]
     page = k_cache.shape[1]
@@ -405,7 +428,7 @@ def flash_attn_with_kvcache(
         lens_arg = cache_seqlens if cache_seqlens is not None else capacity
         return triton_decode(
             q, k_cache, v_cache, lens_arg, s_new, page_table, scale, spec, softcap, sinks, return_softmax_lse,
-            qv, descales,
+            qv, descales, remember=remember,
         )  # fmt: skip
     cached, blocks = cache_rows(cache_seqlens, page_table, batch, capacity, dev)
     if k is not None and v is not None and s_new > 0:
