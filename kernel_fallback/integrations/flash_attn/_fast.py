@@ -54,6 +54,15 @@ from torch import Tensor
 
 from kernel_fallback._options import stream_capturing
 from kernel_fallback.integrations.flash_attn import _mla_fp8, _reference
+from kernel_fallback.integrations.flash_attn._checks import (
+    WindowSize,
+    check_cache_args,
+    check_chunk,
+    check_common,
+    check_cu,
+    check_int32_shape,
+    check_window,
+)
 from kernel_fallback.integrations.flash_attn._decode import (
     SDPA_DECODE_MAX_ROWS,
     TRITON_DECODE,
@@ -76,13 +85,6 @@ from kernel_fallback.integrations.flash_attn._exact import (
 from kernel_fallback.integrations.flash_attn._flex import flex_attend
 from kernel_fallback.integrations.flash_attn._kv_prep import KvExtras, append_in_place, cache_rows, plain_call
 from kernel_fallback.integrations.flash_attn._masks import MaskSpec, block_mask_for, row_intervals
-from kernel_fallback.integrations.flash_attn._reference import (
-    WindowSize,
-    _check_chunk,
-    _check_common,
-    _check_int32_shape,
-    _check_window,
-)
 
 __all__ = [
     "NO_KEYS",
@@ -109,13 +111,6 @@ def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and stream_capturing()
 
 
-def _check_cu(name: str, cu: Tensor) -> int:
-    _check_int32_shape(name, cu)
-    if cu.shape[0] < 2:
-        raise ValueError(f"{name} must have batch_size + 1 >= 2 entries, got {cu.shape[0]}")
-    return cu.shape[0] - 1
-
-
 def _spec(window_size: WindowSize, causal: bool, attention_chunk: int | None) -> MaskSpec:
     # Plain ints (every caller in practice) are checked once per value; tensors every call.
     if (
@@ -124,14 +119,14 @@ def _spec(window_size: WindowSize, causal: bool, attention_chunk: int | None) ->
         and (attention_chunk is None or type(attention_chunk) is int)
     ):
         return _spec_of_ints(window_size, bool(causal), attention_chunk)
-    left, right = _check_window(window_size, causal)
-    return MaskSpec(left, right, _check_chunk(attention_chunk))
+    left, right = check_window(window_size, causal)
+    return MaskSpec(left, right, check_chunk(attention_chunk))
 
 
 @functools.lru_cache(maxsize=64)
 def _spec_of_ints(window_size: tuple[int, ...], causal: bool, attention_chunk: int | None) -> MaskSpec:
-    left, right = _check_window(window_size, causal)
-    return MaskSpec(left, right, _check_chunk(attention_chunk))
+    left, right = check_window(window_size, causal)
+    return MaskSpec(left, right, check_chunk(attention_chunk))
 
 
 def _packed_rows(cu_q: Tensor, total_q: int, lens_q: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -196,17 +191,17 @@ def flash_attn_varlen_func(
             raise ValueError(f"{name} must be 3-D (total, heads, head_dim), got {tuple(t.shape)}")
     if v.shape[0] != k.shape[0]:
         raise ValueError(f"k and v must have the same number of rows, got {k.shape[0]} and {v.shape[0]}")
-    _check_common(q, k, v, softcap, sinks)
+    check_common(q, k, v, softcap, sinks)
     spec = _spec(window_size, causal, attention_chunk)
-    batch = _check_cu("cu_seqlens_q", cu_seqlens_q)
-    if _check_cu("cu_seqlens_k", cu_seqlens_k) != batch:
+    batch = check_cu("cu_seqlens_q", cu_seqlens_q)
+    if check_cu("cu_seqlens_k", cu_seqlens_k) != batch:
         raise ValueError(
             f"cu_seqlens_k has {cu_seqlens_k.shape[0]} entries but cu_seqlens_q has "
             f"{cu_seqlens_q.shape[0]}; both must be batch_size + 1"
         )
     for name, used in (("seqused_q", seqused_q), ("seqused_k", seqused_k)):
         if used is not None:
-            _check_int32_shape(name, used, batch)
+            check_int32_shape(name, used, batch)
     total_q, total_k = q.shape[0], k.shape[0]
     _mla_fp8.check_qv(q, qv, v.shape[-1])
     descales = _mla_fp8.check_descales(q, (q_descale, k_descale, v_descale), batch, k.shape[1])
@@ -255,54 +250,6 @@ def flash_attn_varlen_func(
     if sinks is not None:  # the fold gave every row the sink; rows of no sequence keep -inf
         return out, lse[0].masked_fill(~_rows_used(cu_seqlens_q, seqused_q, q.shape[0], q.device), -math.inf)
     return out, lse[0]
-
-
-def _check_cache_args(
-    q: Tensor,
-    k_cache: Tensor,
-    v_cache: Tensor,
-    k: Tensor | None,
-    v: Tensor | None,
-    page_table: Tensor | None,
-    cu_seqlens_q: Tensor | None,
-    cache_seqlens: Tensor | int | None,
-) -> tuple[int, int]:
-    """Shape and dtype checks of the cache entry point; returns (batch, Sk_new)."""
-    varlen_q = cu_seqlens_q is not None
-    if q.dim() != (3 if varlen_q else 4):
-        want = "(total_q, Hq, D) when cu_seqlens_q is given" if varlen_q else "(B, Sq, Hq, D)"
-        raise ValueError(f"q must be {want}, got shape {tuple(q.shape)}")
-    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D, got shape {tuple(t.shape)}")
-    if v_cache.shape[:3] != k_cache.shape[:3]:
-        raise ValueError(
-            f"v_cache shape {tuple(v_cache.shape)} must match k_cache shape "
-            f"{tuple(k_cache.shape)} except for the head dim"
-        )
-    batch = _check_cu("cu_seqlens_q", cu_seqlens_q) if cu_seqlens_q is not None else q.shape[0]
-    if page_table is not None:
-        if page_table.dtype != torch.int32 or page_table.dim() != 2 or page_table.shape[0] != batch:
-            raise ValueError(
-                f"page_table must be an int32 tensor of shape ({batch}, max_blocks_per_seq), "
-                f"got dtype {page_table.dtype} and shape {tuple(page_table.shape)}"
-            )
-    elif k_cache.shape[0] != batch:
-        raise ValueError(f"k_cache batch size ({k_cache.shape[0]}) must equal the batch size of q ({batch})")
-    if isinstance(cache_seqlens, Tensor):
-        _check_int32_shape("cache_seqlens", cache_seqlens, batch)
-    if (k is None) != (v is None):
-        raise ValueError("k and v must be given together (both or neither)")
-    if k is None or v is None:
-        return batch, 0
-    if k.dim() != 4 or k.shape[0] != batch or k.shape[2:] != k_cache.shape[2:]:
-        raise ValueError(
-            f"k must have shape ({batch}, Sk_new, {k_cache.shape[2]}, {k_cache.shape[3]}), "
-            f"got {tuple(k.shape)}"
-        )
-    if v.shape != (*k.shape[:3], v_cache.shape[3]):
-        raise ValueError(f"v must have shape {(*k.shape[:3], v_cache.shape[3])}, got {tuple(v.shape)}")
-    return batch, k.shape[1]
 
 
 @exact_when_needed(_reference.flash_attn_with_kvcache, _last)
@@ -374,8 +321,8 @@ def flash_attn_with_kvcache(
         (spec.left, spec.right), spec.chunk, extras, check_values=False,
     )  # fmt: skip
     q, k, v, cache_seqlens, page_table = plain.q, plain.k, plain.v, plain.cache_seqlens, plain.page_table
-    batch, s_new = _check_cache_args(q, k_cache, v_cache, k, v, page_table, cu_seqlens_q, cache_seqlens)
-    _check_common(q, k_cache, v_cache, softcap, sinks, "k_cache and v_cache")
+    batch, s_new = check_cache_args(q, k_cache, v_cache, k, v, page_table, cu_seqlens_q, cache_seqlens)
+    check_common(q, k_cache, v_cache, softcap, sinks, "k_cache and v_cache")
     _mla_fp8.check_qv(q, qv, v_cache.shape[-1])
     descales = _mla_fp8.check_descales(q, (q_descale, k_descale, v_descale), batch, k_cache.shape[2])
     dev = k_cache.device

@@ -51,6 +51,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from kernel_fallback.integrations.flash_attn._checks import check_cache_layout
+
 __all__ = ["KvExtras", "PlainCall", "append_in_place", "cache_rows", "plain_call"]
 
 
@@ -238,13 +240,7 @@ def plain_call(
         and not packed
     ):
         return PlainCall(q, k, v, cache_seqlens, page_table, None)
-    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D, got shape {tuple(t.shape)}")
-    varlen_q = cu_seqlens_q is not None
-    if q.dim() != (3 if varlen_q else 4):
-        want = "(total_q, Hq, D) when cu_seqlens_q is given" if varlen_q else "(B, Sq, Hq, D)"
-        raise ValueError(f"q must be {want}, got shape {tuple(q.shape)}")
+    check_cache_layout(q, k_cache, v_cache, cu_seqlens_q)
     if cu_seqlens_q is not None:
         if cu_seqlens_q.dtype != torch.int32 or cu_seqlens_q.dim() != 1 or cu_seqlens_q.shape[0] < 2:
             raise ValueError(
