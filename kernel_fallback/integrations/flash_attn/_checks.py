@@ -23,6 +23,7 @@ __all__ = [
     "check_cu_seqlens",
     "check_int32_shape",
     "check_int32_vector",
+    "check_varlen_layout",
     "check_window",
 ]
 
@@ -133,6 +134,15 @@ def check_cu_seqlens(name: str, cu: Tensor, total: int) -> list[int]:
             f"{name} must be non-decreasing within [0, {total}] (the number of rows), got {values}"
         )
     return values
+
+
+def check_varlen_layout(q: Tensor, k: Tensor, v: Tensor) -> None:
+    """Packed (total, heads, head_dim) q, k and v, with as many rows of k as of v."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.dim() != 3:
+            raise ValueError(f"{name} must be 3-D (total, heads, head_dim), got {tuple(t.shape)}")
+    if v.shape[0] != k.shape[0]:
+        raise ValueError(f"k and v must have the same number of rows, got {k.shape[0]} and {v.shape[0]}")
 
 
 def check_cache_layout(q: Tensor, k_cache: Tensor, v_cache: Tensor, cu_seqlens_q: Tensor | None) -> None:

@@ -61,6 +61,7 @@ from kernel_fallback.integrations.flash_attn._checks import (
     check_common,
     check_cu,
     check_int32_shape,
+    check_varlen_layout,
     check_window,
 )
 from kernel_fallback.integrations.flash_attn._decode import (
@@ -186,11 +187,7 @@ def flash_attn_varlen_func(
     what is not validated.
     """
     del max_seqlen_q, max_seqlen_k  # launch hints of the CUDA kernel
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 3:
-            raise ValueError(f"{name} must be 3-D (total, heads, head_dim), got {tuple(t.shape)}")
-    if v.shape[0] != k.shape[0]:
-        raise ValueError(f"k and v must have the same number of rows, got {k.shape[0]} and {v.shape[0]}")
+    check_varlen_layout(q, k, v)
     check_common(q, k, v, softcap, sinks)
     spec = _spec(window_size, causal, attention_chunk)
     batch = check_cu("cu_seqlens_q", cu_seqlens_q)

@@ -50,6 +50,7 @@ from kernel_fallback.integrations.flash_attn._checks import (
     check_common,
     check_cu_seqlens,
     check_int32_vector,
+    check_varlen_layout,
     check_window,
 )
 from kernel_fallback.integrations.flash_attn._kv_prep import KvExtras, plain_call
@@ -206,11 +207,7 @@ def flash_attn_varlen_func(
         ``out`` (total_q, Hq, Dv) in ``q``'s dtype (bfloat16 for fp8), or ``(out, lse)``.
     """
     del max_seqlen_q, max_seqlen_k  # grid-size hints for the CUDA kernel only
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 3:
-            raise ValueError(f"{name} must be 3-D (total, heads, head_dim), got {tuple(t.shape)}")
-    if v.shape[0] != k.shape[0]:
-        raise ValueError(f"k and v must have the same number of rows, got {k.shape[0]} and {v.shape[0]}")
+    check_varlen_layout(q, k, v)
     check_common(q, k, v, softcap, sinks)
     window = check_window(window_size, causal)
     chunk = check_chunk(attention_chunk)
