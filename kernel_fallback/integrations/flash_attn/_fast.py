@@ -84,7 +84,13 @@ from kernel_fallback.integrations.flash_attn._exact import (
     without_keys,
 )
 from kernel_fallback.integrations.flash_attn._flex import flex_attend
-from kernel_fallback.integrations.flash_attn._kv_prep import KvExtras, append_in_place, cache_rows, plain_call
+from kernel_fallback.integrations.flash_attn._kv_prep import (
+    KvExtras,
+    append_in_place,
+    cache_rows,
+    packed_rows,
+    plain_call,
+)
 from kernel_fallback.integrations.flash_attn._masks import MaskSpec, block_mask_for, row_intervals
 
 __all__ = [
@@ -130,28 +136,19 @@ def _spec_of_ints(window_size: tuple[int, ...], causal: bool, attention_chunk: i
     return MaskSpec(left, right, check_chunk(attention_chunk))
 
 
-def _packed_rows(cu_q: Tensor, total_q: int, lens_q: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """For each packed row: its sequence, its index within it, and whether it is used."""
-    rows = torch.arange(total_q, device=cu_q.device)
-    batch = cu_q.shape[0] - 1
-    doc = torch.searchsorted(cu_q[1:], rows, right=True).clamp_max(batch - 1)
-    pos = rows - cu_q[doc]
-    return doc, pos, (pos >= 0) & (pos < lens_q[doc])
-
-
 def _row_seqs(cu_q: Tensor | None, rows: int, device: torch.device) -> Tensor:
     """Each query row's sequence: by ``cu_q`` for ``rows`` packed rows, else (rows, 1) for (B, Sq)."""
     if cu_q is None:
         return torch.arange(rows, device=device).view(rows, 1)
     cu = cu_q.to(device=device, dtype=torch.long)
-    return _packed_rows(cu, rows, cu[1:] - cu[:-1])[0]
+    return packed_rows(cu, rows)[0]
 
 
 def _rows_used(cu_seqlens_q: Tensor, seqused_q: Tensor | None, total_q: int, device: torch.device) -> Tensor:
     """Which packed query rows belong to a sequence (within ``seqused_q``), on the device."""
     cu_q = cu_seqlens_q.to(device=device, dtype=torch.long)
     lens_q = cu_q[1:] - cu_q[:-1] if seqused_q is None else seqused_q.to(cu_q)
-    return _packed_rows(cu_q, total_q, lens_q)[2]
+    return packed_rows(cu_q, total_q, lens_q)[2]
 
 
 @exact_when_needed(_reference.flash_attn_varlen_func, _last)
@@ -218,7 +215,7 @@ def flash_attn_varlen_func(
         cu_k = cu_seqlens_k.to(device=q.device, dtype=torch.long)
         lens_q = cu_q[1:] - cu_q[:-1] if seqused_q is None else seqused_q.to(cu_q)
         lens_k = cu_k[1:] - cu_k[:-1] if seqused_k is None else seqused_k.to(cu_k)
-        doc, pos, valid = _packed_rows(cu_q, total_q, lens_q)
+        doc, pos, valid = packed_rows(cu_q, total_q, lens_q)
         lo, hi = row_intervals(pos, lens_q[doc], lens_k[doc], valid, spec)
         return (lo + cu_k[doc]).unsqueeze(0), (hi + cu_k[doc]).unsqueeze(0)
 
@@ -433,7 +430,7 @@ def flash_attn_with_kvcache(
     def packed_intervals() -> tuple[Tensor, Tensor]:
         cu = cu_q.to(device=dev, dtype=torch.long)
         lens_q = cu[1:] - cu[:-1]
-        doc, pos, valid = _packed_rows(cu, q.shape[0], lens_q)
+        doc, pos, valid = packed_rows(cu, q.shape[0], lens_q)
         lo, hi = row_intervals(pos, lens_q[doc], lens_k[doc], valid, spec)
         base = doc * capacity if first is None else doc * capacity + first[doc]
         return (lo + base).unsqueeze(0), (hi + base).unsqueeze(0)

@@ -53,7 +53,7 @@ from torch import Tensor
 
 from kernel_fallback.integrations.flash_attn._checks import check_cache_layout
 
-__all__ = ["KvExtras", "PlainCall", "append_in_place", "cache_rows", "plain_call"]
+__all__ = ["KvExtras", "PlainCall", "append_in_place", "cache_rows", "packed_rows", "plain_call"]
 
 
 @dataclass(frozen=True)
@@ -103,13 +103,19 @@ def _rotate(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool) -> Tensor:
     return torch.cat((rotated.to(x.dtype), x[..., 2 * half :]), dim=-1)
 
 
-def _rows_of(cu: Tensor, total: int) -> tuple[Tensor, Tensor, Tensor]:
-    """For each packed row: its sequence, its index in it, and whether it belongs to one."""
+def packed_rows(cu: Tensor, total: int, lens: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """For each of ``total`` packed rows: its sequence by ``cu``, its index in it, and whether it is used.
+
+    A row is used when it lies within its sequence's first ``lens[b]`` rows (default: the
+    whole sequence ``cu[b] .. cu[b + 1] - 1``; ``seqused_q`` passes fewer).
+    """
     cu = cu.to(dtype=torch.long)
     rows = torch.arange(total, device=cu.device)
     doc = torch.searchsorted(cu[1:], rows, right=True).clamp_max(cu.shape[0] - 2)
     pos = rows - cu[doc]
-    return doc, pos, (pos >= 0) & (pos < (cu[1:] - cu[:-1])[doc])
+    if lens is None:
+        lens = cu[1:] - cu[:-1]
+    return doc, pos, (pos >= 0) & (pos < lens[doc])
 
 
 def _q_rows_move(
@@ -325,7 +331,7 @@ def _rotary(
         return torch.where(valid, start.to(doc.device)[doc] + pos, 0).to(dev)
 
     if packed and x.cu_seqlens_k_new is not None:
-        doc, pos, valid = _rows_of(x.cu_seqlens_k_new.to(dev), k.shape[0])
+        doc, pos, valid = packed_rows(x.cu_seqlens_k_new.to(dev), k.shape[0])
         k_pos = positions(doc, pos, valid)
         k_rot = _rotate(k, cos[k_pos].to(k.device), sin[k_pos].to(k.device), x.rotary_interleaved)
     else:
@@ -336,7 +342,7 @@ def _rotary(
             k
         )
     if cu_seqlens_q is not None:
-        doc, pos, valid = _rows_of(cu_seqlens_q.to(dev), q.shape[0])
+        doc, pos, valid = packed_rows(cu_seqlens_q.to(dev), q.shape[0])
         q_pos = positions(doc, pos if q_moves else torch.zeros_like(pos), valid)
         q_rot = _rotate(q, cos[q_pos].to(q.device), sin[q_pos].to(q.device), x.rotary_interleaved)
     else:
@@ -365,7 +371,7 @@ def _append_packed(
         return
     dev = k_cache.device
     cu = cu_seqlens_k_new.to(device=dev, dtype=torch.long)
-    doc, pos, valid = _rows_of(cu, total)
+    doc, pos, valid = packed_rows(cu, total)
     # index_put_ cannot skip rows without reading how many there are on the host, so a row
     # outside every sequence repeats the write of the last valid row (same slot, same
     # value: deterministic), or, when no row is valid, writes slot (0, 0) back unchanged.
