@@ -330,30 +330,25 @@ def _rotary(
         # Rows outside every sequence are never attended (or written): any in-range position.
         return torch.where(valid, start.to(doc.device)[doc] + pos, 0).to(dev)
 
+    def rotated(t: Tensor, pos: Tensor) -> Tensor:
+        """``t``, packed (N, H, D) or (B, S, H, D), its rows rotated at ``pos`` (N or B * S,)."""
+        flat = t.reshape(pos.shape[0], *t.shape[-2:])
+        return _rotate(flat, cos[pos].to(t.device), sin[pos].to(t.device), x.rotary_interleaved).view_as(t)
+
     if packed and x.cu_seqlens_k_new is not None:
-        doc, pos, valid = packed_rows(x.cu_seqlens_k_new.to(dev), k.shape[0])
-        k_pos = positions(doc, pos, valid)
-        k_rot = _rotate(k, cos[k_pos].to(k.device), sin[k_pos].to(k.device), x.rotary_interleaved)
+        k_pos = positions(*packed_rows(x.cu_seqlens_k_new.to(dev), k.shape[0]))
     else:
         batch, s_new = k.shape[:2]
         k_pos = (start.view(batch, 1) + torch.arange(s_new, device=dev)).reshape(-1)
-        flat = k.reshape(batch * s_new, *k.shape[2:])
-        k_rot = _rotate(flat, cos[k_pos].to(k.device), sin[k_pos].to(k.device), x.rotary_interleaved).view_as(
-            k
-        )
     if cu_seqlens_q is not None:
         doc, pos, valid = packed_rows(cu_seqlens_q.to(dev), q.shape[0])
         q_pos = positions(doc, pos if q_moves else torch.zeros_like(pos), valid)
-        q_rot = _rotate(q, cos[q_pos].to(q.device), sin[q_pos].to(q.device), x.rotary_interleaved)
     else:
         batch, sq = q.shape[:2]
         rows = torch.arange(sq, device=dev) if q_moves else torch.zeros(sq, dtype=torch.long, device=dev)
         q_pos = (start.view(batch, 1) + rows).reshape(-1)
-        flat_q = q.reshape(batch * sq, *q.shape[2:])
-        q_rot = _rotate(
-            flat_q, cos[q_pos].to(q.device), sin[q_pos].to(q.device), x.rotary_interleaved
-        ).view_as(q)
-    return q_rot, k_rot
+    k_rot = rotated(k, k_pos)
+    return rotated(q, q_pos), k_rot
 
 
 def _append_packed(
