@@ -1,9 +1,10 @@
 """Argument checks of the FA3 entry points, shared by the reference and the ``torch`` provider.
 
-Both providers raise the same ValueError for the same malformed call. Everything here
-checks shapes, dtypes and options without reading a tensor's values on the host, so the
-fast provider can run it under CUDA graph capture, except :func:`check_int32_vector` and
-:func:`check_cu_seqlens`, which return the values (for the reference, which reads them).
+Both providers raise the same ValueError for the same malformed call. The checks look at
+shapes, dtypes and options only, so the fast provider reads nothing on the host through
+them (a ``window_size`` given as tensors excepted: its two sides are read), except
+:func:`check_int32_vector` and :func:`check_cu_seqlens`, which return the values for the
+reference, the one provider that reads them.
 """
 
 from __future__ import annotations
