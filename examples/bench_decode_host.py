@@ -238,7 +238,7 @@ def kernels_section(sweep: bool) -> None:
 
 def cpu_section(calls: int) -> None:
     from kernel_fallback.integrations.flash_attn import _triton_plan as plans
-    from kernel_fallback.integrations.flash_attn._reference import _check_common
+    from kernel_fallback.integrations.flash_attn._checks import check_cache_args, check_common
 
     print("# CPU only: the provider's host-side work (no CUDA here; kernel timings need a GPU)")
     batch = 2  # small: the CPU call itself is SDPA, only its host side is of interest here
@@ -248,10 +248,10 @@ def cpu_section(calls: int) -> None:
     table = torch.arange(batch * 4, dtype=torch.int32).view(batch, 4)
     lens = torch.full((batch,), 100, dtype=torch.int32)
     rows: dict[str, Fn] = {
-        "argument checks (_check_cache_args)": lambda: fast._check_cache_args(
+        "argument checks (check_cache_args)": lambda: check_cache_args(
             q, k, v, None, None, table, None, lens
         ),
-        "dtype/head checks (_check_common)": lambda: _check_common(q, k, v, 0.0, None, "k_cache and v_cache"),
+        "dtype/head checks (check_common)": lambda: check_common(q, k, v, 0.0, None, "k_cache and v_cache"),
         "mask spec (_spec, memoized)": lambda: fast._spec((-1, -1), True, 0),
         "KERNEL_FALLBACK_TRITON read": fast.triton_decode_enabled,
         "decode_attention host half (plan hit)": partial(

@@ -174,14 +174,11 @@ def describe_key(key: Key, fields: Mapping[str, Any]) -> StaticFields:
     ``reload_config()``, say).
     """
     held = StaticFields(fields)
-    _book.enter_or_refuse("describe_key()")
-    try:
+    with _book.entered("describe_key()"):
         _static_fields[key] = held
         entry = _entries.get(key)
         if entry is not None:
             entry.fields = held
-    finally:
-        _book.leave()
     return held
 
 
@@ -190,14 +187,11 @@ def counter(key: Key) -> Counter:
 
     The caller keeps it alive as long as it may tick it (as with :func:`describe_key`).
     """
-    _book.enter_or_refuse("counter()")
-    try:
+    with _book.entered("counter()"):
         held = _counters.get(key)
         if held is None:
             held = _counters[key] = Counter(key)
         return held
-    finally:
-        _book.leave()
 
 
 def record(
@@ -297,11 +291,8 @@ def _collect() -> None:
 
 def overflowed_count(held: Counter) -> int:
     """Occurrences of ``held``'s key counted in the overflow row since the last reset."""
-    _book.enter_or_refuse("overflowed_count()")
-    try:
+    with _book.entered("overflowed_count()"):
         return _overflowed.get(held, 0)
-    finally:
-        _book.leave()
 
 
 def _new_entry(key: Key) -> _Entry:
@@ -513,8 +504,7 @@ def stats() -> list[dict[str, Any]]:
     every later run of that graph), ``first_seen`` (ISO 8601, UTC) and ``where``
     (file:line of the first caller).
     """
-    _book.enter_or_refuse("stats()")
-    try:
+    with _book.entered("stats()"):
         _collect()
         rows = [
             {
@@ -532,8 +522,6 @@ def stats() -> list[dict[str, Any]]:
             }
             for e in _entries.values()
         ]
-    finally:
-        _book.leave()
     rows.sort(key=lambda r: (r["kind"], r["kernel"], r["kwarg"] or r["provider"] or "", r["policy"]))
     return rows
 

@@ -21,8 +21,9 @@ without any lock.
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import final
 
 __all__ = ["Bookkeeping", "Outbound"]
@@ -57,8 +58,13 @@ class Bookkeeping:
         self._busy = True
         return True
 
-    def enter_or_refuse(self, what: str) -> None:
-        """``enter()`` for a call that must answer now (``what``); raise when it cannot."""
+    @contextlib.contextmanager
+    def entered(self, what: str) -> Iterator[None]:
+        """The lock held around a ``with`` block that must answer now (``what``).
+
+        Raises instead of deferring when the thread is inside already: the caller
+        waits for an answer that a deferred call could not give.
+        """
         if not self.enter():
             raise RuntimeError(
                 f"kernel_fallback: {what} was called from a signal handler that interrupted "
@@ -66,6 +72,10 @@ class Bookkeeping:
                 "mid-way; call flush() there (it is deferred by microseconds), or read "
                 "counts outside the handler."
             )
+        try:
+            yield
+        finally:
+            self.leave()
 
     def leave(self) -> None:
         """Release the lock taken by a successful ``enter()``; run deferred work."""

@@ -63,7 +63,7 @@ def test_bench_chain_prints_every_row_with_its_ratio() -> None:
 def test_bench_decode_host_times_the_providers_host_work_on_cpu() -> None:
     out = run("examples/bench_decode_host.py", "--calls", "20")
     for row in [
-        "argument checks (_check_cache_args)",
+        "argument checks (check_cache_args)",
         "mask spec (_spec, memoized)",
         "whole CPU call (SDPA decode)",
     ]:

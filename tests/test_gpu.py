@@ -302,6 +302,7 @@ ATTENTION_CASES = [
 def test_fast_varlen_on_cuda_within_upstreams_bf16_rule(options: dict[str, Any]) -> None:
     from kernel_fallback.integrations.flash_attn import _fast as fast
     from kernel_fallback.integrations.flash_attn import _reference as ref
+    from kernel_fallback.integrations.flash_attn._checks import check_window
 
     gen = torch.Generator().manual_seed(5)
     lens_q, lens_k = [5, 130, 0, 77, 300], [9, 130, 4, 200, 300]
@@ -318,7 +319,7 @@ def test_fast_varlen_on_cuda_within_upstreams_bf16_rule(options: dict[str, Any])
         q.double(), k.double(), v.double(), cu_q, cu_k, sinks=sinks, return_softmax_lse=True, **opts
     )
     # A plain PyTorch computation in bf16 arithmetic (upstream's upcast=False reference).
-    window = ref._check_window(opts.get("window_size", (-1, -1)), opts.get("causal", False))
+    window = check_window(opts.get("window_size", (-1, -1)), opts.get("causal", False))
     plain = torch.zeros(q.shape[0], 8, 64, dtype=torch.bfloat16)
     for b in range(len(lens_q)):
         if lens_q[b]:
@@ -561,6 +562,7 @@ GRAD_CASES = [
 def test_varlen_gradients_on_cuda_take_compiled_flex_within_upstreams_rule(options: dict[str, Any]) -> None:
     from kernel_fallback.integrations.flash_attn import _fast as fast
     from kernel_fallback.integrations.flash_attn import _reference as ref
+    from kernel_fallback.integrations.flash_attn._checks import check_window
 
     gen = torch.Generator().manual_seed(9)
     lens_q, lens_k = [5, 130, 0, 77, 300], [9, 130, 4, 200, 300]
@@ -589,7 +591,7 @@ def test_varlen_gradients_on_cuda_take_compiled_flex_within_upstreams_rule(optio
     got = grads(torch.bfloat16, "cuda")
     assert fast.last_backend("flash_attn_varlen_func") == "flex_attention (compiled)"
     # A plain PyTorch computation in bf16 arithmetic (upstream's upcast=False reference).
-    window = ref._check_window(opts.get("window_size", (-1, -1)), opts.get("causal", False))
+    window = check_window(opts.get("window_size", (-1, -1)), opts.get("causal", False))
     leaves = [t.clone().requires_grad_() for t in tensors]
     rows = [
         ref._attend(

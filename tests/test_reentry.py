@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
 
@@ -88,8 +89,10 @@ def test_a_call_that_must_answer_now_is_refused_mid_change() -> None:
     assert book.enter()
     try:
         with pytest.raises(RuntimeError, match=r"stats\(\) was called from a signal handler"):
-            book.enter_or_refuse("stats()")
+            contextlib.ExitStack().enter_context(book.entered("stats()"))
     finally:
         book.leave()
-    book.enter_or_refuse("stats()")  # free again: entered
+    with book.entered("stats()"):  # free again: entered
+        assert not book.enter(), "held inside the block"
+    assert book.enter(), "left after the block"
     book.leave()

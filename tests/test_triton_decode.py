@@ -67,6 +67,7 @@ CASES = [
 def run_case(case: Case, device: str) -> dict[str, Any]:
     """Run ``case`` through the kernel and the reference; return max errors and tolerances."""
     from kernel_fallback.integrations.flash_attn import _reference as ref
+    from kernel_fallback.integrations.flash_attn._checks import check_window
     from kernel_fallback.integrations.flash_attn._triton_decode import decode_attention
 
     gen = torch.Generator().manual_seed(hash(case.id) % (1 << 31))
@@ -106,7 +107,7 @@ def run_case(case: Case, device: str) -> dict[str, Any]:
     )
     if case.append:  # the kernel reads the cache; the provider appends before calling it
         k_cache, v_cache = k_ref, v_ref
-    left, right = ref._check_window(case.window, case.causal)
+    left, right = check_window(case.window, case.causal)
     out, lse = decode_attention(
         q,
         k_cache,

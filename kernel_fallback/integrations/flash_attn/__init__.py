@@ -22,6 +22,7 @@ The modules of this package, from the top layer down:
 - ``_decode``: decode over a cache on CUDA: the Triton path's dispatch, or SDPA.
 - ``_triton_plan`` and ``_triton_decode``: the split-K paged decode kernels (MLA and fp8
   included) and their launch plans cached per layout.
+- ``_checks``: the argument checks both providers share (shapes, dtypes, options).
 - ``_reference``: the exact, looping oracle (the ``reference`` provider) that defines the
   semantics everything above is tested against.
 """

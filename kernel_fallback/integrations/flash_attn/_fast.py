@@ -54,6 +54,16 @@ from torch import Tensor
 
 from kernel_fallback._options import stream_capturing
 from kernel_fallback.integrations.flash_attn import _mla_fp8, _reference
+from kernel_fallback.integrations.flash_attn._checks import (
+    WindowSize,
+    check_cache_args,
+    check_chunk,
+    check_common,
+    check_cu,
+    check_int32_shape,
+    check_varlen_layout,
+    check_window,
+)
 from kernel_fallback.integrations.flash_attn._decode import (
     SDPA_DECODE_MAX_ROWS,
     TRITON_DECODE,
@@ -76,15 +86,14 @@ from kernel_fallback.integrations.flash_attn._exact import (
     without_keys,
 )
 from kernel_fallback.integrations.flash_attn._flex import flex_attend
-from kernel_fallback.integrations.flash_attn._kv_prep import KvExtras, append_in_place, cache_rows, plain_call
-from kernel_fallback.integrations.flash_attn._masks import MaskSpec, block_mask_for, row_intervals
-from kernel_fallback.integrations.flash_attn._reference import (
-    WindowSize,
-    _check_chunk,
-    _check_common,
-    _check_int32_shape,
-    _check_window,
+from kernel_fallback.integrations.flash_attn._kv_prep import (
+    KvExtras,
+    append_in_place,
+    cache_rows,
+    packed_rows,
+    plain_call,
 )
+from kernel_fallback.integrations.flash_attn._masks import MaskSpec, block_mask_for, row_intervals
 
 __all__ = [
     "NO_KEYS",
@@ -111,13 +120,6 @@ def _capturing(device: torch.device) -> bool:
     return device.type == "cuda" and stream_capturing()
 
 
-def _check_cu(name: str, cu: Tensor) -> int:
-    _check_int32_shape(name, cu)
-    if cu.shape[0] < 2:
-        raise ValueError(f"{name} must have batch_size + 1 >= 2 entries, got {cu.shape[0]}")
-    return cu.shape[0] - 1
-
-
 def _spec(window_size: WindowSize, causal: bool, attention_chunk: int | None) -> MaskSpec:
     # Plain ints (every caller in practice) are checked once per value; tensors every call.
     if (
@@ -126,23 +128,14 @@ def _spec(window_size: WindowSize, causal: bool, attention_chunk: int | None) ->
         and (attention_chunk is None or type(attention_chunk) is int)
     ):
         return _spec_of_ints(window_size, bool(causal), attention_chunk)
-    left, right = _check_window(window_size, causal)
-    return MaskSpec(left, right, _check_chunk(attention_chunk))
+    left, right = check_window(window_size, causal)
+    return MaskSpec(left, right, check_chunk(attention_chunk))
 
 
 @functools.lru_cache(maxsize=64)
 def _spec_of_ints(window_size: tuple[int, ...], causal: bool, attention_chunk: int | None) -> MaskSpec:
-    left, right = _check_window(window_size, causal)
-    return MaskSpec(left, right, _check_chunk(attention_chunk))
-
-
-def _packed_rows(cu_q: Tensor, total_q: int, lens_q: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """For each packed row: its sequence, its index within it, and whether it is used."""
-    rows = torch.arange(total_q, device=cu_q.device)
-    batch = cu_q.shape[0] - 1
-    doc = torch.searchsorted(cu_q[1:], rows, right=True).clamp_max(batch - 1)
-    pos = rows - cu_q[doc]
-    return doc, pos, (pos >= 0) & (pos < lens_q[doc])
+    left, right = check_window(window_size, causal)
+    return MaskSpec(left, right, check_chunk(attention_chunk))
 
 
 def _row_seqs(cu_q: Tensor | None, rows: int, device: torch.device) -> Tensor:
@@ -150,14 +143,14 @@ def _row_seqs(cu_q: Tensor | None, rows: int, device: torch.device) -> Tensor:
     if cu_q is None:
         return torch.arange(rows, device=device).view(rows, 1)
     cu = cu_q.to(device=device, dtype=torch.long)
-    return _packed_rows(cu, rows, cu[1:] - cu[:-1])[0]
+    return packed_rows(cu, rows)[0]
 
 
 def _rows_used(cu_seqlens_q: Tensor, seqused_q: Tensor | None, total_q: int, device: torch.device) -> Tensor:
     """Which packed query rows belong to a sequence (within ``seqused_q``), on the device."""
     cu_q = cu_seqlens_q.to(device=device, dtype=torch.long)
     lens_q = cu_q[1:] - cu_q[:-1] if seqused_q is None else seqused_q.to(cu_q)
-    return _packed_rows(cu_q, total_q, lens_q)[2]
+    return packed_rows(cu_q, total_q, lens_q)[2]
 
 
 @exact_when_needed(_reference.flash_attn_varlen_func, _last)
@@ -193,22 +186,18 @@ def flash_attn_varlen_func(
     what is not validated.
     """
     del max_seqlen_q, max_seqlen_k  # launch hints of the CUDA kernel
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 3:
-            raise ValueError(f"{name} must be 3-D (total, heads, head_dim), got {tuple(t.shape)}")
-    if v.shape[0] != k.shape[0]:
-        raise ValueError(f"k and v must have the same number of rows, got {k.shape[0]} and {v.shape[0]}")
-    _check_common(q, k, v, softcap, sinks)
+    check_varlen_layout(q, k, v)
+    check_common(q, k, v, softcap, sinks)
     spec = _spec(window_size, causal, attention_chunk)
-    batch = _check_cu("cu_seqlens_q", cu_seqlens_q)
-    if _check_cu("cu_seqlens_k", cu_seqlens_k) != batch:
+    batch = check_cu("cu_seqlens_q", cu_seqlens_q)
+    if check_cu("cu_seqlens_k", cu_seqlens_k) != batch:
         raise ValueError(
             f"cu_seqlens_k has {cu_seqlens_k.shape[0]} entries but cu_seqlens_q has "
             f"{cu_seqlens_q.shape[0]}; both must be batch_size + 1"
         )
     for name, used in (("seqused_q", seqused_q), ("seqused_k", seqused_k)):
         if used is not None:
-            _check_int32_shape(name, used, batch)
+            check_int32_shape(name, used, batch)
     total_q, total_k = q.shape[0], k.shape[0]
     _mla_fp8.check_qv(q, qv, v.shape[-1])
     descales = _mla_fp8.check_descales(q, (q_descale, k_descale, v_descale), batch, k.shape[1])
@@ -228,7 +217,7 @@ def flash_attn_varlen_func(
         cu_k = cu_seqlens_k.to(device=q.device, dtype=torch.long)
         lens_q = cu_q[1:] - cu_q[:-1] if seqused_q is None else seqused_q.to(cu_q)
         lens_k = cu_k[1:] - cu_k[:-1] if seqused_k is None else seqused_k.to(cu_k)
-        doc, pos, valid = _packed_rows(cu_q, total_q, lens_q)
+        doc, pos, valid = packed_rows(cu_q, total_q, lens_q)
         lo, hi = row_intervals(pos, lens_q[doc], lens_k[doc], valid, spec)
         return (lo + cu_k[doc]).unsqueeze(0), (hi + cu_k[doc]).unsqueeze(0)
 
@@ -257,54 +246,6 @@ def flash_attn_varlen_func(
     if sinks is not None:  # the fold gave every row the sink; rows of no sequence keep -inf
         return out, lse[0].masked_fill(~_rows_used(cu_seqlens_q, seqused_q, q.shape[0], q.device), -math.inf)
     return out, lse[0]
-
-
-def _check_cache_args(
-    q: Tensor,
-    k_cache: Tensor,
-    v_cache: Tensor,
-    k: Tensor | None,
-    v: Tensor | None,
-    page_table: Tensor | None,
-    cu_seqlens_q: Tensor | None,
-    cache_seqlens: Tensor | int | None,
-) -> tuple[int, int]:
-    """Shape and dtype checks of the cache entry point; returns (batch, Sk_new)."""
-    varlen_q = cu_seqlens_q is not None
-    if q.dim() != (3 if varlen_q else 4):
-        want = "(total_q, Hq, D) when cu_seqlens_q is given" if varlen_q else "(B, Sq, Hq, D)"
-        raise ValueError(f"q must be {want}, got shape {tuple(q.shape)}")
-    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D, got shape {tuple(t.shape)}")
-    if v_cache.shape[:3] != k_cache.shape[:3]:
-        raise ValueError(
-            f"v_cache shape {tuple(v_cache.shape)} must match k_cache shape "
-            f"{tuple(k_cache.shape)} except for the head dim"
-        )
-    batch = _check_cu("cu_seqlens_q", cu_seqlens_q) if cu_seqlens_q is not None else q.shape[0]
-    if page_table is not None:
-        if page_table.dtype != torch.int32 or page_table.dim() != 2 or page_table.shape[0] != batch:
-            raise ValueError(
-                f"page_table must be an int32 tensor of shape ({batch}, max_blocks_per_seq), "
-                f"got dtype {page_table.dtype} and shape {tuple(page_table.shape)}"
-            )
-    elif k_cache.shape[0] != batch:
-        raise ValueError(f"k_cache batch size ({k_cache.shape[0]}) must equal the batch size of q ({batch})")
-    if isinstance(cache_seqlens, Tensor):
-        _check_int32_shape("cache_seqlens", cache_seqlens, batch)
-    if (k is None) != (v is None):
-        raise ValueError("k and v must be given together (both or neither)")
-    if k is None or v is None:
-        return batch, 0
-    if k.dim() != 4 or k.shape[0] != batch or k.shape[2:] != k_cache.shape[2:]:
-        raise ValueError(
-            f"k must have shape ({batch}, Sk_new, {k_cache.shape[2]}, {k_cache.shape[3]}), "
-            f"got {tuple(k.shape)}"
-        )
-    if v.shape != (*k.shape[:3], v_cache.shape[3]):
-        raise ValueError(f"v must have shape {(*k.shape[:3], v_cache.shape[3])}, got {tuple(v.shape)}")
-    return batch, k.shape[1]
 
 
 @exact_when_needed(_reference.flash_attn_with_kvcache, _last)
@@ -397,8 +338,8 @@ def flash_attn_with_kvcache(
         (spec.left, spec.right), spec.chunk, extras, check_values=False,
     )  # fmt: skip
     q, k, v, cache_seqlens, page_table = plain.q, plain.k, plain.v, plain.cache_seqlens, plain.page_table
-    batch, s_new = _check_cache_args(q, k_cache, v_cache, k, v, page_table, cu_seqlens_q, cache_seqlens)
-    _check_common(q, k_cache, v_cache, softcap, sinks, "k_cache and v_cache")
+    batch, s_new = check_cache_args(q, k_cache, v_cache, k, v, page_table, cu_seqlens_q, cache_seqlens)
+    check_common(q, k_cache, v_cache, softcap, sinks, "k_cache and v_cache")
     _mla_fp8.check_qv(q, qv, v_cache.shape[-1])
     descales = _mla_fp8.check_descales(q, descales, batch, k_cache.shape[2])
     dev = k_cache.device
@@ -512,7 +453,7 @@ def flash_attn_with_kvcache(
     def packed_intervals() -> tuple[Tensor, Tensor]:
         cu = cu_q.to(device=dev, dtype=torch.long)
         lens_q = cu[1:] - cu[:-1]
-        doc, pos, valid = _packed_rows(cu, q.shape[0], lens_q)
+        doc, pos, valid = packed_rows(cu, q.shape[0], lens_q)
         lo, hi = row_intervals(pos, lens_q[doc], lens_k[doc], valid, spec)
         base = doc * capacity if first is None else doc * capacity + first[doc]
         return (lo + base).unsqueeze(0), (hi + base).unsqueeze(0)

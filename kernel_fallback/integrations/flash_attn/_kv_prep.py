@@ -51,7 +51,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-__all__ = ["KvExtras", "PlainCall", "append_in_place", "cache_rows", "plain_call"]
+from kernel_fallback.integrations.flash_attn._checks import check_cache_layout
+
+__all__ = ["KvExtras", "PlainCall", "append_in_place", "cache_rows", "packed_rows", "plain_call"]
 
 
 @dataclass(frozen=True)
@@ -101,13 +103,19 @@ def _rotate(x: Tensor, cos: Tensor, sin: Tensor, interleaved: bool) -> Tensor:
     return torch.cat((rotated.to(x.dtype), x[..., 2 * half :]), dim=-1)
 
 
-def _rows_of(cu: Tensor, total: int) -> tuple[Tensor, Tensor, Tensor]:
-    """For each packed row: its sequence, its index in it, and whether it belongs to one."""
+def packed_rows(cu: Tensor, total: int, lens: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """For each of ``total`` packed rows: its sequence by ``cu``, its index in it, and whether it is used.
+
+    A row is used when it lies within its sequence's first ``lens[b]`` rows (default: the
+    whole sequence ``cu[b] .. cu[b + 1] - 1``; ``seqused_q`` passes fewer).
+    """
     cu = cu.to(dtype=torch.long)
     rows = torch.arange(total, device=cu.device)
     doc = torch.searchsorted(cu[1:], rows, right=True).clamp_max(cu.shape[0] - 2)
     pos = rows - cu[doc]
-    return doc, pos, (pos >= 0) & (pos < (cu[1:] - cu[:-1])[doc])
+    if lens is None:
+        lens = cu[1:] - cu[:-1]
+    return doc, pos, (pos >= 0) & (pos < lens[doc])
 
 
 def _q_rows_move(
@@ -238,13 +246,7 @@ def plain_call(
         and not packed
     ):
         return PlainCall(q, k, v, cache_seqlens, page_table, None)
-    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D, got shape {tuple(t.shape)}")
-    varlen_q = cu_seqlens_q is not None
-    if q.dim() != (3 if varlen_q else 4):
-        want = "(total_q, Hq, D) when cu_seqlens_q is given" if varlen_q else "(B, Sq, Hq, D)"
-        raise ValueError(f"q must be {want}, got shape {tuple(q.shape)}")
+    check_cache_layout(q, k_cache, v_cache, cu_seqlens_q)
     if cu_seqlens_q is not None:
         if cu_seqlens_q.dtype != torch.int32 or cu_seqlens_q.dim() != 1 or cu_seqlens_q.shape[0] < 2:
             raise ValueError(
@@ -328,30 +330,25 @@ def _rotary(
         # Rows outside every sequence are never attended (or written): any in-range position.
         return torch.where(valid, start.to(doc.device)[doc] + pos, 0).to(dev)
 
+    def rotated(t: Tensor, pos: Tensor) -> Tensor:
+        """``t``, packed (N, H, D) or (B, S, H, D), its rows rotated at ``pos`` (N or B * S,)."""
+        flat = t.reshape(pos.shape[0], *t.shape[-2:])
+        return _rotate(flat, cos[pos].to(t.device), sin[pos].to(t.device), x.rotary_interleaved).view_as(t)
+
     if packed and x.cu_seqlens_k_new is not None:
-        doc, pos, valid = _rows_of(x.cu_seqlens_k_new.to(dev), k.shape[0])
-        k_pos = positions(doc, pos, valid)
-        k_rot = _rotate(k, cos[k_pos].to(k.device), sin[k_pos].to(k.device), x.rotary_interleaved)
+        k_pos = positions(*packed_rows(x.cu_seqlens_k_new.to(dev), k.shape[0]))
     else:
         batch, s_new = k.shape[:2]
         k_pos = (start.view(batch, 1) + torch.arange(s_new, device=dev)).reshape(-1)
-        flat = k.reshape(batch * s_new, *k.shape[2:])
-        k_rot = _rotate(flat, cos[k_pos].to(k.device), sin[k_pos].to(k.device), x.rotary_interleaved).view_as(
-            k
-        )
     if cu_seqlens_q is not None:
-        doc, pos, valid = _rows_of(cu_seqlens_q.to(dev), q.shape[0])
+        doc, pos, valid = packed_rows(cu_seqlens_q.to(dev), q.shape[0])
         q_pos = positions(doc, pos if q_moves else torch.zeros_like(pos), valid)
-        q_rot = _rotate(q, cos[q_pos].to(q.device), sin[q_pos].to(q.device), x.rotary_interleaved)
     else:
         batch, sq = q.shape[:2]
         rows = torch.arange(sq, device=dev) if q_moves else torch.zeros(sq, dtype=torch.long, device=dev)
         q_pos = (start.view(batch, 1) + rows).reshape(-1)
-        flat_q = q.reshape(batch * sq, *q.shape[2:])
-        q_rot = _rotate(
-            flat_q, cos[q_pos].to(q.device), sin[q_pos].to(q.device), x.rotary_interleaved
-        ).view_as(q)
-    return q_rot, k_rot
+    k_rot = rotated(k, k_pos)
+    return rotated(q, q_pos), k_rot
 
 
 def _append_packed(
@@ -369,7 +366,7 @@ def _append_packed(
         return
     dev = k_cache.device
     cu = cu_seqlens_k_new.to(device=dev, dtype=torch.long)
-    doc, pos, valid = _rows_of(cu, total)
+    doc, pos, valid = packed_rows(cu, total)
     # index_put_ cannot skip rows without reading how many there are on the host, so a row
     # outside every sequence repeats the write of the last valid row (same slot, same
     # value: deterministic), or, when no row is valid, writes slot (0, 0) back unchanged.

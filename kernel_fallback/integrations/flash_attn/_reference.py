@@ -42,6 +42,17 @@ import torch
 from torch import Tensor
 
 from kernel_fallback.integrations.flash_attn import _mla_fp8
+from kernel_fallback.integrations.flash_attn._checks import (
+    WindowSize,
+    check_cache_args,
+    check_cache_layout,
+    check_chunk,
+    check_common,
+    check_cu_seqlens,
+    check_int32_vector,
+    check_varlen_layout,
+    check_window,
+)
 from kernel_fallback.integrations.flash_attn._kv_prep import KvExtras, plain_call
 from kernel_fallback.integrations.flash_attn._mla_fp8 import (
     check_descales,
@@ -51,107 +62,6 @@ from kernel_fallback.integrations.flash_attn._mla_fp8 import (
 )
 
 __all__ = ["WindowSize", "flash_attn_varlen_func", "flash_attn_with_kvcache"]
-
-#: What ``window_size`` may be: a pair of ints, a pair of 0-d integer tensors, or a
-#: 2-element integer tensor.
-WindowSize = tuple[int, int] | tuple[Tensor, Tensor] | Tensor
-
-
-def _window_side(value: object) -> int | None:
-    """One side of ``window_size`` as an int, or None when it is not an integer."""
-    if isinstance(value, Tensor):
-        # Upstream's tests pass 0-d (or one-element) integer tensors; FA3 accepts them.
-        if value.numel() != 1 or value.is_floating_point() or value.is_complex() or value.dtype == torch.bool:
-            return None
-        return int(value.item())
-    if isinstance(value, bool) or not isinstance(value, int):
-        return None
-    return value
-
-
-def _check_window(window_size: object, causal: bool) -> tuple[int, int]:
-    """Validate ``window_size`` and return ``(left, right)`` with causal applied.
-
-    Accepts a pair of ints, a pair of 0-d integer tensors, or a 2-element integer tensor.
-    """
-    sides: list[object]
-    if isinstance(window_size, Tensor):
-        sides = list(window_size.reshape(-1)) if window_size.dim() == 1 else [window_size]
-    elif isinstance(window_size, tuple | list):
-        sides = list(window_size)
-    else:
-        sides = [window_size]
-    ints = [_window_side(w) for w in sides]
-    if len(ints) != 2 or any(w is None or w < -1 for w in ints):
-        raise ValueError(
-            f"window_size must be a pair of ints >= -1 (-1 = unbounded), or of 0-d integer "
-            f"tensors, got {window_size!r}"
-        )
-    left, right = (int(w) for w in ints if w is not None)
-    return left, 0 if causal else right
-
-
-def _check_chunk(attention_chunk: int | None) -> int:
-    """Validate ``attention_chunk`` and return the chunk size, 0 when off (0 or None)."""
-    if attention_chunk is None:
-        return 0
-    if not isinstance(attention_chunk, int) or attention_chunk < 0:
-        raise ValueError(f"attention_chunk must be an int >= 0 (0 or None = off), got {attention_chunk!r}")
-    return attention_chunk
-
-
-def _check_common(
-    q: Tensor, k: Tensor, v: Tensor, softcap: float, sinks: Tensor | None, kv: str = "k and v"
-) -> None:
-    """Validate dtypes, head counts and head dims shared by both entry points."""
-    if not q.is_floating_point():
-        raise ValueError(f"q must be a floating-point tensor, got dtype {q.dtype}")
-    if k.dtype != q.dtype or v.dtype != q.dtype:
-        raise ValueError(f"{kv} must have q's dtype {q.dtype}, got {k.dtype} and {v.dtype}")
-    hq, hkv = q.shape[-2], k.shape[-2]
-    if hkv == 0 or hq % hkv != 0:
-        raise ValueError(
-            f"number of query heads ({hq}) must be a positive multiple of the number of "
-            f"key/value heads ({hkv})"
-        )
-    if v.shape[-2] != hkv:
-        raise ValueError(f"v has {v.shape[-2]} heads but k has {hkv}; they must match")
-    if k.shape[-1] != q.shape[-1]:
-        raise ValueError(f"{kv.split()[0]} head dim ({k.shape[-1]}) must equal q head dim ({q.shape[-1]})")
-    if softcap < 0:
-        raise ValueError(f"softcap must be >= 0 (0 disables it), got {softcap}")
-    if sinks is not None and (sinks.dim() != 1 or sinks.shape[0] != hq):
-        raise ValueError(
-            f"sinks must have shape ({hq},) (one logit per query head), got {tuple(sinks.shape)}"
-        )
-
-
-def _check_int32_shape(name: str, t: Tensor, length: int | None = None) -> None:
-    """Check that ``t`` is a 1-D int32 tensor (of ``length`` if given), without reading it."""
-    if t.dtype != torch.int32:
-        raise ValueError(f"{name} must have dtype torch.int32, got {t.dtype}")
-    if t.dim() != 1 or (length is not None and t.shape[0] != length):
-        want = f"({length},)" if length is not None else "1-D"
-        raise ValueError(f"{name} must have shape {want}, got {tuple(t.shape)}")
-
-
-def _check_int32_vector(name: str, t: Tensor, length: int | None = None) -> list[int]:
-    """:func:`_check_int32_shape`, then ``t``'s values (a device sync for a CUDA tensor)."""
-    _check_int32_shape(name, t, length)
-    values: list[int] = t.tolist()
-    return values
-
-
-def _check_cu_seqlens(name: str, cu: Tensor, total: int) -> list[int]:
-    """Validate a cumulative-length vector against ``total`` rows; return its values."""
-    values = _check_int32_vector(name, cu)
-    if len(values) < 2:
-        raise ValueError(f"{name} must have batch_size + 1 >= 2 entries, got {len(values)}")
-    if values[0] < 0 or any(b < a for a, b in itertools.pairwise(values)) or values[-1] > total:
-        raise ValueError(
-            f"{name} must be non-decreasing within [0, {total}] (the number of rows), got {values}"
-        )
-    return values
 
 
 def _attend(
@@ -297,16 +207,12 @@ def flash_attn_varlen_func(
         ``out`` (total_q, Hq, Dv) in ``q``'s dtype (bfloat16 for fp8), or ``(out, lse)``.
     """
     del max_seqlen_q, max_seqlen_k  # grid-size hints for the CUDA kernel only
-    for name, t in (("q", q), ("k", k), ("v", v)):
-        if t.dim() != 3:
-            raise ValueError(f"{name} must be 3-D (total, heads, head_dim), got {tuple(t.shape)}")
-    if v.shape[0] != k.shape[0]:
-        raise ValueError(f"k and v must have the same number of rows, got {k.shape[0]} and {v.shape[0]}")
-    _check_common(q, k, v, softcap, sinks)
-    window = _check_window(window_size, causal)
-    chunk = _check_chunk(attention_chunk)
-    cu_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0])
-    cu_k = _check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0])
+    check_varlen_layout(q, k, v)
+    check_common(q, k, v, softcap, sinks)
+    window = check_window(window_size, causal)
+    chunk = check_chunk(attention_chunk)
+    cu_q = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0])
+    cu_k = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, k.shape[0])
     batch = len(cu_q) - 1
     if len(cu_k) != len(cu_q):
         raise ValueError(
@@ -318,7 +224,7 @@ def flash_attn_varlen_func(
     for name, used, spans in (("seqused_q", seqused_q, lens_q), ("seqused_k", seqused_k, lens_k)):
         if used is None:
             continue
-        values = _check_int32_vector(name, used, batch)
+        values = check_int32_vector(name, used, batch)
         if any(u < 0 or u > s for u, s in zip(values, spans, strict=True)):
             raise ValueError(f"{name} must lie in [0, sequence span {spans}], got {values}")
         spans[:] = values
@@ -421,20 +327,10 @@ def flash_attn_with_kvcache(
         or ``(out, lse)``.
     """
     varlen_q = cu_seqlens_q is not None
-    if q.dim() != (3 if varlen_q else 4):
-        want = "(total_q, Hq, D) when cu_seqlens_q is given" if varlen_q else "(B, Sq, Hq, D)"
-        raise ValueError(f"q must be {want}, got shape {tuple(q.shape)}")
-    for name, t in (("k_cache", k_cache), ("v_cache", v_cache)):
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D, got shape {tuple(t.shape)}")
-    if v_cache.shape[:3] != k_cache.shape[:3]:
-        raise ValueError(
-            f"v_cache shape {tuple(v_cache.shape)} must match k_cache shape "
-            f"{tuple(k_cache.shape)} except for the head dim"
-        )
-    _check_common(q, k_cache, v_cache, softcap, sinks, "k_cache and v_cache")
-    window = _check_window(window_size, causal)
-    chunk = _check_chunk(attention_chunk)
+    check_cache_layout(q, k_cache, v_cache, cu_seqlens_q)
+    check_common(q, k_cache, v_cache, softcap, sinks, "k_cache and v_cache")
+    window = check_window(window_size, causal)
+    chunk = check_chunk(attention_chunk)
     extras = KvExtras(
         rotary_cos,
         rotary_sin,
@@ -449,47 +345,26 @@ def flash_attn_with_kvcache(
         chunk, extras, check_values=True,
     )  # fmt: skip
     q, k, v, cache_seqlens, page_table = plain.q, plain.k, plain.v, plain.cache_seqlens, plain.page_table
+    batch, s_new = check_cache_args(q, k_cache, v_cache, k, v, page_table, cu_seqlens_q, cache_seqlens)
     if cu_seqlens_q is not None:
-        cu_q = _check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0])
-        batch = len(cu_q) - 1
+        cu_q = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.shape[0])
     else:
-        batch, sq = q.shape[0], q.shape[1]
+        sq = q.shape[1]
         cu_q = [b * sq for b in range(batch + 1)]
     if page_table is not None:
-        if page_table.dtype != torch.int32 or page_table.dim() != 2 or page_table.shape[0] != batch:
-            raise ValueError(
-                f"page_table must be an int32 tensor of shape ({batch}, max_blocks_per_seq), "
-                f"got dtype {page_table.dtype} and shape {tuple(page_table.shape)}"
-            )
         page_size = k_cache.shape[1]
         capacity = page_table.shape[1] * page_size
         blocks = page_table.to(device=k_cache.device, dtype=torch.long)
         if blocks.numel() and (int(blocks.min()) < 0 or int(blocks.max()) >= k_cache.shape[0]):
             raise ValueError(f"page_table entries must lie in [0, {k_cache.shape[0]}) (num_blocks)")
     else:
-        if k_cache.shape[0] != batch:
-            raise ValueError(
-                f"k_cache batch size ({k_cache.shape[0]}) must equal the batch size of q ({batch})"
-            )
         capacity = k_cache.shape[1]
     if cache_seqlens is None:
         cached = [capacity] * batch
     elif isinstance(cache_seqlens, int):
         cached = [cache_seqlens] * batch
     else:
-        cached = _check_int32_vector("cache_seqlens", cache_seqlens, batch)
-    if (k is None) != (v is None):
-        raise ValueError("k and v must be given together (both or neither)")
-    s_new = 0
-    if k is not None and v is not None:
-        if k.dim() != 4 or k.shape[0] != batch or k.shape[2:] != k_cache.shape[2:]:
-            raise ValueError(
-                f"k must have shape ({batch}, Sk_new, {k_cache.shape[2]}, {k_cache.shape[3]}), "
-                f"got {tuple(k.shape)}"
-            )
-        if v.shape != (*k.shape[:3], v_cache.shape[3]):
-            raise ValueError(f"v must have shape {(*k.shape[:3], v_cache.shape[3])}, got {tuple(v.shape)}")
-        s_new = k.shape[1]
+        cached = check_int32_vector("cache_seqlens", cache_seqlens, batch)
     check_qv(q, qv, v_cache.shape[-1])
     descales = check_descales(q, (q_descale, k_descale, v_descale), batch, k_cache.shape[2])
     if any(c < 0 or c + s_new > capacity for c in cached):
