@@ -149,6 +149,13 @@ NEVER = [
     pytest.param(
         _set("q", lambda c: c["q"].transpose(-1, -2).contiguous().transpose(-1, -2)), id="q-no-unit-stride"
     ),
+    pytest.param(
+        _set(
+            "qv",
+            lambda c: torch.randn(B, 1, HQ, D).bfloat16().transpose(-1, -2).contiguous().transpose(-1, -2),
+        ),
+        id="qv-no-unit-stride",
+    ),
 ]
 
 

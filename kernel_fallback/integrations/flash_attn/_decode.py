@@ -140,6 +140,7 @@ def decode_key(
     """
     if not (
         q.stride(-1) == 1
+        and (not isinstance(qv, Tensor) or qv.stride(-1) == 1)  # the kernel's plan is of unit strides
         and type(window_size) is tuple
         and len(window_size) == 2
         and type(window_size[0]) is int
