@@ -469,9 +469,31 @@ def _fp8_everything() -> dict[str, Any]:
     }  # fmt: skip
 
 
+def _fp8_paged_on_hopper() -> dict[str, Any]:
+    from kernel_fallback.integrations.flash_attn._triton_plan import pick_config
+
+    return _fp8_everything() | {"config": pick_config(4, 128, fp8=True, hopper=True, page=16)}
+
+
+def _bf16_paged_on_hopper() -> dict[str, Any]:
+    from kernel_fallback.integrations.flash_attn._triton_plan import pick_config
+
+    cache = torch.randn(8, 16, 2, 128, dtype=torch.bfloat16)
+    return {
+        "args": (
+            torch.randn(2, 1, 8, 128, dtype=torch.bfloat16), cache, cache.clone(),
+            torch.tensor([20, 3], dtype=torch.int32), torch.arange(8, dtype=torch.int32).view(2, 4),
+            0.1, (-1, 0), 0.0, None, False,
+        ),
+        "config": pick_config(4, 128, hopper=True, page=16),
+    }  # fmt: skip
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 @pytest.mark.parametrize(
-    "make", [_mla_128_heads, _fp8_everything], ids=["mla-128-heads", "fp8-e4m3-all-options"]
+    "make",
+    [_mla_128_heads, _fp8_everything, _fp8_paged_on_hopper, _bf16_paged_on_hopper],
+    ids=["mla-128-heads", "fp8-e4m3-all-options", "fp8-paged-hopper-tiles", "bf16-paged-hopper-tiles"],
 )
 def test_the_compiled_kernels_build_for_sm90_with_the_launch_arguments(make: Any) -> None:
     """The interpreter never compiles: build the exact launch for Hopper with Triton's bundled ptxas."""

@@ -119,3 +119,32 @@ def test_num_splits_depends_on_shapes_only() -> None:
     assert num_splits(1, 1, 64, cpu) == 1  # one key block: nothing to split
     assert num_splits(1, 1, 64 * 100, cpu) > 1
     assert num_splits(64, 8, 64 * 100, cpu) == 1  # enough programs without splitting
+    # per_sm: CPU counts 8 "SMs"; one sequence of one head takes per_sm * 8 splits.
+    assert num_splits(1, 1, 64 * 100, cpu, per_sm=2) == 16
+    assert num_splits(1, 1, 64 * 100, cpu, per_sm=4) == 32
+
+
+TILES = [
+    pytest.param({"rows": 4, "dv": 128, "hopper": True, "page": 16}, (16, 128, 4, 3, 2), id="hopper-paged"),
+    pytest.param({"rows": 4, "dv": 128, "hopper": True, "page": 1}, (16, 64, 4, 3, 2), id="hopper-page1"),
+    pytest.param({"rows": 4, "dv": 128, "hopper": False, "page": 64}, (16, 64, 4, 3, 2), id="ampere-paged"),
+    pytest.param(
+        {"rows": 4, "dv": 128, "fp8": True, "hopper": True, "page": 64},
+        (16, 128, 4, 3, 4),
+        id="hopper-fp8-paged",
+    ),
+    pytest.param({"rows": 4, "dv": 128, "fp8": True, "page": 64}, (16, 64, 8, 3, 2), id="fp8-elsewhere"),
+    pytest.param({"rows": 4, "dv": 256, "d": 256, "hopper": True, "page": 64}, (16, 64, 4, 3, 2), id="d256"),
+    pytest.param({"rows": 32, "dv": 128, "hopper": True, "page": 64}, (32, 64, 4, 3, 2), id="32-rows"),
+    pytest.param({"rows": 128, "dv": 512, "d": 64, "hopper": True}, (64, 64, 8, 2, 2), id="mla-128-heads"),
+    pytest.param({"rows": 16, "dv": 512, "d": 64, "hopper": True}, (16, 32, 4, 2, 2), id="mla-16-heads"),
+    pytest.param({"rows": 128, "dv": 512, "d": 64}, (16, 32, 4, 2, 2), id="mla-off-hopper"),
+]
+
+
+@pytest.mark.parametrize(("shape", "want"), TILES)
+def test_tiles_follow_the_measured_choices(shape: dict[str, Any], want: tuple[int, ...]) -> None:
+    from kernel_fallback.integrations.flash_attn._triton_plan import pick_config
+
+    rows, dv = shape.pop("rows"), shape.pop("dv")
+    assert tuple(pick_config(rows, dv, **shape)) == want

@@ -51,20 +51,38 @@ class DecodeConfig(NamedTuple):
     block_n: int  #: keys per step
     num_warps: int
     num_stages: int
+    per_sm: int = 2  #: programs per SM the key splits aim for
 
 
-def pick_config(rows: int, dv: int, fp8: bool = False, hopper: bool = False) -> DecodeConfig:
+def pick_config(
+    rows: int, dv: int, fp8: bool = False, hopper: bool = False, *, page: int = 1, d: int = 128
+) -> DecodeConfig:
     """The split kernel's tiles for ``rows`` packed query rows per kv head and value dim ``dv``.
 
-    Chosen from ptxas's register counts for sm_90 (no spills) and, for 16-bit GQA, the
-    measured default. Wide values (MLA's 512 latent): on Hopper with >= 64 rows, 64-row
-    tiles (wgmma; the latent read by a quarter as many tiles) with 8 warps and 16 keys a
-    step (128 KiB of shared memory: more than sm_86/89 have), else 16-row tiles. fp8
-    caches: 8 warps (widening costs registers; 4 spill).
+    ``page`` is the cache's page size (1 for a contiguous cache), ``d`` the q/k head dim.
+    Measured on an H100 (CUDA-graph replay, 32/8 heads, d=128, sweeps of tiles and splits
+    beside the previous choice, in ``docs/performance.md``):
+
+    * Wide values (MLA's 512 latent) on Hopper with >= 64 rows: 64-row tiles (wgmma; the
+      latent read by a quarter as many tiles), 64 keys a step, 8 warps, 2 stages: 1.9x-2.6x
+      faster at 128 heads than the 16 keys chosen from register counts before. Elsewhere
+      16-row tiles (the 144 KiB of shared memory is more than sm_86/89 have).
+    * Hopper, at most 16 rows and head dims <= 128, pages > 1: 128 keys a step (fewer,
+      larger page-table gathers): 1.18x faster than 64 at B=64 x 4k with pages of 16/64,
+      slower with pages of 1, which keep 64.
+    * Hopper fp8 at those shapes: 128 keys, 4 warps and twice the splits (half the bytes a
+      key: more keys in flight per program and more programs), 1.3x-1.45x faster.
+    * Otherwise 64 keys, 4 warps (8 for fp8: widening costs registers), 3 stages.
     """
     if dv > 256:
-        return DecodeConfig(64, 16, 8, 2) if rows >= 64 and hopper else DecodeConfig(16, 32, 4, 2)
-    return DecodeConfig(min(64, max(16, triton.next_power_of_2(rows))), 64, 8 if fp8 else 4, 3)
+        return DecodeConfig(64, 64, 8, 2) if rows >= 64 and hopper else DecodeConfig(16, 32, 4, 2)
+    block_m = min(64, max(16, triton.next_power_of_2(rows)))
+    if hopper and block_m == 16 and max(d, dv) <= 128:
+        if fp8 and page > 1:
+            return DecodeConfig(16, 128, 4, 3, per_sm=4)
+        if page > 1:
+            return DecodeConfig(16, 128, 4, 3)
+    return DecodeConfig(block_m, 64, 8 if fp8 else 4, 3)
 
 
 def _sm_count(device: torch.device) -> int:
@@ -74,11 +92,17 @@ def _sm_count(device: torch.device) -> int:
 
 
 def num_splits(
-    batch: int, hkv: int, capacity: int, device: torch.device, block_n: int = 64, row_tiles: int = 1
+    batch: int,
+    hkv: int,
+    capacity: int,
+    device: torch.device,
+    block_n: int = 64,
+    row_tiles: int = 1,
+    per_sm: int = 2,
 ) -> int:
-    """Splits over the keys, from shapes only: about two programs per SM, >= 1 key block each."""
+    """Splits over the keys, from shapes only: about ``per_sm`` programs per SM, >= 1 key block each."""
     blocks = max(1, math.ceil(capacity / block_n))
-    want = math.ceil(2 * _sm_count(device) / max(1, batch * hkv * row_tiles))
+    want = math.ceil(per_sm * _sm_count(device) / max(1, batch * hkv * row_tiles))
     return max(1, min(blocks, want, _MAX_SPLITS))
 
 
@@ -121,14 +145,13 @@ class _Plan:
         g = hq // hkv
         page_size = k_cache.shape[1]
         capacity = page_table.shape[1] * page_size if page_table is not None else page_size
-        cfg = (
-            cfg
-            if cfg is not None
-            else pick_config(g * sq, dv, k_cache.dtype in FP8_DTYPES, device_capability(q.device)[0] == 9)
-        )
+        if cfg is None:
+            hopper = device_capability(q.device)[0] == 9
+            page = page_size if page_table is not None else 1
+            cfg = pick_config(g * sq, dv, k_cache.dtype in FP8_DTYPES, hopper, page=page, d=d)
         m_tiles = math.ceil(g * sq / cfg.block_m)
         block_d, block_dv = max(16, triton.next_power_of_2(d)), max(16, triton.next_power_of_2(dv))
-        splits = num_splits(batch, hkv, capacity, q.device, cfg.block_n, m_tiles)
+        splits = num_splits(batch, hkv, capacity, q.device, cfg.block_n, m_tiles, cfg.per_sm)
         keys_per_split = math.ceil(math.ceil(capacity / cfg.block_n) / splits) * cfg.block_n
         rows_pad = m_tiles * cfg.block_m
         lse_offset = batch * hkv * splits * rows_pad * block_dv
