@@ -193,11 +193,13 @@ class _Served:
         qv: Tensor | None,
         descales: tuple[Tensor | None, Tensor | None, Tensor | None],
     ) -> Tensor | tuple[Tensor, Tensor]:
-        out, lse = _triton_decode_module().run_plan(
+        kernel = _triton_decode_module()
+        split_args, merge_args, out, lse = kernel.arguments(
             self.plan, q, k_cache, v_cache, self.lens if cache_seqlens is None else cache_seqlens,
             page_table, self.scale, self.window, self.softcap, sinks, self.want_lse, 0, qv,
             descales if self.descaled else (None, None, None),
         )  # fmt: skip
+        kernel.launch(self.plan, split_args, merge_args)
         return (out, lse) if self.want_lse and lse is not None else out
 
 
@@ -236,21 +238,19 @@ def triton_decode(
         cache_seqlens = cache_seqlens.to(q.device)
     kernel = _triton_decode_module()
     q_d, k_d, v_d = descales
-    out, lse = kernel.decode_attention(
+    plan, split_args, merge_args, out, lse = kernel.prepare(
         q, k_cache, v_cache, cache_seqlens, page_table, scale, (spec.left, spec.right), softcap, sinks,
         want_lse, lens_add=s_new, qv=qv, q_descale=q_d, k_descale=k_d, v_descale=v_d,
     )  # fmt: skip
-    if remember is not None and s_new == 0:
-        plan = kernel.plan_for(
-            q, k_cache, v_cache, cache_seqlens, page_table, softcap, sinks, want_lse,
-            qv=qv, q_descale=q_d, k_descale=k_d, v_descale=v_d,
-        )  # fmt: skip
-        if plan.split is not None:  # compiled and launched (never under the interpreter)
-            if len(_SERVED) >= _MAX_SERVED:
-                _SERVED.clear()
-            lens = cache_seqlens if isinstance(cache_seqlens, int) else 0
-            descaled = any(t is not None for t in descales)
-            _SERVED[remember] = _Served(plan, lens, scale, spec, softcap, want_lse, descaled)
+    kernel.launch(plan, split_args, merge_args)
+    # Remembered once compiled and launched (never under the interpreter), and only for a
+    # call whose q/qv the plan took as they are (decode_key refuses other strides).
+    if remember is not None and s_new == 0 and plan.split is not None:
+        if len(_SERVED) >= _MAX_SERVED:
+            _SERVED.clear()
+        lens = cache_seqlens if isinstance(cache_seqlens, int) else 0
+        descaled = any(t is not None for t in descales)
+        _SERVED[remember] = _Served(plan, lens, scale, spec, softcap, want_lse, descaled)
     return (out, lse) if want_lse and lse is not None else out
 
 

@@ -55,10 +55,11 @@ from kernel_fallback.integrations.flash_attn._triton_plan import (
     MAX_ROWS,
     DecodeConfig,
     _launch,
+    _Plan,
     arguments,
     num_splits,
     pick_config,
-    plan_for,
+    prepare,
 )
 
 __all__ = [
@@ -67,9 +68,10 @@ __all__ = [
     "DecodeConfig",
     "decode_attention",
     "num_splits",
+    "arguments",
+    "launch",
     "pick_config",
-    "plan_for",
-    "run_plan",
+    "prepare",
 ]
 
 _LN2: tl.constexpr = tl.constexpr(0.6931471805599453)  # kernels read constexpr globals only
@@ -314,46 +316,21 @@ def decode_attention(
     The first call of a layout checks it and builds a plan; later calls of that layout
     allocate the workspace and outputs and launch the two compiled kernels directly.
     """
-    if q.stride(-1) != 1:
-        q = q.contiguous()
-    if qv is not None and qv.stride(-1) != 1:
-        qv = qv.contiguous()
-    plan = plan_for(
-        q, k_cache, v_cache, lens_k, page_table, softcap, sinks, want_lse,
-        qv=qv, q_descale=q_descale, k_descale=k_descale, v_descale=v_descale, config=config,
+    plan, split_args, merge_args, out, lse = prepare(
+        q, k_cache, v_cache, lens_k, page_table, scale, window, softcap, sinks, want_lse,
+        lens_add=lens_add, qv=qv, q_descale=q_descale, k_descale=k_descale, v_descale=v_descale,
+        config=config,
     )  # fmt: skip
-    return run_plan(
-        plan, q, k_cache, v_cache, lens_k, page_table, scale, window, softcap, sinks, want_lse, lens_add, qv,
-        (q_descale, k_descale, v_descale),
-    )  # fmt: skip
+    launch(plan, split_args, merge_args)
+    return out, lse
 
 
-def run_plan(
-    plan: Any,
-    q: Tensor,
-    k_cache: Tensor,
-    v_cache: Tensor,
-    lens_k: Tensor | int,
-    page_table: Tensor | None,
-    scale: float,
-    window: tuple[int, int],
-    softcap: float,
-    sinks: Tensor | None,
-    want_lse: bool,
-    lens_add: int,
-    qv: Tensor | None,
-    descales: tuple[Tensor | None, Tensor | None, Tensor | None],
-) -> tuple[Tensor, Tensor | None]:
-    """One call of ``plan``'s layout (from :func:`plan_for` on these tensors): out and lse or None.
+def launch(plan: _Plan, split_args: tuple[Any, ...], merge_args: tuple[Any, ...]) -> None:
+    """Launch the two kernels of ``plan`` with arguments from :func:`prepare` or :func:`arguments`.
 
-    Arguments as :func:`decode_attention`'s (``q``/``qv`` with a unit head-dim stride).
     The first call of a plan compiles through ``JITFunction.run`` and keeps the compiled
     kernels on the plan; later calls launch them directly.
     """
-    split_args, merge_args, out, lse = arguments(
-        plan, q, k_cache, v_cache, lens_k, page_table, scale, window, softcap, sinks, want_lse, lens_add, qv,
-        descales,
-    )  # fmt: skip
     if plan.split is None:  # first call of this layout (or the interpreter): through the JIT
         names = _decode_split_kernel.arg_names
         n_run = len(split_args) - len(plan.split_consts)
@@ -366,9 +343,8 @@ def run_plan(
         merge = _decode_merge_kernel[plan.merge_grid](
             *merge_args[:n_run], **dict(zip(names[n_run:], plan.merge_consts, strict=True))
         )
-        if not _INTERPRET and q.device.type == "cuda":
+        if not _INTERPRET and split_args[0].device.type == "cuda":  # split_args[0] is q
             plan.split, plan.merge = kern, merge
     else:
         _launch(plan.split, plan.split_grid, split_args)
         _launch(plan.merge, plan.merge_grid, merge_args)
-    return out, lse
