@@ -103,18 +103,24 @@ BAD_CACHE_CALLS = [
 ]
 
 
-@pytest.mark.parametrize(("change", "message"), BAD_CACHE_CALLS)
-def test_both_providers_refuse_a_malformed_cache_call_alike(
-    change: Callable[[dict[str, Any]], None], message: str
+def _refused_alike(
+    providers: tuple[Callable[..., Any], ...], make: Callable[[], dict[str, Any]], change: Any, message: str
 ) -> None:
     refusals = []
-    for provider in (ref.flash_attn_with_kvcache, fast.flash_attn_with_kvcache):
-        call = cache_call()
+    for provider in providers:
+        call = make()
         change(call)
         with pytest.raises(ValueError, match=re.escape(message)) as info:
             provider(**call)
         refusals.append(str(info.value))
     assert refusals[0] == refusals[1]
+
+
+@pytest.mark.parametrize(("change", "message"), BAD_CACHE_CALLS)
+def test_both_providers_refuse_a_malformed_cache_call_alike(
+    change: Callable[[dict[str, Any]], None], message: str
+) -> None:
+    _refused_alike((ref.flash_attn_with_kvcache, fast.flash_attn_with_kvcache), cache_call, change, message)
 
 
 BAD_VARLEN_CALLS = [
@@ -139,14 +145,7 @@ BAD_VARLEN_CALLS = [
 def test_both_providers_refuse_a_malformed_varlen_call_alike(
     change: Callable[[dict[str, Any]], None], message: str
 ) -> None:
-    refusals = []
-    for provider in (ref.flash_attn_varlen_func, fast.flash_attn_varlen_func):
-        call = varlen_call()
-        change(call)
-        with pytest.raises(ValueError, match=re.escape(message)) as info:
-            provider(**call)
-        refusals.append(str(info.value))
-    assert refusals[0] == refusals[1]
+    _refused_alike((ref.flash_attn_varlen_func, fast.flash_attn_varlen_func), varlen_call, change, message)
 
 
 @pytest.mark.parametrize(
