@@ -485,7 +485,7 @@ def _bf16_paged_on_hopper() -> dict[str, Any]:
             torch.tensor([20, 3], dtype=torch.int32), torch.arange(8, dtype=torch.int32).view(2, 4),
             0.1, (-1, 0), 0.0, None, False,
         ),
-        "config": pick_config(4, 128, hopper=True, page=16),
+        "config": pick_config(4, 128, hopper=True, page=16, busy=True),
     }  # fmt: skip
 
 

@@ -125,7 +125,14 @@ def test_num_splits_depends_on_shapes_only() -> None:
 
 
 TILES = [
-    pytest.param({"rows": 4, "dv": 128, "hopper": True, "page": 16}, (16, 128, 4, 3, 2), id="hopper-paged"),
+    pytest.param(
+        {"rows": 4, "dv": 128, "hopper": True, "page": 16, "busy": True},
+        (16, 128, 4, 3, 2),
+        id="hopper-paged",
+    ),
+    pytest.param(
+        {"rows": 4, "dv": 128, "hopper": True, "page": 16}, (16, 64, 4, 3, 2), id="hopper-paged-small-batch"
+    ),
     pytest.param({"rows": 4, "dv": 128, "hopper": True, "page": 1}, (16, 64, 4, 3, 2), id="hopper-page1"),
     pytest.param({"rows": 4, "dv": 128, "hopper": False, "page": 64}, (16, 64, 4, 3, 2), id="ampere-paged"),
     pytest.param(

@@ -55,11 +55,19 @@ class DecodeConfig(NamedTuple):
 
 
 def pick_config(
-    rows: int, dv: int, fp8: bool = False, hopper: bool = False, *, page: int = 1, d: int = 128
+    rows: int,
+    dv: int,
+    fp8: bool = False,
+    hopper: bool = False,
+    *,
+    page: int = 1,
+    d: int = 128,
+    busy: bool = False,
 ) -> DecodeConfig:
     """The split kernel's tiles for ``rows`` packed query rows per kv head and value dim ``dv``.
 
-    ``page`` is the cache's page size (1 for a contiguous cache), ``d`` the q/k head dim.
+    ``page`` is the cache's page size (1 for a contiguous cache), ``d`` the q/k head dim,
+    ``busy`` whether batch x kv heads alone give every SM a program (before any split).
     Measured on an H100 (CUDA-graph replay, 32/8 heads, d=128, sweeps of tiles and splits
     beside the previous choice, in ``docs/performance.md``):
 
@@ -67,9 +75,11 @@ def pick_config(
       latent read by a quarter as many tiles), 64 keys a step, 8 warps, 2 stages: 1.9x-2.6x
       faster at 128 heads than the 16 keys chosen from register counts before. Elsewhere
       16-row tiles (the 144 KiB of shared memory is more than sm_86/89 have).
-    * Hopper, at most 16 rows and head dims <= 128, pages > 1: 128 keys a step (fewer,
-      larger page-table gathers): 1.18x faster than 64 at B=64 x 4k with pages of 16/64,
-      slower with pages of 1, which keep 64.
+    * Hopper, at most 16 rows and head dims <= 128, pages > 1, ``busy``: 128 keys a step
+      (fewer, larger page-table gathers): 1.18x faster than 64 at B=64 x 4k with pages of
+      16/64, slower with pages of 1, which keep 64. Not when the batch is small: its
+      192 KiB of stages leave one program per SM, and B=8 x 32k (64 programs before the
+      split) ran 1.2x slower with it (0.446 vs 0.370 ms).
     * Hopper fp8 at those shapes: 128 keys, 4 warps and twice the splits (half the bytes a
       key: more keys in flight per program and more programs), 1.3x-1.45x faster.
     * Otherwise 64 keys, 4 warps (8 for fp8: widening costs registers), 3 stages.
@@ -80,7 +90,7 @@ def pick_config(
     if hopper and block_m == 16 and max(d, dv) <= 128:
         if fp8 and page > 1:
             return DecodeConfig(16, 128, 4, 3, per_sm=4)
-        if page > 1:
+        if page > 1 and busy:
             return DecodeConfig(16, 128, 4, 3)
     return DecodeConfig(block_m, 64, 8 if fp8 else 4, 3)
 
@@ -148,7 +158,9 @@ class _Plan:
         if cfg is None:
             hopper = device_capability(q.device)[0] == 9
             page = page_size if page_table is not None else 1
-            cfg = pick_config(g * sq, dv, k_cache.dtype in FP8_DTYPES, hopper, page=page, d=d)
+            busy = batch * hkv >= _sm_count(q.device)
+            fp8 = k_cache.dtype in FP8_DTYPES
+            cfg = pick_config(g * sq, dv, fp8, hopper, page=page, d=d, busy=busy)
         m_tiles = math.ceil(g * sq / cfg.block_m)
         block_d, block_dv = max(16, triton.next_power_of_2(d)), max(16, triton.next_power_of_2(dv))
         splits = num_splits(batch, hkv, capacity, q.device, cfg.block_n, m_tiles, cfg.per_sm)
