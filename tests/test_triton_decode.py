@@ -20,6 +20,7 @@ from typing import Any
 
 import pytest
 import torch
+from triton_sm90 import compile_for_sm90, has_ptxas
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 ON_CUDA = torch.cuda.is_available()
@@ -411,34 +412,6 @@ def test_a_changed_layout_of_the_same_shape_gets_its_own_plan(results: dict[str,
     assert all(s["err"] <= 3e-3 for s in steps), steps
 
 
-_TRITON_TYPES = {
-    torch.bfloat16: "bf16",
-    torch.float16: "fp16",
-    torch.float32: "fp32",
-    torch.int32: "i32",
-    torch.int64: "i64",
-    torch.float8_e4m3fn: "fp8e4nv",
-    torch.float8_e5m2: "fp8e5",
-}
-
-
-def _compile_for_sm90(kernel: Any, args: tuple[Any, ...], n_consts: int, **options: int) -> Any:
-    """Compile ``kernel`` for sm_90 with exactly these launch arguments (no GPU needed)."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler.compiler import ASTSource, compile
-
-    names = kernel.arg_names
-    signature: dict[str, str] = {}
-    for name, arg in zip(names[: len(args) - n_consts], args, strict=False):
-        if isinstance(arg, torch.Tensor):
-            signature[name] = "*" + _TRITON_TYPES[arg.dtype]
-        else:
-            signature[name] = "fp32" if isinstance(arg, float) else "i32"
-    consts = dict(zip(names[len(args) - n_consts :], args[len(args) - n_consts :], strict=True))
-    signature |= dict.fromkeys(consts, "constexpr")
-    return compile(ASTSource(kernel, signature, consts), target=GPUTarget("cuda", 90, 32), options=options)
-
-
 def _mla_128_heads() -> dict[str, Any]:
     from kernel_fallback.integrations.flash_attn._triton_plan import pick_config
 
@@ -502,20 +475,18 @@ def test_the_compiled_kernels_build_for_sm90_with_the_launch_arguments(make: Any
 
     if tp._INTERPRET:
         pytest.skip("this process runs Triton's interpreter")
-    import triton
-
-    if not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists():
+    if not has_ptxas():
         pytest.skip("this triton has no bundled ptxas")
     call = make()
     plan, split_args, merge_args, _, _ = tp.prepare(*call.pop("args"), **call)
-    split = _compile_for_sm90(
+    split = compile_for_sm90(
         td._decode_split_kernel,
         split_args,
         len(plan.split_consts),
         num_warps=plan.warps,
         num_stages=plan.stages,
     )
-    merge = _compile_for_sm90(td._decode_merge_kernel, merge_args, len(plan.merge_consts))
+    merge = compile_for_sm90(td._decode_merge_kernel, merge_args, len(plan.merge_consts))
     assert split.asm["cubin"]
     assert merge.asm["cubin"]
     if plan.split_consts[7] == 64:  # BLOCK_M: a 64-row tile is chosen for Hopper's wgmma
